@@ -1,0 +1,3 @@
+"""Prometheus exporter for Mail Partner (api.mailpartner.fr) bulk-status reports."""
+
+__version__ = "0.1.0"
