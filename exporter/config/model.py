@@ -1,0 +1,105 @@
+"""The configuration as frozen, typed objects (see SPEC §4)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from exporter.secret import Secret
+
+DEFAULT_BASE_URL = "https://api.mailpartner.fr/v1"
+
+
+class State(enum.StrEnum):
+    """Where a recipient stands; the ``state`` label of the recipient metrics."""
+
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    PENDING = "pending"
+    UNKNOWN = "unknown"
+
+
+DEFAULT_STATUSES: Mapping[State, tuple[str, ...]] = MappingProxyType({
+    State.DELIVERED: ("delivered",),
+    State.FAILED: ("not delivered", "ko", "bounced", "failed", "rejected"),
+    State.PENDING: ("waiting", "pending", "queued"),
+})
+
+
+@dataclass(frozen=True)
+class StatusMap:
+    """Raw upstream status (any case) to state; anything unlisted is ``unknown``."""
+
+    states: Mapping[str, State]
+
+    @classmethod
+    def default(cls) -> StatusMap:
+        return cls.from_lists(DEFAULT_STATUSES)
+
+    @classmethod
+    def from_lists(cls, lists: Mapping[State, tuple[str, ...]]) -> StatusMap:
+        return cls(MappingProxyType({raw.lower(): s for s, raws in lists.items() for raw in raws}))
+
+    def state_of(self, raw_status: str) -> State:
+        return self.states.get(raw_status.lower(), State.UNKNOWN)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    base_url: str = DEFAULT_BASE_URL
+    api_key: Secret | None = None
+    timeout: float = 10.0
+    max_requests_per_minute: int = 600
+    concurrency: int = 8
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class ScheduleStep:
+    """Poll every ``every`` seconds while the message is younger than ``until``."""
+
+    until: float
+    every: float
+
+
+DEFAULT_SCHEDULE = (
+    ScheduleStep(until=600, every=30),
+    ScheduleStep(until=7200, every=120),
+    ScheduleStep(until=172800, every=900),
+)
+
+
+@dataclass(frozen=True)
+class PollingConfig:
+    schedule: tuple[ScheduleStep, ...] = DEFAULT_SCHEDULE
+    settled_recheck: float = 3600.0
+    final_after: float = 172800.0
+    retention: float = 604800.0
+
+    def interval(self, age: float) -> float:
+        """Seconds between polls for a message ``age`` seconds old."""
+        for step in self.schedule:
+            if age < step.until:
+                return step.every
+        return self.schedule[-1].every
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    """A message to track: its upstream ID, extra labels and when it was sent."""
+
+    id: str
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    sent_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    file: str
+    api: ApiConfig = ApiConfig()
+    polling: PollingConfig = PollingConfig()
+    status_map: StatusMap = field(default_factory=StatusMap.default)
+    messages: tuple[MessageSpec, ...] = ()
+    warnings: tuple[str, ...] = ()

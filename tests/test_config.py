@@ -1,0 +1,164 @@
+"""Config parsing: one YAML file per kind of mistake, each with the exact message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import main
+from exporter.config import ConfigErrors, State, load_config
+from exporter.config import errors as e
+from exporter.config.duration import format_duration, parse_duration
+
+CONFFILES = Path(__file__).parent / "conffiles"
+REPO = Path(__file__).parent.parent
+
+# file -> (exception class, key path, problem)
+CASES = {
+    "unknown_key": (e.UnknownKeyError, "api.max_request_per_minute",
+                    "unknown key (did you mean max_requests_per_minute?)"),
+    "unknown_top_key": (e.UnknownKeyError, "mesages", "unknown key (did you mean messages?)"),
+    "later_feature": (e.UnknownKeyError, "state", "not supported by this version yet"),
+    "bad_duration": (e.InvalidDurationError, "api.timeout",
+                     "'10 seconds' is not a duration (use e.g. 30s, 2m, 1h30m, 7d)"),
+    "bad_schedule_duration": (e.InvalidDurationError, "polling.schedule[1].every",
+                              "'2x' is not a duration (use e.g. 30s, 2m, 1h30m, 7d)"),
+    "schedule_not_increasing": (e.ScheduleOrderError, "polling.schedule[1].until",
+                                "must be greater than the previous step's until"),
+    "schedule_missing_every": (e.MissingKeyError, "polling.schedule[0].every", "is required"),
+    "schedule_empty": (e.InvalidTypeError, "polling.schedule",
+                       "must be a non-empty list of {until, every}"),
+    "final_before_schedule": (e.InvalidValueError, "polling.final_after",
+                              "is before the last schedule step's until; that step would never run"),
+    "bad_label_name": (e.LabelNameError, "messages[0].labels.campaign-name",
+                       "is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"),
+    "reserved_label": (e.LabelNameError, "messages[0].labels.state",
+                       "shadows a label the exporter or Prometheus sets itself; choose another name"),
+    "dunder_label": (e.LabelNameError, "messages[0].labels.__name__",
+                     "names starting with __ are reserved"),
+    "duplicate_message": (e.DuplicateMessageError, "messages[2].id",
+                          "message '300' is already listed at messages[0]"),
+    "missing_id": (e.MissingKeyError, "messages[0].id", "is required"),
+    "bad_sent_at": (e.InvalidValueError, "messages[0].sent_at",
+                    "'yesterday' is not an RFC 3339 time such as 2026-11-26T10:00:00Z"),
+    "unset_env": (e.SecretError, "api.api_key",
+                  "environment variable MAILPARTNER_TEST_UNSET_VARIABLE is not set"),
+    "missing_key_file": (e.SecretError, "api.api_key_file",
+                         "cannot read does-not-exist.key: No such file or directory"),
+    "both_keys": (e.InvalidValueError, "api.api_key",
+                  "set either api.api_key or api.api_key_file, not both"),
+    "bad_concurrency": (e.InvalidValueError, "api.concurrency", "must be at least 1"),
+    "bad_format": (e.InvalidValueError, "api.format", "must be one of json, xml"),
+    "bad_base_url": (e.InvalidValueError, "api.base_url", "must be an http:// or https:// URL"),
+    "status_twice": (e.InvalidValueError, "status_map.delivered",
+                     "status 'ko' is also in the default list of failed; "
+                     "set status_map.failed without it"),
+    "messages_not_list": (e.InvalidTypeError, "messages", "must be a list, not a mapping"),
+    "yaml_syntax": (e.SyntaxConfigError, "",
+                    "line 3, column 2: expected <block end>, but found '<block mapping start>'"),
+    "duplicate_yaml_key": (e.SyntaxConfigError, "", "line 3, column 3: key 'timeout' appears twice"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_bad_file_gives_one_error_naming_file_key_and_problem(name: str) -> None:
+    kind, key, problem = CASES[name]
+    path = CONFFILES / f"{name}.yaml"
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path, environ={})
+    assert len(caught.value.errors) == 1, str(caught.value)
+    error = caught.value.errors[0]
+    assert type(error) is kind
+    assert (error.file, error.key, error.problem) == (str(path), key, problem)
+    assert str(error) == f"{path}: {key}: {problem}" if key else f"{path}: {problem}"
+
+
+def test_every_conffile_has_a_case() -> None:
+    files = {p.stem for p in CONFFILES.glob("*.yaml")} - {"many_errors"}
+    assert files == set(CASES)
+
+
+def test_config_check_prints_every_error_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    path = CONFFILES / "many_errors.yaml"
+    assert main(["--config.check", "--config.file", str(path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: api.colour: unknown key",
+        f"{path}: api.timeout: 'soon' is not a duration (use e.g. 30s, 2m, 1h30m, 7d)",
+        f"{path}: polling.retention: 'forever' is not a duration (use e.g. 30s, 2m, 1h30m, 7d)",
+        f"{path}: messages[0].labels.bad-name: is not a valid Prometheus label name"
+        " ([a-zA-Z_][a-zA-Z0-9_]*)",
+        f"{path}: messages[1].id: message '300' is already listed at messages[0]",
+    ]
+
+
+def test_config_check_passes_the_shipped_example(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILPARTNER_API_KEY", "example-key")
+    assert main(["--config.check", "--config.file", str(REPO / "config.yaml")]) == 0
+    assert capsys.readouterr().out == f"{REPO / 'config.yaml'}: OK, 2 messages\n"
+
+
+def test_config_check_without_any_key_fails(capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAILPARTNER_API_KEY", raising=False)
+    assert main(["--config.check", "--config.file", str(REPO / "config.yaml")]) == 1
+    assert "no API key" in capsys.readouterr().err
+
+
+def test_shipped_example_values() -> None:
+    config = load_config(REPO / "config.yaml", environ={})
+    assert config.api.timeout == 10
+    assert config.api.max_requests_per_minute == 600
+    assert [(s.until, s.every) for s in config.polling.schedule] == [
+        (600, 30), (7200, 120), (172800, 900)]
+    assert config.polling.retention == 7 * 86400
+    assert config.status_map.state_of("NOT DELIVERED") is State.FAILED
+    assert config.status_map.state_of("Sent") is State.UNKNOWN
+    assert [(m.id, dict(m.labels)) for m in config.messages] == [
+        ("300", {"campaign": "newsletter-2026-11"}), ("301", {"campaign": "welcome"})]
+
+
+def test_key_from_env_reference_file_and_default_variable(tmp_path: Path) -> None:
+    (tmp_path / "key.txt").write_text("file-key\n")
+    (tmp_path / "a.yaml").write_text("api: {api_key: 'pre-${K}-post'}\n")
+    (tmp_path / "b.yaml").write_text("api: {api_key_file: key.txt}\n")  # relative to the file
+    (tmp_path / "c.yaml").write_text("api: {}\n")
+    assert load_config(tmp_path / "a.yaml", {"K": "env"}).api.api_key.reveal() == "pre-env-post"
+    assert load_config(tmp_path / "b.yaml", {}).api.api_key.reveal() == "file-key"
+    config = load_config(tmp_path / "c.yaml", {"MAILPARTNER_API_KEY": "default-var"})
+    assert config.api.api_key.reveal() == "default-var"
+    assert "default-var" not in repr(config)
+    assert load_config(tmp_path / "c.yaml", {}).api.api_key is None
+
+
+def test_messages_accept_numbers_and_times(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(
+        "messages:\n"
+        "  - {id: 300, sent_at: 2026-11-26T10:00:00Z, labels: {batch: 7, b: true}}\n"
+        "  - {id: '301', sent_at: '2026-11-26T11:00:00+01:00'}\n"
+        "  - {id: '302', sent_at: 1795687200}\n")
+    messages = load_config(tmp_path / "m.yaml", {}).messages
+    assert [(m.id, m.sent_at) for m in messages] == [
+        ("300", 1795687200.0), ("301", 1795687200.0), ("302", 1795687200.0)]
+    assert dict(messages[0].labels) == {"b": "true", "batch": "7"}
+
+
+def test_rate_above_upstream_limit_is_allowed_with_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("api: {max_requests_per_minute: 2500}\n")
+    config = load_config(tmp_path / "r.yaml", {})
+    assert config.api.max_requests_per_minute == 2500
+    assert "above Mail Partner's limit of 2000" in config.warnings[0]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("30s", 30), ("2m", 120), ("1h30m", 5400), ("7d", 604800), ("500ms", 0.5), ("1w", 604800)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize("text", ["30", "s", "1x", "30s1m", "1m1m", "-1s", "", " 1s"])
+def test_not_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
