@@ -1,0 +1,103 @@
+"""Per-recipient reports -> one ``MessageAggregate``; the recipient list is never kept."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from exporter.config import State, StatusMap
+
+MAX_STATUSES = 20
+OTHER_STATUS = "other"
+# Distinct raw spellings remembered while parsing one response; past this a
+# hostile body with a million different statuses stops growing the dict.
+_MAX_RAW_SPELLINGS = 256
+
+
+@dataclass(frozen=True)
+class MessageAggregate:
+    """What one bulk-status response says about a message, summed over recipients."""
+
+    states: Mapping[State, int]
+    statuses: Mapping[str, int]
+    cost: float
+    unsubscribed: int
+    last_report: float | None
+
+    @property
+    def recipients(self) -> int:
+        return sum(self.states.values())
+
+    @property
+    def pending(self) -> int:
+        return self.states[State.PENDING]
+
+
+class ReportAggregator:
+    """Feed it one recipient report at a time; ``result()`` gives the aggregate.
+
+    Per report it only bumps a counter keyed by the raw status as received:
+    lower-casing and state mapping happen once per distinct spelling.
+    """
+
+    __slots__ = ("_cost", "_last", "_max_statuses", "_overflow", "_raw", "_status_map",
+                 "_unsubscribed")
+
+    def __init__(self, status_map: StatusMap, max_statuses: int = MAX_STATUSES) -> None:
+        self._status_map = status_map
+        self._max_statuses = max_statuses
+        self._raw: dict[str, int] = {}
+        self._overflow: dict[State, int] = {}
+        self._cost = 0.0
+        self._unsubscribed = 0
+        self._last: float | None = None
+
+    def add(self, status: str, cost: float, stop_mail: bool, date: float | None) -> None:
+        raw = self._raw
+        if status in raw:
+            raw[status] += 1
+        elif len(raw) < _MAX_RAW_SPELLINGS:
+            raw[status] = 1
+        else:
+            state = self._status_map.state_of(status)
+            self._overflow[state] = self._overflow.get(state, 0) + 1
+        self._cost += cost
+        if stop_mail:
+            self._unsubscribed += 1
+        if date is not None and (self._last is None or date > self._last):
+            self._last = date
+
+    def result(self) -> MessageAggregate:
+        states = dict.fromkeys(State, 0)
+        statuses: dict[str, int] = {}
+        for raw, count in self._raw.items():
+            states[self._status_map.state_of(raw)] += count
+            name = raw.lower()
+            statuses[name] = statuses.get(name, 0) + count
+        for state, count in self._overflow.items():
+            states[state] += count
+        return MessageAggregate(
+            states=MappingProxyType(states),
+            statuses=MappingProxyType(_cap(statuses, self._max_statuses,
+                                           sum(self._overflow.values()))),
+            cost=self._cost,
+            unsubscribed=self._unsubscribed,
+            last_report=self._last,
+        )
+
+
+def _cap(statuses: dict[str, int], limit: int, overflow: int) -> dict[str, int]:
+    """Keep the ``limit - 1`` most common statuses and fold the rest into ``other``.
+
+    Ties break on the name so the same response always yields the same series.
+    """
+    if len(statuses) <= limit and not overflow:
+        return dict(sorted(statuses.items()))
+    ranked = sorted(statuses.items(), key=lambda kv: (-kv[1], kv[0]))
+    kept = dict(ranked[: limit - 1])
+    folded = overflow + sum(count for _, count in ranked[limit - 1:])
+    if OTHER_STATUS in kept:
+        folded += kept.pop(OTHER_STATUS)
+    kept[OTHER_STATUS] = folded
+    return dict(sorted(kept.items()))

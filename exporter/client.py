@@ -1,0 +1,150 @@
+"""The one place that calls the Mail Partner API.
+
+Requests share one ``requests.Session`` (keep-alive), are bounded by
+``api.timeout`` from connect to the last body byte, and end in a
+``MessageAggregate`` or a ``PollError`` whose ``label`` is the upstream code or
+the transport failure reason. The key travels in the query string, so every
+text that leaves this module has been through the ``Redactor``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import IO
+
+import requests
+import urllib3.exceptions
+
+from exporter.aggregate import MessageAggregate, ReportAggregator
+from exporter.config import ApiConfig
+from exporter.parse import InvalidResponse, UpstreamError, parse_json, parse_xml
+from exporter.secret import Redactor
+from exporter.stats import RequestStats
+
+BULK_STATUS = "bulk-status"
+ME = "me"
+# Codes that concern one message; the API itself answered and took the key.
+_MESSAGE_CODES = frozenset({"3", "4"})
+_ERROR_BODY_LIMIT = 65536
+
+
+class PollError(Exception):
+    """A request that did not yield reports. ``label`` is its metric label value."""
+
+    label: str
+
+
+class ApiError(PollError):
+    """Mail Partner answered with an error code (1, 3, 4, 10, 429, ...)."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        self.code = self.label = code
+        self.message = message
+        super().__init__(f"API error code {code}" + (f": {message}" if message else ""))
+
+
+class TransportError(PollError):
+    """No usable answer: ``timeout``, ``connection``, ``http_<status>``, ``invalid_response``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = self.label = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+class MailPartnerClient:
+    def __init__(self, config: ApiConfig, session: requests.Session, stats: RequestStats,
+                 redact: Redactor, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._session = session
+        self._stats = stats
+        self._redact = redact
+        self._clock = clock
+
+    def bulk_status(self, message_id: str, aggregator: ReportAggregator) -> MessageAggregate:
+        """Fetch one message's reports into ``aggregator``; raise ``PollError``."""
+        parse = parse_xml if self._config.format == "xml" else parse_json
+        params = {"messageId": message_id}
+        if self._config.format == "xml":
+            params["_format"] = "xml"
+        self._request(BULK_STATUS, params, lambda body: parse(body, aggregator))
+        return aggregator.result()
+
+    def _request(self, endpoint: str, params: dict[str, str],
+                 read: Callable[[IO[bytes]], None]) -> None:
+        key = self._config.api_key.reveal() if self._config.api_key else ""
+        started = self._clock()
+        deadline = started + self._config.timeout
+        self._stats.request_started(endpoint)
+        try:
+            with self._session.get(
+                f"{self._config.base_url}/{endpoint}",
+                params={"apiKey": key, **params},
+                timeout=self._config.timeout,
+                stream=True,
+            ) as response:
+                _check_status(response)
+                response.raw.decode_content = True
+                read(_DeadlineReader(response.raw, deadline, self._clock))
+        except UpstreamError as e:
+            error: PollError = ApiError(e.code, self._redact(e.message))
+        except InvalidResponse as e:
+            error = TransportError("invalid_response", self._redact(str(e)))
+        except PollError as e:
+            error = e
+        except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
+            error = TransportError("timeout", f"no answer within {self._config.timeout:g}s")
+        except (requests.ConnectionError, urllib3.exceptions.ProtocolError, OSError) as e:
+            error = TransportError("connection", self._redact(_describe(e)))
+        except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as e:
+            error = TransportError("invalid_response", self._redact(_describe(e)))
+        else:
+            self._stats.request_finished(endpoint, self._clock() - started, None, up=True)
+            return
+        self._stats.request_finished(endpoint, self._clock() - started, error.label,
+                                     up=isinstance(error, ApiError) and error.code in _MESSAGE_CODES,
+                                     api_error=isinstance(error, ApiError))
+        # ``from None``: the chained requests exception would carry the URL.
+        raise error from None
+
+
+def _check_status(response: requests.Response) -> None:
+    if response.status_code == 200:
+        return
+    if response.status_code == 429:
+        raise ApiError("429", "rate limited (HTTP 429)")
+    # Some gateways wrap API errors in a 4xx; take the code if the body says it.
+    body = response.raw.read(_ERROR_BODY_LIMIT, decode_content=True)
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if isinstance(document, dict) and document.get("success") is False and "code" in document:
+        raise ApiError(str(document["code"])[:16], str(document.get("message", ""))[:200])
+    raise TransportError(f"http_{response.status_code}", f"HTTP {response.status_code}")
+
+
+def _describe(error: BaseException) -> str:
+    # urllib3 messages embed the request URL; keep only the innermost cause's type.
+    while error.__context__ is not None and error.__context__ is not error:
+        error = error.__context__
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+class _DeadlineReader:
+    """A file-like view of the body that gives up once ``api.timeout`` has passed.
+
+    ``requests``' timeout bounds each socket read, not the whole body; an
+    upstream trickling a byte a second would otherwise hold a worker forever.
+    """
+
+    def __init__(self, raw: IO[bytes], deadline: float, clock: Callable[[], float]) -> None:
+        self._raw = raw
+        self._deadline = deadline
+        self._clock = clock
+
+    def read(self, size: int = -1) -> bytes:
+        if self._clock() > self._deadline:
+            raise TransportError("timeout", "the response body did not finish in time")
+        return self._raw.read(size)
