@@ -1,0 +1,84 @@
+"""``mailpartner-simulator``: serve a simulated api.mailpartner.fr until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from types import FrameType
+
+from exporter.simulator.control import Faults
+from exporter.simulator.demo import DemoCampaign
+from exporter.simulator.model import World
+from exporter.simulator.server import SimulatorServer
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host or "0.0.0.0", int(port)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mailpartner-simulator",
+        description="Serve a simulated Mail Partner API (bulk-status, me) for demos and tests.",
+    )
+    parser.add_argument(
+        "--listen", type=_address, default="127.0.0.1:10028", help="HOST:PORT to serve on"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of the simulated world")
+    parser.add_argument("--api-key", default="demo-key", help="the only API key accepted")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to answers")
+    parser.add_argument("--rate-limit-per-minute", type=int, default=2000, help="per client IP")
+    parser.add_argument(
+        "--demo-sends",
+        action="store_true",
+        help="create a built-in set of sends of every age, then a new one every interval",
+    )
+    parser.add_argument(
+        "--send-interval", type=float, default=180.0, help="seconds between new demo sends"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    host, port = args.listen
+    world = World(seed=args.seed)
+    try:
+        server = SimulatorServer(
+            world,
+            host=host,
+            port=port,
+            api_key=args.api_key,
+            rate_limit_per_minute=args.rate_limit_per_minute,
+            faults=Faults(latency=args.latency),
+        )
+    except OSError as err:
+        print(f"mailpartner-simulator: cannot listen on {host}:{port}: {err}", file=sys.stderr)
+        return 1
+    campaign = DemoCampaign(world, interval=args.send_interval) if args.demo_sends else None
+    sends = campaign.start() if campaign else []
+
+    stopping = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    with server:
+        ids = " ".join(sent.message_id for sent in sends) or "none yet (POST /sim/send)"
+        print(f"mailpartner-simulator listening on {server.url}; message IDs: {ids}", flush=True)
+        while not stopping.wait(1.0):
+            for sent in campaign.due() if campaign else []:
+                print(
+                    f"new send: message ID {sent.message_id} "
+                    f"({sent.campaign}, {sent.recipients} recipients)",
+                    flush=True,
+                )
+    return 0
