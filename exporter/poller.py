@@ -1,0 +1,141 @@
+"""The background loop: poll due messages within the request budget and concurrency."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+
+from exporter.aggregate import ReportAggregator
+from exporter.client import MailPartnerClient, PollError
+from exporter.config import Config
+from exporter.tracker import MessageBook, TrackedMessage
+
+log = logging.getLogger(__name__)
+Clock = Callable[[], float]
+# Longest the loop sleeps with nothing due, so a clock jump is noticed.
+_IDLE_WAIT = 5.0
+
+
+class TokenBucket:
+    """At most ``per_minute`` takes in any 60-second window, in bursts of ``burst``.
+
+    Refilling at ``(per_minute - capacity + 1) / 60`` per second keeps a full
+    bucket plus a minute's refill at exactly ``per_minute`` in any half-open
+    60 s window, so the budget holds without a log of timestamps. The burst is
+    kept under a tenth of the budget so the steady rate stays close to it.
+    """
+
+    def __init__(self, per_minute: int, burst: int, now: float) -> None:
+        self.capacity = float(max(1, min(burst, per_minute // 10)))
+        self.rate = (per_minute - self.capacity + 1) / 60.0
+        self._tokens = self.capacity
+        self._stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self._stamp:
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+
+    def try_take(self, now: float) -> bool:
+        self._refill(now)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def wait_time(self, now: float) -> float:
+        """Seconds until a take can succeed."""
+        self._refill(now)
+        return max(0.0, (1.0 - self._tokens) / self.rate)
+
+
+class Poller:
+    """Dispatches due polls; ``run_pending`` is one step, ``run`` loops until stopped."""
+
+    def __init__(self, config: Config, book: MessageBook, client: MailPartnerClient,
+                 clock: Clock = time.time, executor: Executor | None = None) -> None:
+        self._config = config
+        self._book = book
+        self._client = client
+        self._clock = clock
+        self._executor = executor or ThreadPoolExecutor(config.api.concurrency,
+                                                        thread_name_prefix="poll")
+        self._bucket = TokenBucket(config.api.max_requests_per_minute, config.api.concurrency,
+                                   clock())
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._wake = threading.Event()
+
+    def run_pending(self) -> float:
+        """Start every due poll that the budget and concurrency allow.
+
+        Returns how long to wait before there may be more to do.
+        """
+        now = self._clock()
+        for message_id in self._book.expire(now):
+            log.info("message past retention, no longer exposed", extra={"message_id": message_id})
+        for message in self._book.due(now):
+            with self._lock:
+                if self._in_flight >= self._config.api.concurrency:
+                    return _IDLE_WAIT  # woken when a poll finishes
+                if not self._bucket.try_take(now):
+                    return self._bucket.wait_time(now)
+                if not self._book.start_poll(message.spec.id, now):
+                    continue
+                self._in_flight += 1
+            self._executor.submit(self._poll, message)
+        upcoming = self._book.next_poll()
+        return _IDLE_WAIT if upcoming is None else min(_IDLE_WAIT, max(0.0, upcoming - now))
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set. Nothing a poll does can end this loop."""
+        while not stop.is_set():
+            try:
+                wait = self.run_pending()
+            except Exception:
+                log.exception("poll loop step failed; continuing")
+                wait = _IDLE_WAIT
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def poll_all(self) -> bool:
+        """Poll every tracked message once (``--once``); True if all succeeded."""
+        messages, _ = self._book.snapshot()
+        futures: list[Future[bool]] = []
+        for message in messages:
+            while not self._bucket.try_take(self._clock()):
+                time.sleep(self._bucket.wait_time(self._clock()))
+            if self._book.start_poll(message.spec.id, self._clock()):
+                futures.append(self._executor.submit(self._poll, message))
+        return all(future.result() for future in futures)
+
+    def _poll(self, message: TrackedMessage) -> bool:
+        message_id = message.spec.id
+        try:
+            aggregate = self._client.bulk_status(message_id,
+                                                 ReportAggregator(self._config.status_map))
+        except PollError as e:
+            self._book.record_failure(message_id, str(e), self._clock())
+            level = logging.DEBUG if message.last_error else logging.WARNING
+            log.log(level, "poll failed", extra={"message_id": message_id, "err": str(e)})
+            return False
+        except Exception as e:  # a bug must cost one poll, not the loop
+            log.exception("poll crashed", extra={"message_id": message_id})
+            self._book.record_failure(message_id, f"internal error: {type(e).__name__}",
+                                      self._clock())
+            return False
+        else:
+            self._book.record_success(message_id, aggregate, self._clock())
+            if message.last_error:
+                log.info("poll recovered", extra={"message_id": message_id})
+            return True
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+            self._wake.set()

@@ -1,0 +1,175 @@
+"""Which messages are tracked, where each stands in its life, and the running totals.
+
+A message is ``active`` while recipients are pending, ``settled`` once nothing
+is pending (one more poll after ``settled_recheck``), and ``final`` after that
+recheck or once it is older than ``final_after``. Final messages are never
+polled again and are forgotten ``retention`` after they became final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from exporter.aggregate import MessageAggregate
+from exporter.config import MessageSpec, PollingConfig, State
+
+
+class Phase(enum.StrEnum):
+    ACTIVE = "active"
+    SETTLED = "settled"
+    FINAL = "final"
+
+
+@dataclass(frozen=True)
+class TrackedMessage:
+    """One message's state; replaced whole on every change, so snapshots stay consistent."""
+
+    spec: MessageSpec
+    first_seen: float
+    next_poll: float
+    interval: float
+    phase: Phase = Phase.ACTIVE
+    aggregate: MessageAggregate | None = None
+    last_poll: float | None = None
+    last_success: float | None = None
+    last_error: str = ""
+    poll_ok: bool = False
+    final_at: float | None = None
+    in_flight: bool = False
+
+    @property
+    def sent_at(self) -> float:
+        return self.spec.sent_at if self.spec.sent_at is not None else self.first_seen
+
+
+@dataclass(frozen=True)
+class Totals:
+    recipients: Mapping[State, int]
+    cost: float
+
+
+class MessageBook:
+    """Thread-safe registry of tracked messages; the poller and scrapes share it."""
+
+    def __init__(self, polling: PollingConfig) -> None:
+        self._polling = polling
+        self._lock = threading.Lock()
+        self._messages: dict[str, TrackedMessage] = {}
+        self._expired: set[str] = set()
+        self._recipients = dict.fromkeys(State, 0)
+        self._cost = 0.0
+
+    def sync(self, specs: Iterable[MessageSpec], now: float) -> None:
+        """Track exactly ``specs``: add new ones, update changed ones, drop the rest."""
+        wanted = {spec.id: spec for spec in specs}
+        with self._lock:
+            for message_id in self._messages.keys() - wanted.keys():
+                del self._messages[message_id]
+            for spec in wanted.values():
+                self._put(spec, now)
+
+    def add(self, spec: MessageSpec, now: float) -> None:
+        with self._lock:
+            self._put(spec, now)
+
+    def _put(self, spec: MessageSpec, now: float) -> None:
+        current = self._messages.get(spec.id)
+        if current is not None:
+            if current.spec != spec:
+                self._messages[spec.id] = dataclasses.replace(current, spec=spec)
+        elif spec.id not in self._expired:
+            # New messages are due at once: the first poll gives them values.
+            self._messages[spec.id] = TrackedMessage(
+                spec, first_seen=now, next_poll=now, interval=self._polling.schedule[0].every)
+
+    def due(self, now: float) -> list[TrackedMessage]:
+        """Messages to poll now, most overdue first."""
+        with self._lock:
+            due = [m for m in self._messages.values()
+                   if m.next_poll <= now and not m.in_flight and m.phase != Phase.FINAL]
+        return sorted(due, key=lambda m: (m.next_poll, m.spec.id))
+
+    def next_poll(self) -> float | None:
+        with self._lock:
+            return min((m.next_poll for m in self._messages.values()
+                        if not m.in_flight and m.phase != Phase.FINAL), default=None)
+
+    def start_poll(self, message_id: str, now: float) -> bool:
+        """Mark a poll in flight; False if the message went away meanwhile."""
+        with self._lock:
+            current = self._messages.get(message_id)
+            if current is None or current.in_flight:
+                return False
+            self._messages[message_id] = dataclasses.replace(current, in_flight=True,
+                                                             last_poll=now)
+            return True
+
+    def record_success(self, message_id: str, aggregate: MessageAggregate, now: float) -> None:
+        with self._lock:
+            current = self._messages.get(message_id)
+            if current is None:
+                return
+            self._count(current.aggregate, aggregate)
+            phase, next_poll, interval = self._next(current, aggregate, now)
+            self._messages[message_id] = dataclasses.replace(
+                current, aggregate=aggregate, last_success=now, last_error="", poll_ok=True,
+                in_flight=False, phase=phase, next_poll=next_poll, interval=interval,
+                final_at=now if phase == Phase.FINAL else None)
+
+    def record_failure(self, message_id: str, error: str, now: float) -> None:
+        """Keep the last good values; retry on the schedule for the message's age."""
+        with self._lock:
+            current = self._messages.get(message_id)
+            if current is None:
+                return
+            interval = self._interval(current, now)
+            self._messages[message_id] = dataclasses.replace(
+                current, last_error=error, poll_ok=False, in_flight=False,
+                next_poll=now + interval, interval=interval)
+
+    def expire(self, now: float) -> list[str]:
+        """Forget final messages whose retention has passed; return their IDs."""
+        with self._lock:
+            gone = [m.spec.id for m in self._messages.values()
+                    if m.final_at is not None and now >= m.final_at + self._polling.retention]
+            for message_id in gone:
+                del self._messages[message_id]
+                self._expired.add(message_id)
+        return gone
+
+    def snapshot(self) -> tuple[tuple[TrackedMessage, ...], Totals]:
+        with self._lock:
+            return (tuple(self._messages.values()),
+                    Totals(dict(self._recipients), self._cost))
+
+    # -- schedule ------------------------------------------------------------
+    def _interval(self, message: TrackedMessage, now: float) -> float:
+        return self._polling.interval(max(0.0, now - message.sent_at))
+
+    def _next(self, message: TrackedMessage, aggregate: MessageAggregate,
+              now: float) -> tuple[Phase, float, float]:
+        polling = self._polling
+        final_at = message.sent_at + polling.final_after
+        if now >= final_at:
+            return Phase.FINAL, now, 0.0
+        if aggregate.pending or not aggregate.recipients:
+            interval = self._interval(message, now)
+            return Phase.ACTIVE, min(now + interval, final_at), interval
+        if message.phase == Phase.SETTLED:  # this was the recheck, and still nothing pending
+            return Phase.FINAL, now, 0.0
+        return (Phase.SETTLED, min(now + polling.settled_recheck, final_at),
+                polling.settled_recheck)
+
+    def _count(self, before: MessageAggregate | None, after: MessageAggregate) -> None:
+        """Grow the totals by what this poll added (counts only ever move up here)."""
+        for state, count in after.states.items():
+            growth = count - (before.states[state] if before else 0)
+            if growth > 0:
+                self._recipients[state] += growth
+        cost_growth = after.cost - (before.cost if before else 0.0)
+        if cost_growth > 0:
+            self._cost += cost_growth

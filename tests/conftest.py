@@ -1,0 +1,84 @@
+"""Shared test pieces: a settable clock, the simulator on loopback, configs pointing at it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+from typing import Any
+
+import pytest
+import requests
+
+from exporter.client import BULK_STATUS, MailPartnerClient
+from exporter.config import ApiConfig, Config, MessageSpec, PollingConfig
+from exporter.secret import Redactor, Secret
+from exporter.simulator import SimulatorServer, World
+from exporter.stats import RequestStats
+
+START = 1795687200.0  # 2026-11-26T10:00:00Z
+# A key no test output may ever contain; see test_secrets.
+TEST_KEY = "test-key-5f1c9e0a7b"
+
+
+class FakeClock:
+    """A clock tests move by hand; shared by the simulator and the exporter."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class InlineExecutor(Executor):
+    """Runs each poll at once, in the caller's thread: fake-clock tests stay in step."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # pragma: no cover - surfaced through the future
+            future.set_exception(e)
+        return future
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def simulator(clock: FakeClock) -> Iterator[SimulatorServer]:
+    with SimulatorServer(World(seed=7, clock=clock), api_key=TEST_KEY) as server:
+        yield server
+
+
+def make_config(base_url: str, *messages: MessageSpec, **api: Any) -> Config:
+    fields = {"base_url": base_url, "api_key": Secret(TEST_KEY), "timeout": 5.0, **api}
+    return Config(file="test.yaml", api=ApiConfig(**fields), polling=PollingConfig(),
+                  messages=messages)
+
+
+def with_polling(config: Config, **polling: Any) -> Config:
+    return dataclasses.replace(config, polling=dataclasses.replace(config.polling, **polling))
+
+
+def make_client(config: Config, stats: RequestStats | None = None) -> MailPartnerClient:
+    return MailPartnerClient(config.api, requests.Session(), stats or RequestStats([BULK_STATUS]),
+                             Redactor(config.api.api_key))
+
+
+def require_tool(name: str) -> str:
+    """Path of a Debian tool; skip where it is missing, but fail in CI (CI=true)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not installed; .ci/run must install it")
+        pytest.skip(f"{name} is not installed (Debian package prometheus)")
+    return path
