@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -82,3 +84,52 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is not installed; .ci/run must install it")
         pytest.skip(f"{name} is not installed (Debian package prometheus)")
     return path
+
+
+class CraftedServer:
+    """A loopback HTTP server answering every GET with ``reply(path)``'s chunks."""
+
+    Reply = tuple[int, dict[str, str], Iterable[bytes]]
+
+    def __init__(self, reply: Callable[[str], CraftedServer.Reply]) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                outer.paths.append(self.path)
+                status, headers, chunks = reply(self.path)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                for chunk in chunks:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.paths: list[str] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def crafted() -> Iterator[Callable[[Callable[[str], CraftedServer.Reply]], CraftedServer]]:
+    servers: list[CraftedServer] = []
+
+    def start(reply: Callable[[str], CraftedServer.Reply]) -> CraftedServer:
+        servers.append(CraftedServer(reply))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
