@@ -1,0 +1,62 @@
+"""The landing page: links, and one row per tracked message."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import time
+from collections.abc import Callable
+
+from exporter import __version__
+from exporter.config import State
+from exporter.config.duration import format_duration
+from exporter.tracker import MessageBook, TrackedMessage
+
+_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse}th,td{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}td.err{color:#b00}"""
+
+
+def render_landing(book: MessageBook, telemetry_path: str,
+                   clock: Callable[[], float] = time.time) -> str:
+    messages, _ = book.snapshot()
+    now = clock()
+    rows = "\n".join(_row(m, now) for m in sorted(messages, key=lambda m: -m.sent_at))
+    path = html.escape(telemetry_path)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Mail Partner exporter</title><style>{_STYLE}</style></head>
+<body><h1>Mail Partner exporter</h1>
+<p>Version {__version__} · <a href="{path}">Metrics</a> · <a href="/-/healthy">Health</a> ·
+<a href="/-/ready">Readiness</a></p>
+<h2>Tracked messages ({len(messages)})</h2>
+<table><thead><tr><th>Message</th><th>Labels</th><th>Phase</th><th>Delivered</th><th>Failed</th>
+<th>Pending</th><th>Unknown</th><th>Cost</th><th>Sent</th><th>Last poll</th><th>Last error</th>
+</tr></thead><tbody>
+{rows}
+</tbody></table></body></html>
+"""
+
+
+def _row(message: TrackedMessage, now: float) -> str:
+    aggregate = message.aggregate
+    counts = [str(aggregate.states[s]) if aggregate else "–" for s in State]
+    cost = f"{aggregate.cost:.4f}" if aggregate else "–"
+    labels = ", ".join(f"{k}={v}" for k, v in message.spec.labels.items())
+    cells = [
+        f"<td>{html.escape(message.spec.id)}</td>",
+        f"<td>{html.escape(labels)}</td>",
+        f"<td>{message.phase}</td>",
+        *(f'<td class="n">{c}</td>' for c in counts),
+        f'<td class="n">{cost}</td>',
+        f"<td>{_when(message.sent_at, now)}</td>",
+        f"<td>{_when(message.last_poll, now)}</td>",
+        f'<td class="err">{html.escape(message.last_error)}</td>',
+    ]
+    return f'<tr data-message-id="{html.escape(message.spec.id)}">{"".join(cells)}</tr>'
+
+
+def _when(timestamp: float | None, now: float) -> str:
+    if timestamp is None:
+        return "never"
+    iso = dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return f'<time datetime="{iso}">{format_duration(now - timestamp)} ago</time>'
