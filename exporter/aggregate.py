@@ -41,8 +41,15 @@ class ReportAggregator:
     lower-casing and state mapping happen once per distinct spelling.
     """
 
-    __slots__ = ("_cost", "_last", "_max_statuses", "_overflow", "_raw", "_status_map",
-                 "_unsubscribed")
+    __slots__ = (
+        "_cost",
+        "_last",
+        "_max_statuses",
+        "_overflow",
+        "_raw",
+        "_status_map",
+        "_unsubscribed",
+    )
 
     def __init__(self, status_map: StatusMap, max_statuses: int = MAX_STATUSES) -> None:
         self._status_map = status_map
@@ -79,8 +86,9 @@ class ReportAggregator:
             states[state] += count
         return MessageAggregate(
             states=MappingProxyType(states),
-            statuses=MappingProxyType(_cap(statuses, self._max_statuses,
-                                           sum(self._overflow.values()))),
+            statuses=MappingProxyType(
+                _cap(statuses, self._max_statuses, sum(self._overflow.values()))
+            ),
             cost=self._cost,
             unsubscribed=self._unsubscribed,
             last_report=self._last,
@@ -96,7 +104,7 @@ def _cap(statuses: dict[str, int], limit: int, overflow: int) -> dict[str, int]:
         return dict(sorted(statuses.items()))
     ranked = sorted(statuses.items(), key=lambda kv: (-kv[1], kv[0]))
     kept = dict(ranked[: limit - 1])
-    folded = overflow + sum(count for _, count in ranked[limit - 1:])
+    folded = overflow + sum(count for _, count in ranked[limit - 1 :])
     if OTHER_STATUS in kept:
         folded += kept.pop(OTHER_STATUS)
     kept[OTHER_STATUS] = folded

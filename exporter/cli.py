@@ -36,26 +36,47 @@ _DEMO_SEND_CHECK = 10.0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mailpartner-exporter",
-        description="Prometheus exporter for Mail Partner bulk-status delivery reports.")
-    parser.add_argument("--config.file", dest="config_file", default="config.yaml",
-                        help="the YAML configuration (default: %(default)s)")
-    parser.add_argument("--config.check", dest="config_check", action="store_true",
-                        help="validate the configuration without network, print every error, "
-                             "exit 0 or 1")
-    parser.add_argument("--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN,
-                        help="address to serve on (default: %(default)s)")
-    parser.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
-                        help="path of the metrics (default: %(default)s)")
+        description="Prometheus exporter for Mail Partner bulk-status delivery reports.",
+    )
+    parser.add_argument(
+        "--config.file",
+        dest="config_file",
+        default="config.yaml",
+        help="the YAML configuration (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--config.check",
+        dest="config_check",
+        action="store_true",
+        help="validate the configuration without network, print every error, exit 0 or 1",
+    )
+    parser.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        default=DEFAULT_LISTEN,
+        help="address to serve on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--web.telemetry-path",
+        dest="telemetry_path",
+        default="/metrics",
+        help="path of the metrics (default: %(default)s)",
+    )
     parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
-    parser.add_argument("--log.format", dest="log_format", choices=["logfmt", "json"],
-                        default="logfmt")
-    parser.add_argument("--demo", action="store_true",
-                        help="start the embedded simulator on loopback and poll it")
-    parser.add_argument("--once", action="store_true",
-                        help="poll every message once, print the exposition, exit "
-                             "(non-zero if any poll failed)")
-    parser.add_argument("--version", action="version",
-                        version=f"mailpartner-exporter {__version__}")
+    parser.add_argument(
+        "--log.format", dest="log_format", choices=["logfmt", "json"], default="logfmt"
+    )
+    parser.add_argument(
+        "--demo", action="store_true", help="start the embedded simulator on loopback and poll it"
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="poll every message once, print the exposition, exit (non-zero if any poll failed)",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"mailpartner-exporter {__version__}"
+    )
     args = parser.parse_args(argv)
     try:
         parse_listen_address(args.listen_address)
@@ -76,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             print(error, file=sys.stderr)
         return 1
     if config.api.api_key is None and not args.demo:
-        print(f"{config.file}: api: no API key: set api.api_key_file, api.api_key or the "
-              f"{API_KEY_ENV} environment variable", file=sys.stderr)
+        print(
+            f"{config.file}: api: no API key: set api.api_key_file, api.api_key or the "
+            f"{API_KEY_ENV} environment variable",
+            file=sys.stderr,
+        )
         return 1
     for warning in config.warnings:
         log.warning(warning)
@@ -126,9 +150,14 @@ class Exporter:
         except OSError as e:
             log.error("cannot listen", extra={"address": args.listen_address, "err": e.strerror})
             return 1
-        host, port = server.server_address[:2]
-        log.info("listening", extra={"address": f"{host}:{port}",
-                                     "messages": len(self.holder.config.messages)})
+        host, _ = parse_listen_address(args.listen_address)
+        log.info(
+            "listening",
+            extra={
+                "address": f"{host}:{server.server_port}",
+                "messages": len(self.holder.config.messages),
+            },
+        )
         stop = threading.Event()
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:

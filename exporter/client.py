@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import IO
 
 import requests
 import urllib3.exceptions
 
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.config import ApiConfig
-from exporter.parse import InvalidResponse, UpstreamError, parse_json, parse_xml
+from exporter.parse import Body, InvalidResponse, UpstreamError, parse_json, parse_xml
 from exporter.secret import Redactor
 from exporter.stats import RequestStats
 
@@ -54,8 +53,14 @@ class TransportError(PollError):
 
 
 class MailPartnerClient:
-    def __init__(self, config: ApiConfig, session: requests.Session, stats: RequestStats,
-                 redact: Redactor, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: ApiConfig,
+        session: requests.Session,
+        stats: RequestStats,
+        redact: Redactor,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._config = config
         self._session = session
         self._stats = stats
@@ -71,8 +76,7 @@ class MailPartnerClient:
         self._request(BULK_STATUS, params, lambda body: parse(body, aggregator))
         return aggregator.result()
 
-    def _request(self, endpoint: str, params: dict[str, str],
-                 read: Callable[[IO[bytes]], None]) -> None:
+    def _request(self, endpoint: str, params: dict[str, str], read: Callable[[Body], None]) -> None:
         key = self._config.api_key.reveal() if self._config.api_key else ""
         started = self._clock()
         deadline = started + self._config.timeout
@@ -102,9 +106,13 @@ class MailPartnerClient:
         else:
             self._stats.request_finished(endpoint, self._clock() - started, None, up=True)
             return
-        self._stats.request_finished(endpoint, self._clock() - started, error.label,
-                                     up=isinstance(error, ApiError) and error.code in _MESSAGE_CODES,
-                                     api_error=isinstance(error, ApiError))
+        self._stats.request_finished(
+            endpoint,
+            self._clock() - started,
+            error.label,
+            up=isinstance(error, ApiError) and error.code in _MESSAGE_CODES,
+            api_error=isinstance(error, ApiError),
+        )
         # ``from None``: the chained requests exception would carry the URL.
         raise error from None
 
@@ -139,7 +147,7 @@ class _DeadlineReader:
     upstream trickling a byte a second would otherwise hold a worker forever.
     """
 
-    def __init__(self, raw: IO[bytes], deadline: float, clock: Callable[[], float]) -> None:
+    def __init__(self, raw: Body, deadline: float, clock: Callable[[], float]) -> None:
         self._raw = raw
         self._deadline = deadline
         self._clock = clock

@@ -23,8 +23,13 @@ from exporter.tracker import MessageBook, Phase, TrackedMessage
 
 
 class MailPartnerCollector(Collector):
-    def __init__(self, book: MessageBook, stats: RequestStats, holder: ConfigHolder,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        book: MessageBook,
+        stats: RequestStats,
+        holder: ConfigHolder,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._book = book
         self._stats = stats
         self._holder = holder
@@ -34,11 +39,15 @@ class MailPartnerCollector(Collector):
         messages, totals = self._book.snapshot()
         yield from _message_metrics(messages)
 
-        recipients = Metric("mailpartner_recipients", "Recipients observed reaching each state "
-                            "over the exporter's life.", "counter")
+        recipients = Metric(
+            "mailpartner_recipients",
+            "Recipients observed reaching each state over the exporter's life.",
+            "counter",
+        )
         for state in State:
-            recipients.add_sample("mailpartner_recipients_total", {"state": state},
-                                  totals.recipients[state])
+            recipients.add_sample(
+                "mailpartner_recipients_total", {"state": state}, totals.recipients[state]
+            )
         yield recipients
         cost = Metric("mailpartner_cost", "Cost observed over the exporter's life.", "counter")
         cost.add_sample("mailpartner_cost_total", {}, totals.cost)
@@ -49,41 +58,63 @@ class MailPartnerCollector(Collector):
 
     def _api_metrics(self) -> Iterator[Metric]:
         stats = self._stats.snapshot()
-        requests = Metric("mailpartner_api_requests", "Requests sent to the Mail Partner API.",
-                          "counter")
+        requests = Metric(
+            "mailpartner_api_requests", "Requests sent to the Mail Partner API.", "counter"
+        )
         for endpoint, count in sorted(stats.requests.items()):
             requests.add_sample("mailpartner_api_requests_total", {"endpoint": endpoint}, count)
         yield requests
-        errors = Metric("mailpartner_api_errors", "API error responses by upstream code.",
-                        "counter")
+        errors = Metric(
+            "mailpartner_api_errors", "API error responses by upstream code.", "counter"
+        )
         for (endpoint, code), count in sorted(stats.errors.items(), key=_code_order):
-            errors.add_sample("mailpartner_api_errors_total",
-                              {"endpoint": endpoint, "code": code}, count)
+            errors.add_sample(
+                "mailpartner_api_errors_total", {"endpoint": endpoint, "code": code}, count
+            )
         yield errors
-        failures = Metric("mailpartner_api_request_failures",
-                          "Requests that got no usable answer, by reason.", "counter")
+        failures = Metric(
+            "mailpartner_api_request_failures",
+            "Requests that got no usable answer, by reason.",
+            "counter",
+        )
         for (endpoint, reason), count in sorted(stats.failures.items()):
-            failures.add_sample("mailpartner_api_request_failures_total",
-                                {"endpoint": endpoint, "reason": reason}, count)
+            failures.add_sample(
+                "mailpartner_api_request_failures_total",
+                {"endpoint": endpoint, "reason": reason},
+                count,
+            )
         yield failures
-        duration = Metric("mailpartner_api_request_duration_seconds",
-                          "Time from sending a request to the end of its response body.",
-                          "histogram")
+        duration = Metric(
+            "mailpartner_api_request_duration_seconds",
+            "Time from sending a request to the end of its response body.",
+            "histogram",
+        )
         for endpoint, histogram in sorted(stats.durations.items()):
             cumulative = 0
-            for bound, count in zip((*DURATION_BUCKETS, float("inf")), histogram.buckets,
-                                    strict=True):
+            for bound, count in zip(
+                (*DURATION_BUCKETS, float("inf")), histogram.buckets, strict=True
+            ):
                 cumulative += count
-                duration.add_sample("mailpartner_api_request_duration_seconds_bucket",
-                                    {"endpoint": endpoint, "le": _le(bound)}, cumulative)
-            duration.add_sample("mailpartner_api_request_duration_seconds_count",
-                                {"endpoint": endpoint}, cumulative)
-            duration.add_sample("mailpartner_api_request_duration_seconds_sum",
-                                {"endpoint": endpoint}, histogram.total)
+                duration.add_sample(
+                    "mailpartner_api_request_duration_seconds_bucket",
+                    {"endpoint": endpoint, "le": _le(bound)},
+                    cumulative,
+                )
+            duration.add_sample(
+                "mailpartner_api_request_duration_seconds_count", {"endpoint": endpoint}, cumulative
+            )
+            duration.add_sample(
+                "mailpartner_api_request_duration_seconds_sum",
+                {"endpoint": endpoint},
+                histogram.total,
+            )
         yield duration
-        yield _gauge("mailpartner_up", "1 if the most recent API request succeeded (a message-"
-                     "level error such as code 4 still counts as the API answering).",
-                     1 if stats.up else 0)
+        yield _gauge(
+            "mailpartner_up",
+            "1 if the most recent API request succeeded (a message-"
+            "level error such as code 4 still counts as the API answering).",
+            1 if stats.up else 0,
+        )
 
     def _exporter_metrics(self, messages: tuple[TrackedMessage, ...]) -> Iterator[Metric]:
         config = self._holder.config
@@ -94,59 +125,98 @@ class MailPartnerCollector(Collector):
         yield info
         phases = Metric("mailpartner_exporter_messages", "Tracked messages by phase.", "gauge")
         for phase in Phase:
-            phases.add_sample("mailpartner_exporter_messages", {"phase": phase},
-                              sum(1 for m in messages if m.phase == phase))
+            phases.add_sample(
+                "mailpartner_exporter_messages",
+                {"phase": phase},
+                sum(1 for m in messages if m.phase == phase),
+            )
         yield phases
-        yield _gauge("mailpartner_exporter_config_last_reload_successful",
-                     "1 if the last configuration load succeeded.", 1 if load.successful else 0)
-        yield _gauge("mailpartner_exporter_config_last_reload_success_timestamp_seconds",
-                     "When the configuration was last loaded successfully.", load.last_success)
+        yield _gauge(
+            "mailpartner_exporter_config_last_reload_successful",
+            "1 if the last configuration load succeeded.",
+            1 if load.successful else 0,
+        )
+        yield _gauge(
+            "mailpartner_exporter_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully.",
+            load.last_success,
+        )
         waiting = [m for m in messages if m.phase != Phase.FINAL and not m.in_flight]
-        yield _gauge("mailpartner_exporter_request_budget_per_minute",
-                     "Requests per minute this exporter allows itself "
-                     "(api.max_requests_per_minute).", config.api.max_requests_per_minute)
-        yield _gauge("mailpartner_exporter_scheduled_requests_per_minute",
-                     "Requests per minute the poll schedule asks for right now; above the "
-                     "budget, polls fall behind.",
-                     sum(60.0 / m.interval for m in messages if m.phase != Phase.FINAL))
-        yield _gauge("mailpartner_exporter_overdue_messages",
-                     "Messages whose next poll is due and not yet started.",
-                     sum(1 for m in waiting if m.next_poll <= now))
-        yield _gauge("mailpartner_exporter_poll_delay_seconds",
-                     "How far behind schedule the most overdue message is.",
-                     max([0.0, *(now - m.next_poll for m in waiting)]))
+        yield _gauge(
+            "mailpartner_exporter_request_budget_per_minute",
+            "Requests per minute this exporter allows itself (api.max_requests_per_minute).",
+            config.api.max_requests_per_minute,
+        )
+        yield _gauge(
+            "mailpartner_exporter_scheduled_requests_per_minute",
+            "Requests per minute the poll schedule asks for right now; above the "
+            "budget, polls fall behind.",
+            sum(60.0 / m.interval for m in messages if m.phase != Phase.FINAL),
+        )
+        yield _gauge(
+            "mailpartner_exporter_overdue_messages",
+            "Messages whose next poll is due and not yet started.",
+            sum(1 for m in waiting if m.next_poll <= now),
+        )
+        yield _gauge(
+            "mailpartner_exporter_poll_delay_seconds",
+            "How far behind schedule the most overdue message is.",
+            max([0.0, *(now - m.next_poll for m in waiting)]),
+        )
 
 
 def _message_metrics(messages: tuple[TrackedMessage, ...]) -> Iterator[Metric]:
     families = {
         "recipients": Metric("mailpartner_message_recipients", "Recipients per state.", "gauge"),
-        "by_status": Metric("mailpartner_message_recipients_by_status",
-                            "Recipients per raw upstream status, lower-cased.", "gauge"),
+        "by_status": Metric(
+            "mailpartner_message_recipients_by_status",
+            "Recipients per raw upstream status, lower-cased.",
+            "gauge",
+        ),
         "cost": Metric("mailpartner_message_cost", "Sum of cost over recipients.", "gauge"),
-        "unsubscribed": Metric("mailpartner_message_unsubscribed_recipients",
-                               "Recipients with stopMail true.", "gauge"),
-        "last_report": Metric("mailpartner_message_last_report_timestamp_seconds",
-                              "Newest report date among the recipients.", "gauge"),
-        "sent": Metric("mailpartner_message_sent_timestamp_seconds",
-                       "When the message was sent (sent_at, or first seen).", "gauge"),
-        "final": Metric("mailpartner_message_final",
-                        "1 once the message is final and no longer polled.", "gauge"),
-        "poll_success": Metric("mailpartner_message_poll_success",
-                               "1 if the last poll of this message succeeded.", "gauge"),
-        "last_success": Metric("mailpartner_message_last_poll_success_timestamp_seconds",
-                               "When this message was last polled successfully.", "gauge"),
+        "unsubscribed": Metric(
+            "mailpartner_message_unsubscribed_recipients", "Recipients with stopMail true.", "gauge"
+        ),
+        "last_report": Metric(
+            "mailpartner_message_last_report_timestamp_seconds",
+            "Newest report date among the recipients.",
+            "gauge",
+        ),
+        "sent": Metric(
+            "mailpartner_message_sent_timestamp_seconds",
+            "When the message was sent (sent_at, or first seen).",
+            "gauge",
+        ),
+        "final": Metric(
+            "mailpartner_message_final",
+            "1 once the message is final and no longer polled.",
+            "gauge",
+        ),
+        "poll_success": Metric(
+            "mailpartner_message_poll_success",
+            "1 if the last poll of this message succeeded.",
+            "gauge",
+        ),
+        "last_success": Metric(
+            "mailpartner_message_last_poll_success_timestamp_seconds",
+            "When this message was last polled successfully.",
+            "gauge",
+        ),
     }
     for message in sorted(messages, key=lambda m: m.spec.id):
         labels = {**message.spec.labels, "message_id": message.spec.id}
         aggregate = message.aggregate
         for state in State:
             families["recipients"].add_sample(
-                "mailpartner_message_recipients", {**labels, "state": state},
-                aggregate.states[state] if aggregate else 0)
+                "mailpartner_message_recipients",
+                {**labels, "state": state},
+                aggregate.states[state] if aggregate else 0,
+            )
         if aggregate is not None:
             for status, count in aggregate.statuses.items():
-                families["by_status"].add_sample("mailpartner_message_recipients_by_status",
-                                                 {**labels, "status": status}, count)
+                families["by_status"].add_sample(
+                    "mailpartner_message_recipients_by_status", {**labels, "status": status}, count
+                )
             if aggregate.last_report is not None:
                 _add(families["last_report"], labels, aggregate.last_report)
         _add(families["cost"], labels, aggregate.cost if aggregate else 0.0)

@@ -30,13 +30,18 @@ class Demo:
         self._server.start()
         for spec in config.messages:
             if self._world.get(spec.id) is None:
-                self._world.send(500 + zlib.crc32(spec.id.encode()) % 4500, message_id=spec.id,
-                                 sent_at=spec.sent_at, campaign=spec.labels.get("campaign", "demo"))
+                self._world.send(
+                    500 + zlib.crc32(spec.id.encode()) % 4500,
+                    message_id=spec.id,
+                    sent_at=spec.sent_at,
+                    campaign=spec.labels.get("campaign", "demo"),
+                )
         sends = [_spec(send) for send in self._campaign.start()]
         return dataclasses.replace(
             config,
-            api=dataclasses.replace(config.api, base_url=self._server.url,
-                                    api_key=Secret(DEMO_KEY)),
+            api=dataclasses.replace(
+                config.api, base_url=self._server.url, api_key=Secret(DEMO_KEY)
+            ),
             messages=(*config.messages, *sends),
         )
 
@@ -49,5 +54,4 @@ class Demo:
 
 
 def _spec(send: SimulatedSend) -> MessageSpec:
-    return MessageSpec(send.message_id, MappingProxyType({"campaign": send.campaign}),
-                       send.sent_at)
+    return MessageSpec(send.message_id, MappingProxyType({"campaign": send.campaign}), send.sent_at)

@@ -17,8 +17,9 @@ table{border-collapse:collapse}th,td{padding:.3em .7em;border-bottom:1px solid #
 td.n{text-align:right;font-variant-numeric:tabular-nums}td.err{color:#b00}"""
 
 
-def render_landing(book: MessageBook, telemetry_path: str,
-                   clock: Callable[[], float] = time.time) -> str:
+def render_landing(
+    book: MessageBook, telemetry_path: str, clock: Callable[[], float] = time.time
+) -> str:
     messages, _ = book.snapshot()
     now = clock()
     rows = "\n".join(_row(m, now) for m in sorted(messages, key=lambda m: -m.sent_at))
@@ -39,8 +40,8 @@ def render_landing(book: MessageBook, telemetry_path: str,
 
 def _row(message: TrackedMessage, now: float) -> str:
     aggregate = message.aggregate
-    counts = [str(aggregate.states[s]) if aggregate else "–" for s in State]
-    cost = f"{aggregate.cost:.4f}" if aggregate else "–"
+    counts = [str(aggregate.states[s]) if aggregate else "&ndash;" for s in State]
+    cost = f"{aggregate.cost:.4f}" if aggregate else "&ndash;"
     labels = ", ".join(f"{k}={v}" for k, v in message.spec.labels.items())
     cells = [
         f"<td>{html.escape(message.spec.id)}</td>",

@@ -55,16 +55,24 @@ class TokenBucket:
 class Poller:
     """Dispatches due polls; ``run_pending`` is one step, ``run`` loops until stopped."""
 
-    def __init__(self, config: Config, book: MessageBook, client: MailPartnerClient,
-                 clock: Clock = time.time, executor: Executor | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        book: MessageBook,
+        client: MailPartnerClient,
+        clock: Clock = time.time,
+        executor: Executor | None = None,
+    ) -> None:
         self._config = config
         self._book = book
         self._client = client
         self._clock = clock
-        self._executor = executor or ThreadPoolExecutor(config.api.concurrency,
-                                                        thread_name_prefix="poll")
-        self._bucket = TokenBucket(config.api.max_requests_per_minute, config.api.concurrency,
-                                   clock())
+        self._executor = executor or ThreadPoolExecutor(
+            config.api.concurrency, thread_name_prefix="poll"
+        )
+        self._bucket = TokenBucket(
+            config.api.max_requests_per_minute, config.api.concurrency, clock()
+        )
         self._lock = threading.Lock()
         self._in_flight = 0
         self._wake = threading.Event()
@@ -118,8 +126,9 @@ class Poller:
     def _poll(self, message: TrackedMessage) -> bool:
         message_id = message.spec.id
         try:
-            aggregate = self._client.bulk_status(message_id,
-                                                 ReportAggregator(self._config.status_map))
+            aggregate = self._client.bulk_status(
+                message_id, ReportAggregator(self._config.status_map)
+            )
         except PollError as e:
             self._book.record_failure(message_id, str(e), self._clock())
             level = logging.DEBUG if message.last_error else logging.WARNING
@@ -127,8 +136,9 @@ class Poller:
             return False
         except Exception as e:  # a bug must cost one poll, not the loop
             log.exception("poll crashed", extra={"message_id": message_id})
-            self._book.record_failure(message_id, f"internal error: {type(e).__name__}",
-                                      self._clock())
+            self._book.record_failure(
+                message_id, f"internal error: {type(e).__name__}", self._clock()
+            )
             return False
         else:
             self._book.record_success(message_id, aggregate, self._clock())

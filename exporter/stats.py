@@ -44,8 +44,9 @@ class RequestStats:
         with self._lock:
             self._requests[endpoint] = self._requests.get(endpoint, 0) + 1
 
-    def request_finished(self, endpoint: str, seconds: float, error: str | None, *, up: bool,
-                         api_error: bool = False) -> None:
+    def request_finished(
+        self, endpoint: str, seconds: float, error: str | None, *, up: bool, api_error: bool = False
+    ) -> None:
         with self._lock:
             buckets = self._buckets.setdefault(endpoint, [0] * (len(DURATION_BUCKETS) + 1))
             buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
@@ -61,7 +62,8 @@ class RequestStats:
                 requests=dict(self._requests),
                 errors=dict(self._errors),
                 failures=dict(self._failures),
-                durations={e: Histogram(tuple(b), self._seconds[e])
-                           for e, b in self._buckets.items()},
+                durations={
+                    e: Histogram(tuple(b), self._seconds[e]) for e, b in self._buckets.items()
+                },
                 up=self._up,
             )

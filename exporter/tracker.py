@@ -84,19 +84,29 @@ class MessageBook:
         elif spec.id not in self._expired:
             # New messages are due at once: the first poll gives them values.
             self._messages[spec.id] = TrackedMessage(
-                spec, first_seen=now, next_poll=now, interval=self._polling.schedule[0].every)
+                spec, first_seen=now, next_poll=now, interval=self._polling.schedule[0].every
+            )
 
     def due(self, now: float) -> list[TrackedMessage]:
         """Messages to poll now, most overdue first."""
         with self._lock:
-            due = [m for m in self._messages.values()
-                   if m.next_poll <= now and not m.in_flight and m.phase != Phase.FINAL]
+            due = [
+                m
+                for m in self._messages.values()
+                if m.next_poll <= now and not m.in_flight and m.phase != Phase.FINAL
+            ]
         return sorted(due, key=lambda m: (m.next_poll, m.spec.id))
 
     def next_poll(self) -> float | None:
         with self._lock:
-            return min((m.next_poll for m in self._messages.values()
-                        if not m.in_flight and m.phase != Phase.FINAL), default=None)
+            return min(
+                (
+                    m.next_poll
+                    for m in self._messages.values()
+                    if not m.in_flight and m.phase != Phase.FINAL
+                ),
+                default=None,
+            )
 
     def start_poll(self, message_id: str, now: float) -> bool:
         """Mark a poll in flight; False if the message went away meanwhile."""
@@ -104,8 +114,7 @@ class MessageBook:
             current = self._messages.get(message_id)
             if current is None or current.in_flight:
                 return False
-            self._messages[message_id] = dataclasses.replace(current, in_flight=True,
-                                                             last_poll=now)
+            self._messages[message_id] = dataclasses.replace(current, in_flight=True, last_poll=now)
             return True
 
     def record_success(self, message_id: str, aggregate: MessageAggregate, now: float) -> None:
@@ -116,9 +125,17 @@ class MessageBook:
             self._count(current.aggregate, aggregate)
             phase, next_poll, interval = self._next(current, aggregate, now)
             self._messages[message_id] = dataclasses.replace(
-                current, aggregate=aggregate, last_success=now, last_error="", poll_ok=True,
-                in_flight=False, phase=phase, next_poll=next_poll, interval=interval,
-                final_at=now if phase == Phase.FINAL else None)
+                current,
+                aggregate=aggregate,
+                last_success=now,
+                last_error="",
+                poll_ok=True,
+                in_flight=False,
+                phase=phase,
+                next_poll=next_poll,
+                interval=interval,
+                final_at=now if phase == Phase.FINAL else None,
+            )
 
     def record_failure(self, message_id: str, error: str, now: float) -> None:
         """Keep the last good values; retry on the schedule for the message's age."""
@@ -128,14 +145,22 @@ class MessageBook:
                 return
             interval = self._interval(current, now)
             self._messages[message_id] = dataclasses.replace(
-                current, last_error=error, poll_ok=False, in_flight=False,
-                next_poll=now + interval, interval=interval)
+                current,
+                last_error=error,
+                poll_ok=False,
+                in_flight=False,
+                next_poll=now + interval,
+                interval=interval,
+            )
 
     def expire(self, now: float) -> list[str]:
         """Forget final messages whose retention has passed; return their IDs."""
         with self._lock:
-            gone = [m.spec.id for m in self._messages.values()
-                    if m.final_at is not None and now >= m.final_at + self._polling.retention]
+            gone = [
+                m.spec.id
+                for m in self._messages.values()
+                if m.final_at is not None and now >= m.final_at + self._polling.retention
+            ]
             for message_id in gone:
                 del self._messages[message_id]
                 self._expired.add(message_id)
@@ -143,15 +168,15 @@ class MessageBook:
 
     def snapshot(self) -> tuple[tuple[TrackedMessage, ...], Totals]:
         with self._lock:
-            return (tuple(self._messages.values()),
-                    Totals(dict(self._recipients), self._cost))
+            return (tuple(self._messages.values()), Totals(dict(self._recipients), self._cost))
 
     # -- schedule ------------------------------------------------------------
     def _interval(self, message: TrackedMessage, now: float) -> float:
         return self._polling.interval(max(0.0, now - message.sent_at))
 
-    def _next(self, message: TrackedMessage, aggregate: MessageAggregate,
-              now: float) -> tuple[Phase, float, float]:
+    def _next(
+        self, message: TrackedMessage, aggregate: MessageAggregate, now: float
+    ) -> tuple[Phase, float, float]:
         polling = self._polling
         final_at = message.sent_at + polling.final_after
         if now >= final_at:
@@ -161,8 +186,11 @@ class MessageBook:
             return Phase.ACTIVE, min(now + interval, final_at), interval
         if message.phase == Phase.SETTLED:  # this was the recheck, and still nothing pending
             return Phase.FINAL, now, 0.0
-        return (Phase.SETTLED, min(now + polling.settled_recheck, final_at),
-                polling.settled_recheck)
+        return (
+            Phase.SETTLED,
+            min(now + polling.settled_recheck, final_at),
+            polling.settled_recheck,
+        )
 
     def _count(self, before: MessageAggregate | None, after: MessageAggregate) -> None:
         """Grow the totals by what this poll added (counts only ever move up here)."""

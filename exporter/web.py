@@ -20,9 +20,14 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-def create_app(registry: CollectorRegistry, book: MessageBook, *, telemetry_path: str = "/metrics",
-               ready: Callable[[], bool] = lambda: True,
-               clock: Callable[[], float] = time.time) -> WSGIApp:
+def create_app(
+    registry: CollectorRegistry,
+    book: MessageBook,
+    *,
+    telemetry_path: str = "/metrics",
+    ready: Callable[[], bool] = lambda: True,
+    clock: Callable[[], float] = time.time,
+) -> WSGIApp:
     """The exporter's routes: telemetry, landing page, health and readiness."""
     metrics_app = make_wsgi_app(registry)  # gzip, OpenMetrics negotiation, name[] filters
 
@@ -31,8 +36,12 @@ def create_app(registry: CollectorRegistry, book: MessageBook, *, telemetry_path
         if path == telemetry_path:
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
         if path == "/":
-            return _respond(start_response, "200 OK", render_landing(book, telemetry_path, clock),
-                            "text/html; charset=utf-8")
+            return _respond(
+                start_response,
+                "200 OK",
+                render_landing(book, telemetry_path, clock),
+                "text/html; charset=utf-8",
+            )
         if path == "/-/healthy":
             return _respond(start_response, "200 OK", "Healthy\n")
         if path == "/-/ready":
@@ -44,8 +53,12 @@ def create_app(registry: CollectorRegistry, book: MessageBook, *, telemetry_path
     return app
 
 
-def _respond(start_response: StartResponse, status: str, body: str,
-             content_type: str = "text/plain; charset=utf-8") -> list[bytes]:
+def _respond(
+    start_response: StartResponse,
+    status: str,
+    body: str,
+    content_type: str = "text/plain; charset=utf-8",
+) -> list[bytes]:
     data = body.encode()
     start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(data)))])
     return [data]
@@ -59,7 +72,7 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Access logs are the reverse proxy's job."""
 
 
@@ -76,8 +89,9 @@ def serve(app: WSGIApp, address: str) -> WSGIServer:
     host, port = parse_listen_address(address)
     server_class: type[_ThreadingServer] = _ThreadingServer
     if ":" in host:
-        server_class = type("_ThreadingServerV6", (_ThreadingServer,),
-                            {"address_family": socket.AF_INET6})
+        server_class = type(
+            "_ThreadingServerV6", (_ThreadingServer,), {"address_family": socket.AF_INET6}
+        )
     server = make_server(host, port, app, server_class, _QuietHandler)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server

@@ -63,8 +63,9 @@ def simulator(clock: FakeClock) -> Iterator[SimulatorServer]:
 
 def make_config(base_url: str, *messages: MessageSpec, **api: Any) -> Config:
     fields = {"base_url": base_url, "api_key": Secret(TEST_KEY), "timeout": 5.0, **api}
-    return Config(file="test.yaml", api=ApiConfig(**fields), polling=PollingConfig(),
-                  messages=messages)
+    return Config(
+        file="test.yaml", api=ApiConfig(**fields), polling=PollingConfig(), messages=messages
+    )
 
 
 def with_polling(config: Config, **polling: Any) -> Config:
@@ -72,8 +73,12 @@ def with_polling(config: Config, **polling: Any) -> Config:
 
 
 def make_client(config: Config, stats: RequestStats | None = None) -> MailPartnerClient:
-    return MailPartnerClient(config.api, requests.Session(), stats or RequestStats([BULK_STATUS]),
-                             Redactor(config.api.api_key))
+    return MailPartnerClient(
+        config.api,
+        requests.Session(),
+        stats or RequestStats([BULK_STATUS]),
+        Redactor(config.api.api_key),
+    )
 
 
 def require_tool(name: str) -> str:

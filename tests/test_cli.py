@@ -28,11 +28,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO,
-        ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
-                          text=True, timeout=60, cwd=cwd, check=False,
-                          env={**os.environ, "MAILPARTNER_API_KEY": TEST_KEY, **(env or {})})
+def run(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        check=False,
+        env={**os.environ, "MAILPARTNER_API_KEY": TEST_KEY, **(env or {})},
+    )
 
 
 @pytest.fixture
@@ -48,8 +57,9 @@ def write_config(path: Path, url: str, *ids: str, extra: str = "") -> Path:
     return path
 
 
-def test_once_prints_the_exposition_and_exits_0(live_simulator: SimulatorServer,
-                                                tmp_path: Path) -> None:
+def test_once_prints_the_exposition_and_exits_0(
+    live_simulator: SimulatorServer, tmp_path: Path
+) -> None:
     a = live_simulator.world.send(400, sent_at=time.time() - 3600)
     b = live_simulator.world.send(50)
     config = write_config(tmp_path / "c.yaml", live_simulator.url, a.message_id, b.message_id)
@@ -57,22 +67,27 @@ def test_once_prints_the_exposition_and_exits_0(live_simulator: SimulatorServer,
     assert result.returncode == 0, result.stderr
     truth = live_simulator.world.truth(a.message_id)
     delivered = truth.statuses.get("Delivered", 0)
-    assert (f'mailpartner_message_recipients{{campaign="c{a.message_id}",message_id='
-            f'"{a.message_id}",state="delivered"}} {delivered:.1f}') in result.stdout.splitlines()
+    assert (
+        f'mailpartner_message_recipients{{campaign="c{a.message_id}",message_id='
+        f'"{a.message_id}",state="delivered"}} {delivered:.1f}'
+    ) in result.stdout.splitlines()
     assert 'mailpartner_api_requests_total{endpoint="bulk-status"} 2.0' in result.stdout
     assert live_simulator.stats().polls == {a.message_id: 1, b.message_id: 1}
 
 
-def test_once_exits_1_when_a_poll_fails_and_still_prints(live_simulator: SimulatorServer,
-                                                         tmp_path: Path) -> None:
+def test_once_exits_1_when_a_poll_fails_and_still_prints(
+    live_simulator: SimulatorServer, tmp_path: Path
+) -> None:
     a = live_simulator.world.send(10)
     config = write_config(tmp_path / "c.yaml", live_simulator.url, a.message_id, "999999")
     result = run("--once", "--config.file", str(config))
     assert result.returncode == 1
-    assert 'mailpartner_message_poll_success{campaign="c999999",message_id="999999"} 0.0' \
+    assert (
+        'mailpartner_message_poll_success{campaign="c999999",message_id="999999"} 0.0'
         in result.stdout
+    )
     assert 'mailpartner_api_errors_total{code="4",endpoint="bulk-status"} 1.0' in result.stdout
-    assert 'level=warn' in result.stderr and 'message_id=999999' in result.stderr
+    assert "level=warn" in result.stderr and "message_id=999999" in result.stderr
 
 
 def test_json_logs(live_simulator: SimulatorServer, tmp_path: Path) -> None:
@@ -85,20 +100,27 @@ def test_json_logs(live_simulator: SimulatorServer, tmp_path: Path) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", failed["ts"])
 
 
-def test_the_key_appears_in_no_output_on_any_failure_path(live_simulator: SimulatorServer,
-                                                          tmp_path: Path) -> None:
+def test_the_key_appears_in_no_output_on_any_failure_path(
+    live_simulator: SimulatorServer, tmp_path: Path
+) -> None:
     a = live_simulator.world.send(10)
     outputs = []
     config = write_config(tmp_path / "c.yaml", live_simulator.url, a.message_id)
-    for fault in (Faults(http_status=500), Faults(invalid_body=True), Faults(error_code=10),
-                  Faults(latency=3.0)):
+    for fault in (
+        Faults(http_status=500),
+        Faults(invalid_body=True),
+        Faults(error_code=10),
+        Faults(latency=3.0),
+    ):
         live_simulator.faults = fault
         result = run("--once", "--log.level", "debug", "--config.file", str(config))
         assert result.returncode == 1
         outputs += [result.stdout, result.stderr]
     refused = write_config(tmp_path / "r.yaml", f"http://127.0.0.1:{free_port()}/v1", "1")
-    for args in (["--once", "--log.level", "debug", "--config.file", str(refused)],
-                 ["--config.check", "--config.file", str(refused)]):
+    for args in (
+        ["--once", "--log.level", "debug", "--config.file", str(refused)],
+        ["--config.check", "--config.file", str(refused)],
+    ):
         result = run(*args)
         outputs += [result.stdout, result.stderr]
     text = "\n".join(outputs)
@@ -113,8 +135,12 @@ def demo() -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "exporter", "--demo", "--web.listen-address", f"127.0.0.1:{port}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={k: v for k, v in os.environ.items() if k != "MAILPARTNER_API_KEY"})
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "MAILPARTNER_API_KEY"},
+    )
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     assert process.wait(10) == 0
@@ -137,8 +163,14 @@ def scrape_until(url: str, ready: re.Pattern[str], within: float) -> str:
 
 def test_demo_serves_per_message_series_within_5_seconds(demo: str) -> None:
     started = time.monotonic()
-    text = scrape_until(demo, re.compile(r'mailpartner_message_poll_success\{.*message_id="300"'
-                                         r'.*\} 1\.0'), within=5)
+    text = scrape_until(
+        demo,
+        re.compile(
+            r'mailpartner_message_poll_success\{.*message_id="300"'
+            r".*\} 1\.0"
+        ),
+        within=5,
+    )
     assert time.monotonic() - started < 5
     ids = set(re.findall(r'mailpartner_message_recipients\{.*?message_id="([^"]+)"', text))
     assert {"300", "301"} <= ids and len(ids) >= 8  # config.yaml's two and the demo's sends
@@ -151,23 +183,38 @@ def test_demo_exposition_passes_promtool(demo: str) -> None:
     promtool = require_tool("promtool")
     scrape_until(demo, re.compile("mailpartner_up 1.0"), within=5)
     body = requests.get(f"{demo}/metrics", timeout=2).content
-    result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True,
-                            check=False)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_delivered_counts_grow_while_the_exporter_runs(live_simulator: SimulatorServer,
-                                                       tmp_path: Path) -> None:
+def test_delivered_counts_grow_while_the_exporter_runs(
+    live_simulator: SimulatorServer, tmp_path: Path
+) -> None:
     send = live_simulator.world.send(3000)
-    config = write_config(tmp_path / "c.yaml", live_simulator.url, send.message_id,
-                          extra="polling:\n  schedule: [{until: 48h, every: 1s}]\n")
+    config = write_config(
+        tmp_path / "c.yaml",
+        live_simulator.url,
+        send.message_id,
+        extra="polling:\n  schedule: [{until: 48h, every: 1s}]\n",
+    )
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "--config.file", str(config),
-         "--web.listen-address", f"127.0.0.1:{port}"],
-        env={**os.environ, "MAILPARTNER_API_KEY": TEST_KEY}, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "--config.file",
+            str(config),
+            "--web.listen-address",
+            f"127.0.0.1:{port}",
+        ],
+        env={**os.environ, "MAILPARTNER_API_KEY": TEST_KEY},
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        pattern = re.compile(rf'mailpartner_recipients_total\{{state="delivered"\}} (\S+)')
+        pattern = re.compile(r'mailpartner_recipients_total\{state="delivered"\} (\S+)')
         url = f"http://127.0.0.1:{port}"
         first = float(pattern.findall(scrape_until(url, pattern, within=5))[0])
         later = scrape_until(url, re.compile(rf'state="delivered"\}} (?!{first}\b)'), within=10)
@@ -179,8 +226,13 @@ def test_delivered_counts_grow_while_the_exporter_runs(live_simulator: Simulator
 
 def test_flags_follow_prometheus_conventions() -> None:
     args = parse_args([])
-    assert (args.config_file, args.listen_address, args.telemetry_path, args.log_level,
-            args.log_format) == ("config.yaml", ":10027", "/metrics", "info", "logfmt")
+    assert (
+        args.config_file,
+        args.listen_address,
+        args.telemetry_path,
+        args.log_level,
+        args.log_format,
+    ) == ("config.yaml", ":10027", "/metrics", "info", "logfmt")
     with pytest.raises(SystemExit):
         parse_args(["--web.listen-address", "nonsense"])
     with pytest.raises(SystemExit):
@@ -189,5 +241,6 @@ def test_flags_follow_prometheus_conventions() -> None:
 
 def test_version() -> None:
     result = run("--version")
-    assert result.returncode == 0 and re.fullmatch(r"mailpartner-exporter \d+\.\d+\.\d+\n",
-                                                   result.stdout)
+    assert result.returncode == 0 and re.fullmatch(
+        r"mailpartner-exporter \d+\.\d+\.\d+\n", result.stdout
+    )

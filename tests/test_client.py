@@ -34,8 +34,9 @@ def failure(url: str, message_id: str, **api: object) -> tuple[PollError, Reques
     return caught.value, stats
 
 
-def test_json_and_xml_answers_agree_with_the_simulators_truth(simulator: SimulatorServer,
-                                                              clock: FakeClock) -> None:
+def test_json_and_xml_answers_agree_with_the_simulators_truth(
+    simulator: SimulatorServer, clock: FakeClock
+) -> None:
     send = simulator.world.send(2000, sent_at=clock() - 120)
     as_json = poll(simulator.url, send.message_id)
     as_xml = poll(simulator.url, send.message_id, format="xml")
@@ -44,7 +45,10 @@ def test_json_and_xml_answers_agree_with_the_simulators_truth(simulator: Simulat
     assert dict(as_json.statuses) == {k.lower(): v for k, v in truth.statuses.items()}
     assert as_json.states[State.PENDING] == truth.statuses.get("Waiting", 0)
     assert (as_json.cost, as_json.unsubscribed, as_json.last_report) == (
-        pytest.approx(truth.cost), truth.unsubscribed, truth.last_date)
+        pytest.approx(truth.cost),
+        truth.unsubscribed,
+        truth.last_date,
+    )
 
 
 def test_gzip_bodies_are_decoded_while_streaming(simulator: SimulatorServer) -> None:
@@ -54,14 +58,18 @@ def test_gzip_bodies_are_decoded_while_streaming(simulator: SimulatorServer) -> 
     assert poll(simulator.url, send.message_id) == plain
 
 
-@pytest.mark.parametrize(("key", "message_id", "code"), [
-    ("", "1000", "1"),        # no key
-    ("wrong-key", "1000", "10"),
-    (TEST_KEY, "", "3"),      # no message ID
-    (TEST_KEY, "424242", "4"),  # unknown message
-])
-def test_documented_error_codes(simulator: SimulatorServer, key: str, message_id: str,
-                                code: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "message_id", "code"),
+    [
+        ("", "1000", "1"),  # no key
+        ("wrong-key", "1000", "10"),
+        (TEST_KEY, "", "3"),  # no message ID
+        (TEST_KEY, "424242", "4"),  # unknown message
+    ],
+)
+def test_documented_error_codes(
+    simulator: SimulatorServer, key: str, message_id: str, code: str
+) -> None:
     simulator.world.send(10)
     error, stats = failure(simulator.url, message_id, api_key=Secret(key))
     assert isinstance(error, ApiError) and error.code == code
@@ -149,15 +157,27 @@ def test_an_api_error_wrapped_in_an_http_error_status(crafted: Crafted) -> None:
     server = crafted(lambda path: (401, {"Content-Length": str(len(body))}, [body]))
     error, _ = failure(server.url, "1")
     assert isinstance(error, ApiError) and (error.code, error.message) == (
-        "10", "Clé API incorrecte")
+        "10",
+        "Clé API incorrecte",
+    )
 
 
 def test_gzip_from_a_server_that_always_compresses(crafted: Crafted) -> None:
-    raw = json.dumps({"success": True, "code": 200, "StatutResponseList": [
-        {"status": "Delivered", "cost": 0.5}] * 3}).encode()
+    raw = json.dumps(
+        {
+            "success": True,
+            "code": 200,
+            "StatutResponseList": [{"status": "Delivered", "cost": 0.5}] * 3,
+        }
+    ).encode()
     packed = gzip.compress(raw)
-    server = crafted(lambda path: (200, {"Content-Encoding": "gzip",
-                                         "Content-Length": str(len(packed))}, [packed]))
+    server = crafted(
+        lambda path: (
+            200,
+            {"Content-Encoding": "gzip", "Content-Length": str(len(packed))},
+            [packed],
+        )
+    )
     assert poll(server.url, "1").states[State.DELIVERED] == 3
 
 

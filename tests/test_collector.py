@@ -36,7 +36,8 @@ def scenario() -> tuple[CollectorRegistry, MessageBook, FakeClock]:
         "http://127.0.0.1:9/v1",
         MessageSpec("300", MappingProxyType({"campaign": "newsletter"}), sent_at=START - 600),
         MessageSpec("301", MappingProxyType({"campaign": "welcome", "team": "crm"})),
-        MessageSpec("302"))
+        MessageSpec("302"),
+    )
     book = MessageBook(config.polling)
     book.sync(config.messages, clock())
     stats = RequestStats([BULK_STATUS])
@@ -46,11 +47,13 @@ def scenario() -> tuple[CollectorRegistry, MessageBook, FakeClock]:
     stats.request_started(BULK_STATUS)
     stats.request_finished(BULK_STATUS, 0.12, None, up=True)
 
-    mixed = (b'{"success":true,"code":200,"StatutResponseList":['
-             b'{"status":"Delivered","cost":0.0105,"stopMail":false,"date":"1795687300"},'
-             b'{"status":"Waiting","cost":0.0105,"stopMail":false,"date":"1795687200"},'
-             b'{"status":"ko","cost":0.0105,"stopMail":true,"date":"1795687310"},'
-             b'{"status":"Soft Bounce","cost":0.0105,"stopMail":false,"date":"1795687320"}]}')
+    mixed = (
+        b'{"success":true,"code":200,"StatutResponseList":['
+        b'{"status":"Delivered","cost":0.0105,"stopMail":false,"date":"1795687300"},'
+        b'{"status":"Waiting","cost":0.0105,"stopMail":false,"date":"1795687200"},'
+        b'{"status":"ko","cost":0.0105,"stopMail":true,"date":"1795687310"},'
+        b'{"status":"Soft Bounce","cost":0.0105,"stopMail":false,"date":"1795687320"}]}'
+    )
     book.start_poll("301", clock())
     book.record_success("301", report(mixed), clock())
     stats.request_started(BULK_STATUS)
@@ -78,22 +81,32 @@ def test_totals_keep_counting_after_messages_leave_and_only_grow() -> None:
     registry, book, clock = scenario()
     before = registry.get_sample_value("mailpartner_recipients_total", {"state": "delivered"})
     book.sync([], clock())
-    assert registry.get_sample_value("mailpartner_message_recipients",
-                                     {"message_id": "300", "state": "delivered"}) is None
-    assert registry.get_sample_value("mailpartner_recipients_total",
-                                     {"state": "delivered"}) == before == 3
+    assert (
+        registry.get_sample_value(
+            "mailpartner_message_recipients", {"message_id": "300", "state": "delivered"}
+        )
+        is None
+    )
+    assert (
+        registry.get_sample_value("mailpartner_recipients_total", {"state": "delivered"})
+        == before
+        == 3
+    )
     assert registry.get_sample_value("mailpartner_cost_total") == 2.042
 
 
 def test_totals_grow_by_the_positive_change_of_each_message() -> None:
     registry, book, clock = scenario()
-    later = (b'{"success":true,"code":200,"StatutResponseList":['
-             b'{"status":"Delivered","cost":0.0105},{"status":"Delivered","cost":0.0105},'
-             b'{"status":"ko","cost":0.0105},{"status":"Soft Bounce","cost":0.0105}]}')
+    later = (
+        b'{"success":true,"code":200,"StatutResponseList":['
+        b'{"status":"Delivered","cost":0.0105},{"status":"Delivered","cost":0.0105},'
+        b'{"status":"ko","cost":0.0105},{"status":"Soft Bounce","cost":0.0105}]}'
+    )
     book.start_poll("301", clock())
     book.record_success("301", report(later), clock())
-    total = {s: registry.get_sample_value("mailpartner_recipients_total", {"state": s})
-             for s in State}
+    total = {
+        s: registry.get_sample_value("mailpartner_recipients_total", {"state": s}) for s in State
+    }
     # 301 went from 1 delivered / 1 pending to 2 delivered / 0 pending: +1 delivered,
     # and pending never goes down in a counter.
     assert total == {"delivered": 4, "failed": 1, "pending": 1, "unknown": 1}

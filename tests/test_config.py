@@ -16,48 +16,99 @@ REPO = Path(__file__).parent.parent
 
 # file -> (exception class, key path, problem)
 CASES = {
-    "unknown_key": (e.UnknownKeyError, "api.max_request_per_minute",
-                    "unknown key (did you mean max_requests_per_minute?)"),
+    "unknown_key": (
+        e.UnknownKeyError,
+        "api.max_request_per_minute",
+        "unknown key (did you mean max_requests_per_minute?)",
+    ),
     "unknown_top_key": (e.UnknownKeyError, "mesages", "unknown key (did you mean messages?)"),
     "later_feature": (e.UnknownKeyError, "state", "not supported by this version yet"),
-    "bad_duration": (e.InvalidDurationError, "api.timeout",
-                     "'10 seconds' is not a duration (use e.g. 30s, 2m, 1h30m, 7d)"),
-    "bad_schedule_duration": (e.InvalidDurationError, "polling.schedule[1].every",
-                              "'2x' is not a duration (use e.g. 30s, 2m, 1h30m, 7d)"),
-    "schedule_not_increasing": (e.ScheduleOrderError, "polling.schedule[1].until",
-                                "must be greater than the previous step's until"),
+    "bad_duration": (
+        e.InvalidDurationError,
+        "api.timeout",
+        "'10 seconds' is not a duration (use e.g. 30s, 2m, 1h30m, 7d)",
+    ),
+    "bad_schedule_duration": (
+        e.InvalidDurationError,
+        "polling.schedule[1].every",
+        "'2x' is not a duration (use e.g. 30s, 2m, 1h30m, 7d)",
+    ),
+    "schedule_not_increasing": (
+        e.ScheduleOrderError,
+        "polling.schedule[1].until",
+        "must be greater than the previous step's until",
+    ),
     "schedule_missing_every": (e.MissingKeyError, "polling.schedule[0].every", "is required"),
-    "schedule_empty": (e.InvalidTypeError, "polling.schedule",
-                       "must be a non-empty list of {until, every}"),
-    "final_before_schedule": (e.InvalidValueError, "polling.final_after",
-                              "is before the last schedule step's until; that step would never run"),
-    "bad_label_name": (e.LabelNameError, "messages[0].labels.campaign-name",
-                       "is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"),
-    "reserved_label": (e.LabelNameError, "messages[0].labels.state",
-                       "shadows a label the exporter or Prometheus sets itself; choose another name"),
-    "dunder_label": (e.LabelNameError, "messages[0].labels.__name__",
-                     "names starting with __ are reserved"),
-    "duplicate_message": (e.DuplicateMessageError, "messages[2].id",
-                          "message '300' is already listed at messages[0]"),
+    "schedule_empty": (
+        e.InvalidTypeError,
+        "polling.schedule",
+        "must be a non-empty list of {until, every}",
+    ),
+    "final_before_schedule": (
+        e.InvalidValueError,
+        "polling.final_after",
+        "is before the last schedule step's until; that step would never run",
+    ),
+    "bad_label_name": (
+        e.LabelNameError,
+        "messages[0].labels.campaign-name",
+        "is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)",
+    ),
+    "reserved_label": (
+        e.LabelNameError,
+        "messages[0].labels.state",
+        "shadows a label the exporter or Prometheus sets itself; choose another name",
+    ),
+    "dunder_label": (
+        e.LabelNameError,
+        "messages[0].labels.__name__",
+        "names starting with __ are reserved",
+    ),
+    "duplicate_message": (
+        e.DuplicateMessageError,
+        "messages[2].id",
+        "message '300' is already listed at messages[0]",
+    ),
     "missing_id": (e.MissingKeyError, "messages[0].id", "is required"),
-    "bad_sent_at": (e.InvalidValueError, "messages[0].sent_at",
-                    "'yesterday' is not an RFC 3339 time such as 2026-11-26T10:00:00Z"),
-    "unset_env": (e.SecretError, "api.api_key",
-                  "environment variable MAILPARTNER_TEST_UNSET_VARIABLE is not set"),
-    "missing_key_file": (e.SecretError, "api.api_key_file",
-                         "cannot read does-not-exist.key: No such file or directory"),
-    "both_keys": (e.InvalidValueError, "api.api_key",
-                  "set either api.api_key or api.api_key_file, not both"),
+    "bad_sent_at": (
+        e.InvalidValueError,
+        "messages[0].sent_at",
+        "'yesterday' is not an RFC 3339 time such as 2026-11-26T10:00:00Z",
+    ),
+    "unset_env": (
+        e.SecretError,
+        "api.api_key",
+        "environment variable MAILPARTNER_TEST_UNSET_VARIABLE is not set",
+    ),
+    "missing_key_file": (
+        e.SecretError,
+        "api.api_key_file",
+        "cannot read does-not-exist.key: No such file or directory",
+    ),
+    "both_keys": (
+        e.InvalidValueError,
+        "api.api_key",
+        "set either api.api_key or api.api_key_file, not both",
+    ),
     "bad_concurrency": (e.InvalidValueError, "api.concurrency", "must be at least 1"),
     "bad_format": (e.InvalidValueError, "api.format", "must be one of json, xml"),
     "bad_base_url": (e.InvalidValueError, "api.base_url", "must be an http:// or https:// URL"),
-    "status_twice": (e.InvalidValueError, "status_map.delivered",
-                     "status 'ko' is also in the default list of failed; "
-                     "set status_map.failed without it"),
+    "status_twice": (
+        e.InvalidValueError,
+        "status_map.delivered",
+        "status 'ko' is also in the default list of failed; set status_map.failed without it",
+    ),
     "messages_not_list": (e.InvalidTypeError, "messages", "must be a list, not a mapping"),
-    "yaml_syntax": (e.SyntaxConfigError, "",
-                    "line 3, column 2: expected <block end>, but found '<block mapping start>'"),
-    "duplicate_yaml_key": (e.SyntaxConfigError, "", "line 3, column 3: key 'timeout' appears twice"),
+    "yaml_syntax": (
+        e.SyntaxConfigError,
+        "",
+        "line 3, column 2: expected <block end>, but found '<block mapping start>'",
+    ),
+    "duplicate_yaml_key": (
+        e.SyntaxConfigError,
+        "",
+        "line 3, column 3: key 'timeout' appears twice",
+    ),
 }
 
 
@@ -92,15 +143,17 @@ def test_config_check_prints_every_error_and_exits_1(capsys: pytest.CaptureFixtu
     ]
 
 
-def test_config_check_passes_the_shipped_example(capsys: pytest.CaptureFixture[str],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_check_passes_the_shipped_example(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MAILPARTNER_API_KEY", "example-key")
     assert main(["--config.check", "--config.file", str(REPO / "config.yaml")]) == 0
     assert capsys.readouterr().out == f"{REPO / 'config.yaml'}: OK, 2 messages\n"
 
 
-def test_config_check_without_any_key_fails(capsys: pytest.CaptureFixture[str],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_check_without_any_key_fails(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MAILPARTNER_API_KEY", raising=False)
     assert main(["--config.check", "--config.file", str(REPO / "config.yaml")]) == 1
     assert "no API key" in capsys.readouterr().err
@@ -111,12 +164,17 @@ def test_shipped_example_values() -> None:
     assert config.api.timeout == 10
     assert config.api.max_requests_per_minute == 600
     assert [(s.until, s.every) for s in config.polling.schedule] == [
-        (600, 30), (7200, 120), (172800, 900)]
+        (600, 30),
+        (7200, 120),
+        (172800, 900),
+    ]
     assert config.polling.retention == 7 * 86400
     assert config.status_map.state_of("NOT DELIVERED") is State.FAILED
     assert config.status_map.state_of("Sent") is State.UNKNOWN
     assert [(m.id, dict(m.labels)) for m in config.messages] == [
-        ("300", {"campaign": "newsletter-2026-11"}), ("301", {"campaign": "welcome"})]
+        ("300", {"campaign": "newsletter-2026-11"}),
+        ("301", {"campaign": "welcome"}),
+    ]
 
 
 def test_key_from_env_reference_file_and_default_variable(tmp_path: Path) -> None:
@@ -137,10 +195,14 @@ def test_messages_accept_numbers_and_times(tmp_path: Path) -> None:
         "messages:\n"
         "  - {id: 300, sent_at: 2026-11-26T10:00:00Z, labels: {batch: 7, b: true}}\n"
         "  - {id: '301', sent_at: '2026-11-26T11:00:00+01:00'}\n"
-        "  - {id: '302', sent_at: 1795687200}\n")
+        "  - {id: '302', sent_at: 1795687200}\n"
+    )
     messages = load_config(tmp_path / "m.yaml", {}).messages
     assert [(m.id, m.sent_at) for m in messages] == [
-        ("300", 1795687200.0), ("301", 1795687200.0), ("302", 1795687200.0)]
+        ("300", 1795687200.0),
+        ("301", 1795687200.0),
+        ("302", 1795687200.0),
+    ]
     assert dict(messages[0].labels) == {"b": "true", "batch": "7"}
 
 
@@ -151,8 +213,10 @@ def test_rate_above_upstream_limit_is_allowed_with_a_warning(tmp_path: Path) -> 
     assert "above Mail Partner's limit of 2000" in config.warnings[0]
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("30s", 30), ("2m", 120), ("1h30m", 5400), ("7d", 604800), ("500ms", 0.5), ("1w", 604800)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("2m", 120), ("1h30m", 5400), ("7d", 604800), ("500ms", 0.5), ("1w", 604800)],
+)
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
     assert parse_duration(format_duration(seconds)) == seconds

@@ -16,22 +16,29 @@ VECTORS = Path(__file__).parent / "vectors"
 PARSERS = {"json": parse_json, "xml": parse_xml}
 
 
-def aggregate(body: bytes, fmt: str = "json", status_map: StatusMap | None = None) -> MessageAggregate:
+def aggregate(
+    body: bytes, fmt: str = "json", status_map: StatusMap | None = None
+) -> MessageAggregate:
     aggregator = ReportAggregator(status_map or StatusMap.default())
     PARSERS[fmt](io.BytesIO(body), aggregator)
     return aggregator.result()
 
 
 def body(*reports: dict[str, object]) -> bytes:
-    return json.dumps({"success": True, "code": 200, "messageId": "1",
-                       "StatutResponseList": list(reports)}).encode()
+    return json.dumps(
+        {"success": True, "code": 200, "messageId": "1", "StatutResponseList": list(reports)}
+    ).encode()
 
 
 @pytest.mark.parametrize("fmt", ["json", "xml"])
 def test_spec_success_example(fmt: str) -> None:
     result = aggregate((VECTORS / f"spec_success.{fmt}").read_bytes(), fmt)
-    assert dict(result.states) == {State.DELIVERED: 2, State.FAILED: 0, State.PENDING: 0,
-                                   State.UNKNOWN: 0}
+    assert dict(result.states) == {
+        State.DELIVERED: 2,
+        State.FAILED: 0,
+        State.PENDING: 0,
+        State.UNKNOWN: 0,
+    }
     assert dict(result.statuses) == {"delivered": 2}
     assert (result.cost, result.unsubscribed, result.last_report) == (2.0, 2, 1599061044.0)
 
@@ -44,14 +51,30 @@ def test_spec_error_example(fmt: str) -> None:
 
 
 def test_states_follow_the_status_map_case_insensitively() -> None:
-    result = aggregate(body(
-        {"status": "Delivered"}, {"status": "DELIVERED"}, {"status": "Not delivered"},
-        {"status": "ko"}, {"status": "Waiting"}, {"status": "Soft bounce"}))
-    assert dict(result.states) == {State.DELIVERED: 2, State.FAILED: 2, State.PENDING: 1,
-                                   State.UNKNOWN: 1}
+    result = aggregate(
+        body(
+            {"status": "Delivered"},
+            {"status": "DELIVERED"},
+            {"status": "Not delivered"},
+            {"status": "ko"},
+            {"status": "Waiting"},
+            {"status": "Soft bounce"},
+        )
+    )
+    assert dict(result.states) == {
+        State.DELIVERED: 2,
+        State.FAILED: 2,
+        State.PENDING: 1,
+        State.UNKNOWN: 1,
+    }
     # raw statuses are lower-cased and never dropped
-    assert dict(result.statuses) == {"delivered": 2, "not delivered": 1, "ko": 1, "waiting": 1,
-                                     "soft bounce": 1}
+    assert dict(result.statuses) == {
+        "delivered": 2,
+        "not delivered": 1,
+        "ko": 1,
+        "waiting": 1,
+        "soft bounce": 1,
+    }
 
 
 def test_more_than_twenty_statuses_fold_into_other() -> None:
@@ -65,82 +88,115 @@ def test_more_than_twenty_statuses_fold_into_other() -> None:
 
 
 def test_json_and_xml_give_the_same_aggregate() -> None:
-    reports = [("a@x", "t1", "Delivered", 0.0105, True, "1764150001"),
-               ("b@x", "t2", "Not delivered", 0.0105, False, "1764150002"),
-               ("c@x", "t3", "Waiting", 0.0105, False, "1764150000")]
-    as_json = body(*[dict(zip(["email", "token", "status", "cost", "stopMail", "date"], r,
-                              strict=True)) for r in reports])
+    reports = [
+        ("a@x", "t1", "Delivered", 0.0105, True, "1764150001"),
+        ("b@x", "t2", "Not delivered", 0.0105, False, "1764150002"),
+        ("c@x", "t3", "Waiting", 0.0105, False, "1764150000"),
+    ]
+    as_json = body(
+        *[
+            dict(zip(["email", "token", "status", "cost", "stopMail", "date"], r, strict=True))
+            for r in reports
+        ]
+    )
     entries = "".join(
-        "<entry>" + "".join(f"<entry><![CDATA[{v}]]></entry>" if isinstance(v, str) else
-                            f"<entry>{str(v).lower()}</entry>" for v in r) + "</entry>"
-        for r in reports)
-    as_xml = (f"<?xml version='1.0' encoding='UTF-8'?><result><entry>true</entry><entry>200"
-              f"</entry><entry><![CDATA[1]]></entry><entry>{entries}</entry></result>").encode()
+        "<entry>"
+        + "".join(
+            f"<entry><![CDATA[{v}]]></entry>"
+            if isinstance(v, str)
+            else f"<entry>{str(v).lower()}</entry>"
+            for v in r
+        )
+        + "</entry>"
+        for r in reports
+    )
+    as_xml = (
+        f"<?xml version='1.0' encoding='UTF-8'?><result><entry>true</entry><entry>200"
+        f"</entry><entry><![CDATA[1]]></entry><entry>{entries}</entry></result>"
+    ).encode()
     assert aggregate(as_json) == aggregate(as_xml, "xml")
     assert aggregate(as_json).last_report == 1764150002.0
 
 
 def test_empty_report_list_is_zero_recipients() -> None:
     assert aggregate(body()).recipients == 0
-    empty_xml = b"<result><entry>true</entry><entry>200</entry><entry>1</entry><entry></entry></result>"
+    empty_xml = (
+        b"<result><entry>true</entry><entry>200</entry><entry>1</entry><entry></entry></result>"
+    )
     assert aggregate(empty_xml, "xml").recipients == 0
 
 
-@pytest.mark.parametrize(("report", "cost", "unsubscribed", "last", "status"), [
-    ({"status": "Delivered", "cost": "0.5"}, 0.5, 0, None, "delivered"),
-    ({"status": "Delivered", "cost": None}, 0.0, 0, None, "delivered"),
-    ({"status": "Delivered"}, 0.0, 0, None, "delivered"),
-    ({"status": None, "stopMail": "true"}, 0.0, 1, None, "none"),
-    ({"status": 5, "stopMail": 1}, 0.0, 1, None, "5"),
-    ({"status": "x", "stopMail": "no", "date": 1764150000}, 0.0, 0, 1764150000.0, "x"),
-    ({"status": "x", "date": "2026-11-26T10:00:00Z"}, 0.0, 0, None, "x"),
-    ({"status": "x", "date": "garbage"}, 0.0, 0, None, "x"),
-])
-def test_documented_coercions(report: dict[str, object], cost: float, unsubscribed: int,
-                              last: float | None, status: str) -> None:
+@pytest.mark.parametrize(
+    ("report", "cost", "unsubscribed", "last", "status"),
+    [
+        ({"status": "Delivered", "cost": "0.5"}, 0.5, 0, None, "delivered"),
+        ({"status": "Delivered", "cost": None}, 0.0, 0, None, "delivered"),
+        ({"status": "Delivered"}, 0.0, 0, None, "delivered"),
+        ({"status": None, "stopMail": "true"}, 0.0, 1, None, "none"),
+        ({"status": 5, "stopMail": 1}, 0.0, 1, None, "5"),
+        ({"status": "x", "stopMail": "no", "date": 1764150000}, 0.0, 0, 1764150000.0, "x"),
+        ({"status": "x", "date": "2026-11-26T10:00:00Z"}, 0.0, 0, None, "x"),
+        ({"status": "x", "date": "garbage"}, 0.0, 0, None, "x"),
+    ],
+)
+def test_documented_coercions(
+    report: dict[str, object], cost: float, unsubscribed: int, last: float | None, status: str
+) -> None:
     result = aggregate(body(report))
     assert (result.cost, result.unsubscribed, result.last_report) == (cost, unsubscribed, last)
     assert dict(result.statuses) == {status: 1}
 
 
-@pytest.mark.parametrize(("raw", "problem"), [
-    (b"", "malformed JSON"),
-    (b'{"success": true, "code": 200, "StatutResponseList": [', "malformed JSON"),
-    (b"<html><body>Bad gateway</body></html>", "malformed JSON"),
-    (b"[]", "body is not a JSON object"),
-    (b'{"success": true, "code": 200}', "success without a StatutResponseList"),
-    (b'{"success": true, "StatutResponseList": {"a": 1}}', "StatutResponseList is not a list"),
-    (b'{"success": true, "StatutResponseList": [1]}', "holds a number, not a report object"),
-    (b'{"success": true, "StatutResponseList": [{"cost": "abc"}]}', "cost is not a number"),
-    (b'{"success": true, "StatutResponseList": [{"cost": true}]}', "cost is not a number"),
-    (b'{"success": true, "StatutResponseList": [{"status": ["a"]}]}', "status is not a string"),
-    (b'{"success": false}', "success is False with code None"),
-])
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"", "malformed JSON"),
+        (b'{"success": true, "code": 200, "StatutResponseList": [', "malformed JSON"),
+        (b"<html><body>Bad gateway</body></html>", "malformed JSON"),
+        (b"[]", "body is not a JSON object"),
+        (b'{"success": true, "code": 200}', "success without a StatutResponseList"),
+        (b'{"success": true, "StatutResponseList": {"a": 1}}', "StatutResponseList is not a list"),
+        (b'{"success": true, "StatutResponseList": [1]}', "holds a number, not a report object"),
+        (b'{"success": true, "StatutResponseList": [{"cost": "abc"}]}', "cost is not a number"),
+        (b'{"success": true, "StatutResponseList": [{"cost": true}]}', "cost is not a number"),
+        (b'{"success": true, "StatutResponseList": [{"status": ["a"]}]}', "status is not a string"),
+        (b'{"success": false}', "success is False with code None"),
+    ],
+)
 def test_invalid_json_bodies(raw: bytes, problem: str) -> None:
     with pytest.raises(InvalidResponse, match=problem):
         aggregate(raw)
 
 
-@pytest.mark.parametrize(("raw", "problem"), [
-    (b"", "malformed XML"),
-    (b"<result><entry>true</entry>", "malformed XML"),
-    (b"<html></html>", "XML root is <html>"),
-    (b"<result></result>", "holds no entries"),
-    (b"<result><entry>true</entry><entry>200</entry><entry>1</entry><entry><entry>"
-     b"<entry>a</entry></entry></entry></result>", "does not hold six values"),
-])
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"", "malformed XML"),
+        (b"<result><entry>true</entry>", "malformed XML"),
+        (b"<html></html>", "XML root is <html>"),
+        (b"<result></result>", "holds no entries"),
+        (
+            b"<result><entry>true</entry><entry>200</entry><entry>1</entry><entry><entry>"
+            b"<entry>a</entry></entry></entry></result>",
+            "does not hold six values",
+        ),
+    ],
+)
 def test_invalid_xml_bodies(raw: bytes, problem: str) -> None:
     with pytest.raises(InvalidResponse, match=problem):
         aggregate(raw, "xml")
 
 
-@pytest.mark.parametrize(("raw", "code"), [
-    (b'{"success": false, "code": 4, "message": "Message introuvable"}', "4"),
-    (b'{"success": false, "code": "429", "message": "Too many requests"}', "429"),
-    (b'{"code": 1, "message": "La Cl\\u00e9 API est requise", "success": false}', "1"),
-    (b'{"success": true, "code": 429, "StatutResponseList": []}', "429"),
-    (b'{"success": false, "code": "<script>"}', "invalid"),
-])
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b'{"success": false, "code": 4, "message": "Message introuvable"}', "4"),
+        (b'{"success": false, "code": "429", "message": "Too many requests"}', "429"),
+        (b'{"code": 1, "message": "La Cl\\u00e9 API est requise", "success": false}', "1"),
+        (b'{"success": true, "code": 429, "StatutResponseList": []}', "429"),
+        (b'{"success": false, "code": "<script>"}', "invalid"),
+    ],
+)
 def test_error_codes(raw: bytes, code: str) -> None:
     with pytest.raises(UpstreamError) as caught:
         aggregate(raw)

@@ -26,8 +26,9 @@ from tests.conftest import FakeClock, make_config, require_tool
 from tests.test_collector import scenario
 
 
-def call(app: Any, path: str, headers: dict[str, str] | None = None) -> tuple[str, dict[str, str],
-                                                                                bytes]:
+def call(
+    app: Any, path: str, headers: dict[str, str] | None = None
+) -> tuple[str, dict[str, str], bytes]:
     environ: dict[str, Any] = {"PATH_INFO": path, "wsgi.input": BytesIO()}
     setup_testing_defaults(environ)
     environ.update({f"HTTP_{k.upper().replace('-', '_')}": v for k, v in (headers or {}).items()})
@@ -58,13 +59,17 @@ def test_health_readiness_and_unknown_paths(app: Any) -> None:
 def test_metrics_plain_gzip_and_openmetrics(app: Any) -> None:
     status, headers, body = call(app, "/metrics")
     assert status == "200 OK" and headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    assert b'mailpartner_message_recipients{campaign="newsletter",message_id="300",' \
-           b'state="delivered"} 2.0' in body
+    assert (
+        b'mailpartner_message_recipients{campaign="newsletter",message_id="300",'
+        b'state="delivered"} 2.0' in body
+    )
     _, headers, packed = call(app, "/metrics", {"Accept-Encoding": "gzip"})
     assert headers["Content-Encoding"] == "gzip" and gzip.decompress(packed) == body
-    _, headers, om = call(app, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+    _, headers, om = call(
+        app, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     assert headers["Content-Type"].startswith("application/openmetrics-text")
-    assert om.endswith(b"# EOF\n") and b"mailpartner_recipients_total{state=\"delivered\"} 3.0" in om
+    assert om.endswith(b"# EOF\n") and b'mailpartner_recipients_total{state="delivered"} 3.0' in om
 
 
 def test_custom_telemetry_path() -> None:
@@ -81,17 +86,21 @@ def test_landing_page_lists_messages_newest_first_with_counts_and_errors(app: An
     assert status == "200 OK" and headers["Content-Type"] == "text/html; charset=utf-8"
     rows = [line for line in page.splitlines() if line.startswith("<tr data-message-id")]
     assert [row.split('"')[1] for row in rows] == ["301", "302", "300"]
-    assert ('<td>301</td><td>campaign=welcome, team=crm</td><td>active</td>'
-            '<td class="n">1</td><td class="n">1</td><td class="n">1</td><td class="n">1</td>'
-            '<td class="n">0.0420</td>') in rows[0]
+    assert (
+        "<td>301</td><td>campaign=welcome, team=crm</td><td>active</td>"
+        '<td class="n">1</td><td class="n">1</td><td class="n">1</td><td class="n">1</td>'
+        '<td class="n">0.0420</td>'
+    ) in rows[0]
     assert "http_502: HTTP 502" in rows[0] and "30s ago" in rows[0]
-    assert '<td class="n">–</td>' in rows[1] and "never" in rows[1]
+    assert '<td class="n">&ndash;</td>' in rows[1] and "never" in rows[1]
 
 
 def test_landing_page_escapes_label_values() -> None:
     clock = FakeClock()
-    config = make_config("http://127.0.0.1:9/v1",
-                         MessageSpec("1", MappingProxyType({"campaign": "<script>x</script>"})))
+    config = make_config(
+        "http://127.0.0.1:9/v1",
+        MessageSpec("1", MappingProxyType({"campaign": "<script>x</script>"})),
+    )
     book = MessageBook(config.polling)
     book.sync(config.messages, clock())
     page = call(create_app(CollectorRegistry(), book, clock=clock), "/")[2].decode()
@@ -118,8 +127,9 @@ def test_a_stalled_client_does_not_block_a_scrape(live: str) -> None:
 def test_live_exposition_passes_promtool(live: str) -> None:
     promtool = require_tool("promtool")
     body = requests.get(f"{live}/metrics", timeout=3).content
-    result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True,
-                            check=False)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, check=False
+    )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
@@ -128,18 +138,26 @@ def test_empty_exporter_still_exposes_known_series() -> None:
     config = make_config("http://127.0.0.1:9/v1")
     book = MessageBook(config.polling)
     registry = CollectorRegistry()
-    registry.register(MailPartnerCollector(book, RequestStats([BULK_STATUS]),
-                                           ConfigHolder(config, clock()), clock))
+    registry.register(
+        MailPartnerCollector(
+            book, RequestStats([BULK_STATUS]), ConfigHolder(config, clock()), clock
+        )
+    )
     body = call(create_app(registry, book), "/metrics")[2].decode()
-    for line in ('mailpartner_recipients_total{state="unknown"} 0.0',
-                 'mailpartner_api_errors_total{code="429",endpoint="bulk-status"} 0.0',
-                 'mailpartner_api_request_failures_total{endpoint="bulk-status",reason="timeout"} 0.0',
-                 'mailpartner_exporter_messages{phase="final"} 0.0', "mailpartner_up 0.0"):
+    for line in (
+        'mailpartner_recipients_total{state="unknown"} 0.0',
+        'mailpartner_api_errors_total{code="429",endpoint="bulk-status"} 0.0',
+        'mailpartner_api_request_failures_total{endpoint="bulk-status",reason="timeout"} 0.0',
+        'mailpartner_exporter_messages{phase="final"} 0.0',
+        "mailpartner_up 0.0",
+    ):
         assert line in body.splitlines()
 
 
-@pytest.mark.parametrize(("address", "expected"), [
-    (":10027", ("", 10027)), ("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:9", ("::1", 9))])
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [(":10027", ("", 10027)), ("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:9", ("::1", 9))],
+)
 def test_listen_addresses(address: str, expected: tuple[str, int]) -> None:
     assert parse_listen_address(address) == expected
 

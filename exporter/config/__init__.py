@@ -13,6 +13,16 @@ from exporter.config.model import (
 )
 
 __all__ = [
-    "API_KEY_ENV", "ApiConfig", "Config", "ConfigError", "ConfigErrors", "MessageSpec",
-    "PollingConfig", "ScheduleStep", "State", "StatusMap", "load_config", "parse_config",
+    "API_KEY_ENV",
+    "ApiConfig",
+    "Config",
+    "ConfigError",
+    "ConfigErrors",
+    "MessageSpec",
+    "PollingConfig",
+    "ScheduleStep",
+    "State",
+    "StatusMap",
+    "load_config",
+    "parse_config",
 ]

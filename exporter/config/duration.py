@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 # Largest first: Prometheus accepts each unit at most once, in this order.
-_UNITS = {"y": 31536000.0, "w": 604800.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0,
-          "ms": 0.001}
+_UNITS = {
+    "y": 31536000.0,
+    "w": 604800.0,
+    "d": 86400.0,
+    "h": 3600.0,
+    "m": 60.0,
+    "s": 1.0,
+    "ms": 0.001,
+}
 _PART = re.compile(r"(\d+)(ms|y|w|d|h|m|s)")
 
 
@@ -16,7 +24,7 @@ def parse_duration(text: str) -> float:
     if not parts or "".join(n + u for n, u in parts) != text:
         raise ValueError(f"{text!r} is not a duration (use e.g. 30s, 2m, 1h30m, 7d)")
     ranks = [list(_UNITS).index(unit) for _, unit in parts]
-    if any(a >= b for a, b in zip(ranks, ranks[1:], strict=False)):
+    if any(a >= b for a, b in itertools.pairwise(ranks)):
         raise ValueError(f"{text!r} is not a duration: units must go from largest to smallest")
     return sum(int(n) * _UNITS[u] for n, u in parts)
 

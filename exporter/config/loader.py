@@ -30,10 +30,23 @@ from exporter.secret import Secret
 API_KEY_ENV = "MAILPARTNER_API_KEY"
 UPSTREAM_RATE_LIMIT = 2000
 # Labels the exporter sets itself, plus the target labels Prometheus attaches.
-RESERVED_LABELS = frozenset({
-    "message_id", "state", "status", "endpoint", "code", "reason", "phase", "version",
-    "field", "le", "quantile", "job", "instance",
-})
+RESERVED_LABELS = frozenset(
+    {
+        "message_id",
+        "state",
+        "status",
+        "endpoint",
+        "code",
+        "reason",
+        "phase",
+        "version",
+        "field",
+        "le",
+        "quantile",
+        "job",
+        "instance",
+    }
+)
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MESSAGE_ID = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
@@ -50,10 +63,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice", key_node.start_mark)
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -64,7 +78,9 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     try:
         text = Path(file).read_text(encoding="utf-8")
     except OSError as e:
-        raise errors.ConfigErrors([errors.ConfigError(file, "", f"cannot read: {e.strerror}")]) from None
+        raise errors.ConfigErrors(
+            [errors.ConfigError(file, "", f"cannot read: {e.strerror}")]
+        ) from None
     return parse_config(text, file, os.environ if environ is None else environ)
 
 
@@ -75,7 +91,9 @@ def parse_config(text: str, file: str, environ: Mapping[str, str]) -> Config:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise errors.ConfigErrors([errors.SyntaxConfigError(file, "", f"{where}{problem}")]) from None
+        raise errors.ConfigErrors(
+            [errors.SyntaxConfigError(file, "", f"{where}{problem}")]
+        ) from None
     reader = _Reader(file, environ)
     config = reader.config({} if document is None else document)
     if reader.errors:
@@ -105,8 +123,14 @@ class _Reader:
                 self.fail(errors.UnknownKeyError, _join(key, str(name)), _unknown(name, allowed))
         return {k: v for k, v in value.items() if k in allowed}
 
-    def field(self, section: Mapping[str, Any], name: str, key: str, default: T,
-              convert: Callable[[Any], T]) -> T:
+    def field(
+        self,
+        section: Mapping[str, Any],
+        name: str,
+        key: str,
+        default: T,
+        convert: Callable[[Any], T],
+    ) -> T:
         if name not in section:
             return default
         try:
@@ -115,7 +139,7 @@ class _Reader:
             self.fail(errors.InvalidDurationError, _join(key, name), str(e))
         except (TypeError, ValueError) as e:
             self.fail(errors.InvalidValueError, _join(key, name), str(e))
-            return default
+        return default
 
     # -- sections --------------------------------------------------------
     def config(self, document: object) -> Config:
@@ -127,16 +151,27 @@ class _Reader:
         return Config(self.file, api, polling, status_map, messages, tuple(self.warnings))
 
     def api(self, value: object) -> ApiConfig:
-        keys = frozenset({"base_url", "api_key", "api_key_file", "timeout",
-                          "max_requests_per_minute", "concurrency", "format"})
+        keys = frozenset(
+            {
+                "base_url",
+                "api_key",
+                "api_key_file",
+                "timeout",
+                "max_requests_per_minute",
+                "concurrency",
+                "format",
+            }
+        )
         section = self.mapping(value, "api", keys)
         d = ApiConfig()
-        rate = self.field(section, "max_requests_per_minute", "api", d.max_requests_per_minute,
-                          _positive_int)
+        rate = self.field(
+            section, "max_requests_per_minute", "api", d.max_requests_per_minute, _positive_int
+        )
         if rate > UPSTREAM_RATE_LIMIT:
             self.warnings.append(
                 f"{self.file}: api.max_requests_per_minute: {rate} is above Mail Partner's limit of"
-                f" {UPSTREAM_RATE_LIMIT} requests per minute per IP; expect HTTP 429")
+                f" {UPSTREAM_RATE_LIMIT} requests per minute per IP; expect HTTP 429"
+            )
         return ApiConfig(
             base_url=self.field(section, "base_url", "api", d.base_url, _base_url),
             api_key=self.api_key(section),
@@ -148,25 +183,32 @@ class _Reader:
 
     def api_key(self, section: Mapping[str, Any]) -> Secret | None:
         if "api_key" in section and "api_key_file" in section:
-            self.fail(errors.InvalidValueError, "api.api_key",
-                      "set either api.api_key or api.api_key_file, not both")
+            self.fail(
+                errors.InvalidValueError,
+                "api.api_key",
+                "set either api.api_key or api.api_key_file, not both",
+            )
             return None
         if "api_key_file" in section:
             return self.api_key_file(section["api_key_file"])
         if "api_key" in section:
-            raw = section["api_key"]
-            if not isinstance(raw, str):
-                self.fail(errors.InvalidTypeError, "api.api_key", f"must be a string, not {_kind(raw)}")
-                return None
-            unset = [name for name in _ENV_REF.findall(raw) if name not in self.environ]
-            if unset:
-                self.fail(errors.SecretError, "api.api_key",
-                          f"environment variable {unset[0]} is not set")
-                return None
-            return self.non_empty_key(_ENV_REF.sub(lambda m: self.environ[m[1]], raw), "api.api_key")
+            return self.api_key_value(section["api_key"])
         if self.environ.get(API_KEY_ENV):
             return Secret(self.environ[API_KEY_ENV].strip())
         return None
+
+    def api_key_value(self, raw: object) -> Secret | None:
+        """``api.api_key``, with each ``${VAR}`` replaced from the environment."""
+        if not isinstance(raw, str):
+            self.fail(errors.InvalidTypeError, "api.api_key", f"must be a string, not {_kind(raw)}")
+            return None
+        unset = [name for name in _ENV_REF.findall(raw) if name not in self.environ]
+        if unset:
+            self.fail(
+                errors.SecretError, "api.api_key", f"environment variable {unset[0]} is not set"
+            )
+            return None
+        return self.non_empty_key(_ENV_REF.sub(lambda m: self.environ[m[1]], raw), "api.api_key")
 
     def api_key_file(self, raw: object) -> Secret | None:
         if not isinstance(raw, str) or not raw:
@@ -193,21 +235,29 @@ class _Reader:
         d = PollingConfig()
         polling = PollingConfig(
             schedule=self.schedule(section["schedule"]) if "schedule" in section else d.schedule,
-            settled_recheck=self.field(section, "settled_recheck", "polling", d.settled_recheck,
-                                       _positive_duration),
-            final_after=self.field(section, "final_after", "polling", d.final_after,
-                                   _positive_duration),
+            settled_recheck=self.field(
+                section, "settled_recheck", "polling", d.settled_recheck, _positive_duration
+            ),
+            final_after=self.field(
+                section, "final_after", "polling", d.final_after, _positive_duration
+            ),
             retention=self.field(section, "retention", "polling", d.retention, _duration),
         )
         if polling.schedule and polling.final_after < polling.schedule[-1].until:
-            self.fail(errors.InvalidValueError, "polling.final_after",
-                      "is before the last schedule step's until; that step would never run")
+            self.fail(
+                errors.InvalidValueError,
+                "polling.final_after",
+                "is before the last schedule step's until; that step would never run",
+            )
         return polling
 
     def schedule(self, value: object) -> tuple[ScheduleStep, ...]:
         if not isinstance(value, list) or not value:
-            self.fail(errors.InvalidTypeError, "polling.schedule",
-                      "must be a non-empty list of {until, every}")
+            self.fail(
+                errors.InvalidTypeError,
+                "polling.schedule",
+                "must be a non-empty list of {until, every}",
+            )
             return PollingConfig().schedule
         steps: list[ScheduleStep] = []
         for i, item in enumerate(value):
@@ -219,8 +269,11 @@ class _Reader:
             until = self.field(step, "until", key, 0.0, _positive_duration)
             every = self.field(step, "every", key, 0.0, _positive_duration)
             if steps and until and until <= steps[-1].until:
-                self.fail(errors.ScheduleOrderError, _join(key, "until"),
-                          "must be greater than the previous step's until")
+                self.fail(
+                    errors.ScheduleOrderError,
+                    _join(key, "until"),
+                    "must be greater than the previous step's until",
+                )
             steps.append(ScheduleStep(until, every))
         return tuple(steps)
 
@@ -232,8 +285,11 @@ class _Reader:
             if state.value not in section:
                 continue
             if not isinstance(raws, list) or not all(isinstance(r, str) and r for r in raws):
-                self.fail(errors.InvalidTypeError, f"status_map.{state.value}",
-                          "must be a list of status strings")
+                self.fail(
+                    errors.InvalidTypeError,
+                    f"status_map.{state.value}",
+                    "must be a list of status strings",
+                )
                 continue
             lists[state] = tuple(raws)
         # Claims made in the file come first, so a clash with a default list is
@@ -245,12 +301,18 @@ class _Reader:
                 if first == state:
                     continue
                 if state.value in section:
-                    self.fail(errors.InvalidValueError, f"status_map.{state.value}",
-                              f"status {raw!r} is already mapped to {first.value}")
+                    self.fail(
+                        errors.InvalidValueError,
+                        f"status_map.{state.value}",
+                        f"status {raw!r} is already mapped to {first.value}",
+                    )
                 else:
-                    self.fail(errors.InvalidValueError, f"status_map.{first.value}",
-                              f"status {raw!r} is also in the default list of {state.value}; "
-                              f"set status_map.{state.value} without it")
+                    self.fail(
+                        errors.InvalidValueError,
+                        f"status_map.{first.value}",
+                        f"status {raw!r} is also in the default list of {state.value}; "
+                        f"set status_map.{state.value} without it",
+                    )
         return StatusMap.from_lists(lists)
 
     def messages(self, value: object) -> tuple[MessageSpec, ...]:
@@ -270,16 +332,21 @@ class _Reader:
                 continue
             message_id = self.field(entry, "id", key, "", _message_id)
             if message_id in seen:
-                self.fail(errors.DuplicateMessageError, _join(key, "id"),
-                          f"message {message_id!r} is already listed at messages[{seen[message_id]}]")
+                self.fail(
+                    errors.DuplicateMessageError,
+                    _join(key, "id"),
+                    f"message {message_id!r} is already listed at messages[{seen[message_id]}]",
+                )
                 continue
             if message_id:
                 seen[message_id] = i
-                specs.append(MessageSpec(
-                    id=message_id,
-                    labels=self.labels(entry.get("labels"), _join(key, "labels")),
-                    sent_at=self.field(entry, "sent_at", key, None, _timestamp),
-                ))
+                specs.append(
+                    MessageSpec(
+                        id=message_id,
+                        labels=self.labels(entry.get("labels"), _join(key, "labels")),
+                        sent_at=self.field(entry, "sent_at", key, None, _timestamp),
+                    )
+                )
         return tuple(specs)
 
     def labels(self, value: object, key: str) -> Mapping[str, str]:
@@ -292,25 +359,33 @@ class _Reader:
         for name, label_value in value.items():
             where = _join(key, str(name))
             if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name):
-                self.fail(errors.LabelNameError, where,
-                          "is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)")
+                self.fail(
+                    errors.LabelNameError,
+                    where,
+                    "is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)",
+                )
             elif name.startswith("__"):
                 self.fail(errors.LabelNameError, where, "names starting with __ are reserved")
             elif name in RESERVED_LABELS:
-                self.fail(errors.LabelNameError, where, "shadows a label the exporter or"
-                          " Prometheus sets itself; choose another name")
+                self.fail(
+                    errors.LabelNameError,
+                    where,
+                    "shadows a label the exporter or Prometheus sets itself; choose another name",
+                )
             elif isinstance(label_value, dict | list) or label_value is None:
                 self.fail(errors.InvalidTypeError, where, "label values must be scalars")
             else:
-                labels[name] = str(label_value).lower() if isinstance(label_value, bool) \
-                    else str(label_value)
+                labels[name] = (
+                    str(label_value).lower() if isinstance(label_value, bool) else str(label_value)
+                )
         return MappingProxyType(dict(sorted(labels.items())))
 
 
 # -- converters: raise ValueError/TypeError with the problem ------------------
 def _kind(value: object) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", type(None): "empty"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 def _join(key: str, name: str) -> str:
@@ -357,6 +432,7 @@ def _choice(*allowed: str) -> Callable[[object], str]:
         if value not in allowed:
             raise ValueError(f"must be one of {', '.join(allowed)}")
         return str(value)
+
     return convert
 
 
@@ -384,8 +460,9 @@ def _timestamp(value: object) -> float:
         try:
             value = dt.datetime.fromisoformat(value)
         except ValueError:
-            raise ValueError(f"{value!r} is not an RFC 3339 time such as 2026-11-26T10:00:00Z") \
-                from None
+            raise ValueError(
+                f"{value!r} is not an RFC 3339 time such as 2026-11-26T10:00:00Z"
+            ) from None
     if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
         value = dt.datetime(value.year, value.month, value.day)
     if isinstance(value, dt.datetime):

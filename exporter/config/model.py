@@ -21,11 +21,13 @@ class State(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
-DEFAULT_STATUSES: Mapping[State, tuple[str, ...]] = MappingProxyType({
-    State.DELIVERED: ("delivered",),
-    State.FAILED: ("not delivered", "ko", "bounced", "failed", "rejected"),
-    State.PENDING: ("waiting", "pending", "queued"),
-})
+DEFAULT_STATUSES: Mapping[State, tuple[str, ...]] = MappingProxyType(
+    {
+        State.DELIVERED: ("delivered",),
+        State.FAILED: ("not delivered", "ko", "bounced", "failed", "rejected"),
+        State.PENDING: ("waiting", "pending", "queued"),
+    }
+)
 
 
 @dataclass(frozen=True)
