@@ -11,6 +11,7 @@ import time
 from types import FrameType
 
 import requests
+import requests.adapters
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
@@ -138,6 +139,10 @@ class Exporter:
         self.stats = RequestStats([BULK_STATUS])
         session = requests.Session()
         session.headers["User-Agent"] = f"mailpartner-exporter/{__version__}"
+        # One kept-alive connection per concurrent poll.
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=config.api.concurrency)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
         client = MailPartnerClient(config.api, session, self.stats, Redactor(config.api.api_key))
         self.poller = Poller(config, self.book, client)
         self.registry = CollectorRegistry(auto_describe=True)

@@ -18,7 +18,14 @@ import urllib3.exceptions
 
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.config import ApiConfig
-from exporter.parse import Body, InvalidResponse, UpstreamError, parse_json, parse_xml
+from exporter.parse import (
+    Body,
+    InvalidResponse,
+    UpstreamError,
+    error_code,
+    parse_json,
+    parse_xml,
+)
 from exporter.secret import Redactor
 from exporter.stats import RequestStats
 
@@ -88,14 +95,15 @@ class MailPartnerClient:
                 timeout=self._config.timeout,
                 stream=True,
             ) as response:
-                _check_status(response)
                 response.raw.decode_content = True
-                read(_DeadlineReader(response.raw, deadline, self._clock))
+                body = _DeadlineReader(response.raw, deadline, self._clock)
+                _check_status(response.status_code, body)
+                read(body)
         except UpstreamError as e:
             error: PollError = ApiError(e.code, self._redact(e.message))
         except InvalidResponse as e:
             error = TransportError("invalid_response", self._redact(str(e)))
-        except PollError as e:
+        except PollError as e:  # raised here, from no upstream text
             error = e
         except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
             error = TransportError("timeout", f"no answer within {self._config.timeout:g}s")
@@ -117,20 +125,23 @@ class MailPartnerClient:
         raise error from None
 
 
-def _check_status(response: requests.Response) -> None:
-    if response.status_code == 200:
+def _check_status(status: int, body: Body) -> None:
+    if status == 200:
         return
-    if response.status_code == 429:
+    if status == 429:
         raise ApiError("429", "rate limited (HTTP 429)")
     # Some gateways wrap API errors in a 4xx; take the code if the body says it.
-    body = response.raw.read(_ERROR_BODY_LIMIT, decode_content=True)
     try:
-        document = json.loads(body)
+        document = json.loads(body.read(_ERROR_BODY_LIMIT))
     except ValueError:
         document = None
     if isinstance(document, dict) and document.get("success") is False and "code" in document:
-        raise ApiError(str(document["code"])[:16], str(document.get("message", ""))[:200])
-    raise TransportError(f"http_{response.status_code}", f"HTTP {response.status_code}")
+        message = document.get("message")
+        raise UpstreamError(
+            error_code(document["code"]) or "invalid",
+            message[:200] if isinstance(message, str) else "",
+        )
+    raise TransportError(f"http_{status}", f"HTTP {status}")
 
 
 def _describe(error: BaseException) -> str:

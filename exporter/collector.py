@@ -21,6 +21,10 @@ from exporter.config.holder import ConfigHolder
 from exporter.stats import DURATION_BUCKETS, RequestStats
 from exporter.tracker import MessageBook, Phase, TrackedMessage
 
+# A poll this late is not just waiting for the loop's next turn: the budget or
+# the concurrency cannot keep up with the schedule.
+OVERDUE_AFTER = 5.0
+
 
 class MailPartnerCollector(Collector):
     def __init__(
@@ -155,8 +159,8 @@ class MailPartnerCollector(Collector):
         )
         yield _gauge(
             "mailpartner_exporter_overdue_messages",
-            "Messages whose next poll is due and not yet started.",
-            sum(1 for m in waiting if m.next_poll <= now),
+            f"Messages whose poll was due more than {OVERDUE_AFTER:g}s ago and has not started.",
+            sum(1 for m in waiting if m.next_poll < now - OVERDUE_AFTER),
         )
         yield _gauge(
             "mailpartner_exporter_poll_delay_seconds",

@@ -21,9 +21,12 @@ import ijson
 from exporter.aggregate import ReportAggregator
 
 _LIST = "StatutResponseList"
-_ITEM = f"{_LIST}.item"
-_FIELD = f"{_ITEM}."
-_SCALARS = frozenset({"string", "number", "boolean", "null"})
+_OPENERS = frozenset({"start_map", "start_array"})
+_CLOSERS = frozenset({"end_map", "end_array"})
+# Real documents are four levels deep; deeper values inside a report are ignored.
+MAX_DEPTH = 32
+# Longest raw status kept; it becomes a label value.
+MAX_STATUS_LENGTH = 64
 _TOP_FIELDS = frozenset({"success", "code", "message", "messageId"})
 _NESTED = object()
 MISSING_STATUS = "none"
@@ -50,42 +53,106 @@ class UpstreamError(Exception):
 
 def parse_json(body: Body, aggregator: ReportAggregator) -> None:
     """Stream a JSON bulk-status body into ``aggregator``; raise on errors."""
-    top: dict[str, Any] = {}
-    record: dict[str, Any] | None = None
-    saw_list = False
+    walk = _JsonWalk(aggregator)
     try:
-        for prefix, event, value in ijson.parse(body, use_float=True):
-            if record is not None and prefix.startswith(_FIELD):
-                name = prefix[len(_FIELD) :]
-                if "." not in name:
-                    record[name] = value if event in _SCALARS else _NESTED
-            elif prefix == _ITEM:
-                if event == "start_map":
-                    record = {}
-                elif event == "end_map" and record is not None:
-                    _add(
-                        aggregator,
-                        record.get("status"),
-                        record.get("cost"),
-                        record.get("stopMail"),
-                        record.get("date"),
-                    )
-                    record = None
-                elif event != "map_key":
-                    raise InvalidResponse(
-                        f"{_LIST} holds a {event.removeprefix('start_')}, not a report object"
-                    )
-            elif prefix == _LIST:
-                if event not in ("start_array", "end_array"):
-                    raise InvalidResponse(f"{_LIST} is not a list")
-                saw_list = True
-            elif prefix == "" and event not in ("start_map", "end_map", "map_key"):
-                raise InvalidResponse("body is not a JSON object")
-            elif prefix in _TOP_FIELDS and event in _SCALARS:
-                top[prefix] = value
+        for event, value in ijson.basic_parse(_BomStripped(body), use_float=True):
+            if event == "map_key":
+                walk.key(value)
+            elif event in _OPENERS:
+                walk.open(event)
+            elif event in _CLOSERS:
+                walk.close()
+            else:
+                walk.scalar(event, value)
     except ijson.JSONError as e:
         raise InvalidResponse(f"malformed JSON: {_short(e)}") from None
-    _check_envelope(top.get("success"), top.get("code"), top.get("message"), saw_list)
+    top = walk.top
+    _check_envelope(top.get("success"), top.get("code"), top.get("message"), walk.saw_list)
+
+
+class _JsonWalk:
+    """Where a walk over ijson's events stands: depth 1 is the envelope, 2 the list,
+    3 a report, 4 and deeper a value nested inside a report (ignored).
+
+    It tracks depth itself rather than using ijson's prefixes, which cost memory
+    quadratic in the nesting of a hostile body.
+    """
+
+    def __init__(self, aggregator: ReportAggregator) -> None:
+        self.aggregator = aggregator
+        self.top: dict[str, Any] = {}
+        self.record: dict[str, Any] | None = None
+        self.depth = 0
+        self.top_key = self.field = ""
+        self.in_list = self.saw_list = False
+
+    def key(self, name: str) -> None:
+        if self.depth == 1:
+            self.top_key = name
+        else:
+            self.field = name
+
+    def open(self, event: str) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise InvalidResponse(f"JSON nested deeper than {MAX_DEPTH} levels")
+        if self.depth == 1 and event != "start_map":
+            raise InvalidResponse("body is not a JSON object")
+        if self.depth == 2 and self.top_key == _LIST:
+            if event != "start_array":
+                raise InvalidResponse(f"{_LIST} is not a list")
+            if self.saw_list:
+                raise InvalidResponse(f"{_LIST} appears twice")
+            self.in_list = self.saw_list = True
+        elif self.depth == 3 and self.in_list:
+            if event != "start_map":
+                raise InvalidResponse(f"{_LIST} holds an array, not a report object")
+            self.record = {}
+        elif self.depth == 4 and self.record is not None:
+            self.record[self.field] = _NESTED
+
+    def close(self) -> None:
+        self.depth -= 1
+        if self.depth == 2 and self.record is not None:
+            record = self.record
+            _add(
+                self.aggregator,
+                record.get("status"),
+                record.get("cost"),
+                record.get("stopMail"),
+                record.get("date"),
+            )
+            self.record = None
+        elif self.depth == 1:
+            self.in_list = False
+
+    def scalar(self, event: str, value: object) -> None:
+        if self.depth == 3 and self.record is not None:
+            self.record[self.field] = value
+        elif self.depth == 1:
+            if self.top_key == _LIST:
+                raise InvalidResponse(f"{_LIST} is not a list")
+            if self.top_key in _TOP_FIELDS:
+                self.top[self.top_key] = value
+        elif self.depth == 2 and self.in_list:
+            raise InvalidResponse(f"{_LIST} holds a {event}, not a report object")
+        elif self.depth == 0:
+            raise InvalidResponse("body is not a JSON object")
+
+
+class _BomStripped:
+    """Drops a UTF-8 byte order mark, which yajl refuses, from the start of a body."""
+
+    def __init__(self, body: Body) -> None:
+        self._body = body
+        self._first = True
+
+    def read(self, size: int = -1, /) -> bytes:
+        chunk = self._body.read(size)
+        if self._first and chunk:  # ijson first calls read(0) to sniff the type
+            self._first = False
+            return chunk.removeprefix(b"\xef\xbb\xbf")
+        return chunk
 
 
 def parse_xml(body: Body, aggregator: ReportAggregator) -> None:
@@ -96,7 +163,7 @@ def parse_xml(body: Body, aggregator: ReportAggregator) -> None:
     email, token, status, cost, stopMail, date.
     """
     top: list[str] = []
-    saw_list = False
+    reports: ET.Element | None = None
     depth = 0
     try:
         # expat (>= 2.4.1, bundled with Python 3.11) refuses entity-expansion
@@ -104,18 +171,20 @@ def parse_xml(body: Body, aggregator: ReportAggregator) -> None:
         for event, element in ET.iterparse(body, events=("start", "end")):  # noqa: S314
             if event == "start":
                 depth += 1
+                if depth > MAX_DEPTH:
+                    raise InvalidResponse(f"XML nested deeper than {MAX_DEPTH} levels")
                 if depth == 1 and element.tag != "result":
                     raise InvalidResponse(f"XML root is <{element.tag}>, not <result>")
-                if depth == 3 and len(top) == 3:
-                    saw_list = True
+                if depth == 2 and len(top) == 3:
+                    reports = element
                 continue
             depth -= 1
-            if depth == 2 and saw_list:
+            if depth == 2 and reports is not None:
                 fields = [(child.text or "").strip() for child in element]
                 if len(fields) != 6 or len(element.findall("./*/*")):
                     raise InvalidResponse("an XML recipient entry does not hold six values")
                 _add(aggregator, fields[2] or None, fields[3] or None, fields[4], fields[5])
-                element.clear()
+                reports.clear()  # done with it: the tree must not grow with the send
             elif depth == 1:
                 top.append((element.text or "").strip())
                 element.clear()
@@ -126,11 +195,11 @@ def parse_xml(body: Body, aggregator: ReportAggregator) -> None:
     success = {"true": True, "false": False}.get(top[0].lower(), top[0])
     code = top[1] if len(top) > 1 else None
     message = top[2] if len(top) > 2 and not success else None
-    _check_envelope(success, code, message, saw_list or (success is True and len(top) == 4))
+    _check_envelope(success, code, message, success is True and len(top) == 4)
 
 
 def _check_envelope(success: object, code: object, message: object, saw_list: bool) -> None:
-    code_text = _code(code)
+    code_text = error_code(code)
     if success is True and code_text in (None, "200"):
         if not saw_list:
             raise InvalidResponse(f"success without a {_LIST}")
@@ -140,7 +209,8 @@ def _check_envelope(success: object, code: object, message: object, saw_list: bo
     raise UpstreamError(code_text, message if isinstance(message, str) else "")
 
 
-def _code(code: object) -> str | None:
+def error_code(code: object) -> str | None:
+    """The upstream ``code`` as a short label value; ``invalid`` if it is not a number."""
     if code is None:
         return None
     if isinstance(code, float) and code.is_integer():
@@ -153,15 +223,18 @@ def _code(code: object) -> str | None:
 def _add(
     aggregator: ReportAggregator, status: object, cost: object, stop_mail: object, date: object
 ) -> None:
-    aggregator.add(_status(status), _cost(cost), stop_mail in _TRUE, _date(date))
+    aggregator.add(_status(status), _cost(cost), _stop_mail(stop_mail), _date(date))
 
 
-_TRUE = (True, "true", "True", "1", 1)
+def _stop_mail(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1")
+    return value is True or (type(value) in (int, float) and value == 1)
 
 
 def _status(value: object) -> str:
     if isinstance(value, str):
-        return value
+        return value.strip()[:MAX_STATUS_LENGTH]
     if value is None:
         return MISSING_STATUS
     if value is _NESTED or isinstance(value, bool):

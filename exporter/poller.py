@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 from exporter.aggregate import ReportAggregator
 from exporter.client import MailPartnerClient, PollError
@@ -35,9 +35,9 @@ class TokenBucket:
         self._stamp = now
 
     def _refill(self, now: float) -> None:
-        if now > self._stamp:
-            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
+        # A wall clock stepped backwards only restarts the refill from there.
+        self._tokens = min(self.capacity, self._tokens + max(0.0, now - self._stamp) * self.rate)
+        self._stamp = now
 
     def try_take(self, now: float) -> bool:
         self._refill(now)
@@ -74,6 +74,7 @@ class Poller:
             config.api.max_requests_per_minute, config.api.concurrency, clock()
         )
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified as each poll ends
         self._in_flight = 0
         self._wake = threading.Event()
 
@@ -86,15 +87,9 @@ class Poller:
         for message_id in self._book.expire(now):
             log.info("message past retention, no longer exposed", extra={"message_id": message_id})
         for message in self._book.due(now):
-            with self._lock:
-                if self._in_flight >= self._config.api.concurrency:
-                    return _IDLE_WAIT  # woken when a poll finishes
-                if not self._bucket.try_take(now):
-                    return self._bucket.wait_time(now)
-                if not self._book.start_poll(message.spec.id, now):
-                    continue
-                self._in_flight += 1
-            self._executor.submit(self._poll, message)
+            wait = self._dispatch(message, now)
+            if wait is not None:
+                return wait
         upcoming = self._book.next_poll()
         return _IDLE_WAIT if upcoming is None else min(_IDLE_WAIT, max(0.0, upcoming - now))
 
@@ -115,13 +110,28 @@ class Poller:
     def poll_all(self) -> bool:
         """Poll every tracked message once (``--once``); True if all succeeded."""
         messages, _ = self._book.snapshot()
-        futures: list[Future[bool]] = []
         for message in messages:
-            while not self._bucket.try_take(self._clock()):
-                time.sleep(self._bucket.wait_time(self._clock()))
-            if self._book.start_poll(message.spec.id, self._clock()):
-                futures.append(self._executor.submit(self._poll, message))
-        return all(future.result() for future in futures)
+            while (wait := self._dispatch(message, self._clock())) is not None:
+                with self._idle:
+                    self._idle.wait(wait)
+        with self._idle:
+            self._idle.wait_for(lambda: self._in_flight == 0)
+        polled, _ = self._book.snapshot()
+        return all(m.poll_ok for m in polled)
+
+    def _dispatch(self, message: TrackedMessage, now: float) -> float | None:
+        """Start polling ``message`` if concurrency and budget allow; else how long to wait."""
+        with self._lock:
+            if self._in_flight >= self._config.api.concurrency:
+                return _IDLE_WAIT  # a finishing poll wakes the loop sooner
+            if not self._bucket.try_take(now):
+                return self._bucket.wait_time(now)
+            started = self._book.start_poll(message.spec.id, now)
+            if started:
+                self._in_flight += 1
+        if started:
+            self._executor.submit(self._poll, message)
+        return None
 
     def _poll(self, message: TrackedMessage) -> bool:
         message_id = message.spec.id
@@ -146,6 +156,7 @@ class Poller:
                 log.info("poll recovered", extra={"message_id": message_id})
             return True
         finally:
-            with self._lock:
+            with self._idle:
                 self._in_flight -= 1
+                self._idle.notify_all()
             self._wake.set()

@@ -60,6 +60,9 @@ class MessageBook:
         self._lock = threading.Lock()
         self._messages: dict[str, TrackedMessage] = {}
         self._expired: set[str] = set()
+        # Last values of messages dropped from the config, so one that comes back
+        # resumes from them instead of adding its counts to the totals again.
+        self._removed: dict[str, tuple[float, MessageAggregate]] = {}
         self._recipients = dict.fromkeys(State, 0)
         self._cost = 0.0
 
@@ -68,7 +71,10 @@ class MessageBook:
         wanted = {spec.id: spec for spec in specs}
         with self._lock:
             for message_id in self._messages.keys() - wanted.keys():
-                del self._messages[message_id]
+                gone = self._messages.pop(message_id)
+                if gone.aggregate is not None:
+                    self._removed[message_id] = (now, gone.aggregate)
+            self._expired &= wanted.keys()  # only IDs still configured need remembering
             for spec in wanted.values():
                 self._put(spec, now)
 
@@ -83,8 +89,13 @@ class MessageBook:
                 self._messages[spec.id] = dataclasses.replace(current, spec=spec)
         elif spec.id not in self._expired:
             # New messages are due at once: the first poll gives them values.
+            _, last = self._removed.pop(spec.id, (now, None))
             self._messages[spec.id] = TrackedMessage(
-                spec, first_seen=now, next_poll=now, interval=self._polling.schedule[0].every
+                spec,
+                first_seen=now,
+                next_poll=now,
+                interval=self._polling.schedule[0].every,
+                aggregate=last,
             )
 
     def due(self, now: float) -> list[TrackedMessage]:
@@ -138,24 +149,37 @@ class MessageBook:
             )
 
     def record_failure(self, message_id: str, error: str, now: float) -> None:
-        """Keep the last good values; retry on the schedule for the message's age."""
+        """Keep the last good values; retry on the schedule for the message's age.
+
+        Past ``final_after`` (or past first sight, for a message first seen later)
+        a failing message is retried for ``settled_recheck``, then given up as
+        final with the values it has.
+        """
         with self._lock:
             current = self._messages.get(message_id)
             if current is None:
                 return
+            polling = self._polling
+            final_at = current.sent_at + polling.final_after
             interval = self._interval(current, now)
+            give_up = now >= max(final_at, current.first_seen) + polling.settled_recheck
             self._messages[message_id] = dataclasses.replace(
                 current,
                 last_error=error,
                 poll_ok=False,
                 in_flight=False,
-                next_poll=now + interval,
-                interval=interval,
+                phase=Phase.FINAL if give_up else current.phase,
+                final_at=now if give_up else None,
+                next_poll=now + interval if now >= final_at else min(now + interval, final_at),
+                interval=0.0 if give_up else interval,
             )
 
     def expire(self, now: float) -> list[str]:
         """Forget final messages whose retention has passed; return their IDs."""
         with self._lock:
+            if self._removed:
+                horizon = now - self._polling.retention
+                self._removed = {k: v for k, v in self._removed.items() if v[0] > horizon}
             gone = [
                 m.spec.id
                 for m in self._messages.values()

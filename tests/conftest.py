@@ -21,7 +21,7 @@ from exporter.simulator import SimulatorServer, World
 from exporter.stats import RequestStats
 
 START = 1795687200.0  # 2026-11-26T10:00:00Z
-# A key no test output may ever contain; see test_secrets.
+# A key no test output may ever contain: see tests/test_secrets.py and .ci/run.
 TEST_KEY = "test-key-5f1c9e0a7b"
 
 

@@ -14,7 +14,7 @@ from exporter.aggregate import ReportAggregator
 from exporter.client import BULK_STATUS, ApiError, PollError, TransportError
 from exporter.config import MessageSpec, State, StatusMap
 from exporter.secret import Secret
-from exporter.simulator import SimulatorServer
+from exporter.simulator import Faults, SimulatorServer
 from exporter.stats import RequestStats
 from tests.conftest import TEST_KEY, CraftedServer, FakeClock, make_client, make_config
 
@@ -83,16 +83,12 @@ def test_documented_error_codes(
 @pytest.mark.parametrize("style", ["http", "json"])
 def test_rate_limited_as_http_status_or_json_code(simulator: SimulatorServer, style: str) -> None:
     send = simulator.world.send(10)
-    simulator.faults.rate_limit_style = style
-    simulator.faults.error_code = 429 if style == "json" else None
-    if style == "http":
-        simulator.faults.http_status = None
-        limited = SimulatorServer(simulator.world, api_key=TEST_KEY, rate_limit_per_minute=1)
-        with limited:
-            poll(limited.url, send.message_id)
-            error, stats = failure(limited.url, send.message_id)
-    else:
-        error, stats = failure(simulator.url, send.message_id)
+    faults = Faults(rate_limit_style=style)
+    with SimulatorServer(
+        simulator.world, api_key=TEST_KEY, rate_limit_per_minute=1, faults=faults
+    ) as limited:
+        poll(limited.url, send.message_id)  # the one request this minute allows
+        error, stats = failure(limited.url, send.message_id)
     assert isinstance(error, ApiError) and error.code == "429"
     assert stats.snapshot().errors[(BULK_STATUS, "429")] == 1
 

@@ -77,7 +77,7 @@ def test_exposition_is_exactly_as_expected() -> None:
     assert generate_latest(registry).decode() == EXPECTED.read_text()
 
 
-def test_totals_keep_counting_after_messages_leave_and_only_grow() -> None:
+def test_totals_keep_counting_after_messages_leave() -> None:
     registry, book, clock = scenario()
     before = registry.get_sample_value("mailpartner_recipients_total", {"state": "delivered"})
     book.sync([], clock())

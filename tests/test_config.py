@@ -122,7 +122,7 @@ def test_each_bad_file_gives_one_error_naming_file_key_and_problem(name: str) ->
     error = caught.value.errors[0]
     assert type(error) is kind
     assert (error.file, error.key, error.problem) == (str(path), key, problem)
-    assert str(error) == f"{path}: {key}: {problem}" if key else f"{path}: {problem}"
+    assert str(error) == (f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
 
 
 def test_every_conffile_has_a_case() -> None:

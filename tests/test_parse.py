@@ -201,3 +201,39 @@ def test_error_codes(raw: bytes, code: str) -> None:
     with pytest.raises(UpstreamError) as caught:
         aggregate(raw)
     assert caught.value.code == code
+
+
+def test_hostile_nesting_is_refused_cheaply() -> None:
+    deep = b'{"success": true, "StatutResponseList": [{"status": ' + b"[" * 100_000
+    with pytest.raises(InvalidResponse, match="nested deeper than 32 levels"):
+        aggregate(deep)
+    with pytest.raises(InvalidResponse, match="nested deeper than 32 levels"):
+        aggregate(b"<result>" + b"<entry>" * 100 + b"</entry>" * 100 + b"</result>", "xml")
+
+
+def test_values_nested_inside_a_report_are_ignored_or_refused() -> None:
+    result = aggregate(body({"status": "Delivered", "extra": {"a": [1, {"b": 2}]}, "cost": 2}))
+    assert (dict(result.statuses), result.cost) == ({"delivered": 1}, 2.0)
+
+
+def test_a_second_report_list_is_refused_not_counted_twice() -> None:
+    raw = b'{"success": true, "StatutResponseList": [{}], "StatutResponseList": [{}]}'
+    with pytest.raises(InvalidResponse, match="StatutResponseList appears twice"):
+        aggregate(raw)
+
+
+def test_byte_order_mark_whitespace_and_case_are_tolerated() -> None:
+    raw = b"\xef\xbb\xbf" + body({"status": " Delivered ", "stopMail": "TRUE"})
+    result = aggregate(raw)
+    assert (dict(result.statuses), result.unsubscribed) == ({"delivered": 1}, 1)
+    xml = (
+        b"<result><entry>true</entry><entry>200</entry><entry>1</entry><entry><entry>"
+        b"<entry>a</entry><entry>t</entry><entry> Delivered </entry><entry>1</entry>"
+        b"<entry>TRUE</entry><entry>1</entry></entry></entry></result>"
+    )
+    assert aggregate(xml, "xml").unsubscribed == 1
+
+
+def test_long_statuses_are_cut_to_64_characters() -> None:
+    result = aggregate(body({"status": "x" * 10_000}))
+    assert dict(result.statuses) == {"x" * 64: 1}

@@ -275,3 +275,53 @@ def test_token_bucket_never_exceeds_its_rate_in_any_window() -> None:
         worst = most_in_any_window(taken)
         assert worst <= per_minute, (per_minute, burst, worst)
         assert len(taken) >= per_minute * 4, (per_minute, burst, len(taken))
+
+
+def test_a_message_failing_past_final_after_is_retried_for_a_while_then_final(
+    simulator: SimulatorServer, clock: FakeClock
+) -> None:
+    sent_at = clock() - 72 * HOUR
+    config = make_config(simulator.url, MessageSpec("424242", sent_at=sent_at))  # not found
+    book, poller = build(config, clock)
+    drive(poller, clock, 3 * HOUR)
+    # retried every 15 min (the last step) for settled_recheck (1 h), then given up
+    assert poll_ages(simulator, sent_at) == [72 * HOUR + m * 60 for m in (0, 15, 30, 45, 60)]
+    tracked = message(book, "424242")
+    assert (tracked.phase, tracked.poll_ok, tracked.last_error) == (
+        Phase.FINAL,
+        False,
+        "API error code 4: Message introuvable",
+    )
+
+
+def test_a_failing_young_message_still_gets_its_poll_at_final_after(
+    simulator: SimulatorServer, clock: FakeClock
+) -> None:
+    send = simulator.world.send(10, sent_at=clock() - 48 * HOUR + 100)
+    config = make_config(simulator.url, MessageSpec(send.message_id, sent_at=send.sent_at))
+    book, poller = build(config, clock)
+    simulator.faults.http_status = 500
+    poller.run_pending()
+    assert message(book, send.message_id).next_poll == send.sent_at + 48 * HOUR  # not +15 min
+    simulator.faults.http_status = None
+    drive(poller, clock, HOUR)
+    assert message(book, send.message_id).phase is Phase.FINAL
+    assert poll_ages(simulator, send.sent_at) == [48 * HOUR - 100, 48 * HOUR]
+
+
+def test_a_message_removed_and_added_back_resumes_without_double_counting(
+    simulator: SimulatorServer, clock: FakeClock
+) -> None:
+    send = simulator.world.send(200, sent_at=clock() - HOUR)
+    spec = MessageSpec(send.message_id, sent_at=send.sent_at)
+    config = make_config(simulator.url, spec)
+    book, poller = build(config, clock)
+    poller.run_pending()
+    before = message(book, send.message_id).aggregate
+    totals = book.snapshot()[1]
+    book.sync([], clock())
+    assert book.snapshot()[0] == ()
+    book.sync([spec], clock())
+    assert message(book, send.message_id).aggregate == before  # last values right away
+    poller.run_pending()
+    assert book.snapshot()[1] == totals  # nothing new upstream, so nothing added
