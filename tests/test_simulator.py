@@ -23,28 +23,13 @@ from exporter.simulator import (
     SimulatorServer,
     World,
 )
+from tests.conftest import START, TEST_KEY, FakeClock
 
 Serve = Callable[..., SimulatorServer]
 
-KEY = "k-3f9a-secret"
-T0 = 1_764_151_200.0  # 2025-11-26T10:00:00Z
+KEY = TEST_KEY
+T0 = START
 HOURS_48 = 48 * 3600
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture
