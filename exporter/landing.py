@@ -14,7 +14,16 @@ from exporter.tracker import MessageBook, TrackedMessage
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse}th,td{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left}
-td.n{text-align:right;font-variant-numeric:tabular-nums}td.err{color:#b00}"""
+td.n{text-align:right;font-variant-numeric:tabular-nums}td.err{color:#b00}th,time{white-space:nowrap}
+.key span{display:inline-block;width:.8em;height:.8em;margin:0 .3em 0 1em;vertical-align:middle}"""
+# Bar colours per state, also used by the legend.
+_COLOURS = {
+    State.DELIVERED: "#2e7d32",
+    State.FAILED: "#c62828",
+    State.PENDING: "#f9a825",
+    State.UNKNOWN: "#9e9e9e",
+}
+_BAR_WIDTH = 160
 
 
 def render_landing(
@@ -30,9 +39,10 @@ def render_landing(
 <p>Version {__version__} · <a href="{path}">Metrics</a> · <a href="/-/healthy">Health</a> ·
 <a href="/-/ready">Readiness</a></p>
 <h2>Tracked messages ({len(messages)})</h2>
-<table><thead><tr><th>Message</th><th>Labels</th><th>Phase</th><th>Delivered</th><th>Failed</th>
-<th>Pending</th><th>Unknown</th><th>Cost</th><th>Sent</th><th>Last poll</th><th>Last error</th>
-</tr></thead><tbody>
+<p class="key">Newest send first.{_legend()}</p>
+<table><thead><tr><th>Message</th><th>Labels</th><th>Phase</th><th>Recipients</th>
+<th>Delivered</th><th>Failed</th><th>Pending</th><th>Unknown</th><th>Cost</th><th>Sent</th>
+<th>Last poll</th><th>Last error</th></tr></thead><tbody>
 {rows}
 </tbody></table></body></html>
 """
@@ -40,14 +50,15 @@ def render_landing(
 
 def _row(message: TrackedMessage, now: float) -> str:
     aggregate = message.aggregate
-    counts = [str(aggregate.states[s]) if aggregate else "&ndash;" for s in State]
+    counts = {s: str(aggregate.states[s]) if aggregate else "&ndash;" for s in State}
     cost = f"{aggregate.cost:.4f}" if aggregate else "&ndash;"
     labels = ", ".join(f"{k}={v}" for k, v in message.spec.labels.items())
     cells = [
         f"<td>{html.escape(message.spec.id)}</td>",
         f"<td>{html.escape(labels)}</td>",
         f"<td>{message.phase}</td>",
-        *(f'<td class="n">{c}</td>' for c in counts),
+        f"<td>{_bar(message)}</td>",
+        *(f'<td class="n" data-state="{s}">{c}</td>' for s, c in counts.items()),
         f'<td class="n">{cost}</td>',
         f"<td>{_when(message.sent_at, now)}</td>",
         f"<td>{_when(message.last_poll, now)}</td>",
@@ -56,8 +67,35 @@ def _row(message: TrackedMessage, now: float) -> str:
     return f'<tr data-message-id="{html.escape(message.spec.id)}">{"".join(cells)}</tr>'
 
 
+def _bar(message: TrackedMessage) -> str:
+    """A stacked bar of the message's recipients by state, as inline SVG."""
+    aggregate = message.aggregate
+    total = aggregate.recipients if aggregate else 0
+    if aggregate is None or total == 0:
+        return (
+            f'<svg width="{_BAR_WIDTH}" height="12" role="img"><title>no reports yet</title>'
+            f'<rect width="{_BAR_WIDTH}" height="12" fill="#eee"/></svg>'
+        )
+    parts, x = [], 0.0
+    for state in State:
+        count = aggregate.states[state]
+        width = _BAR_WIDTH * count / total
+        if count:
+            parts.append(
+                f'<rect x="{x:.1f}" width="{width:.1f}" height="12" '
+                f'fill="{_COLOURS[state]}"><title>{state} {count} '
+                f"({100 * count / total:.1f}%)</title></rect>"
+            )
+        x += width
+    return f'<svg width="{_BAR_WIDTH}" height="12" role="img">{"".join(parts)}</svg>'
+
+
+def _legend() -> str:
+    return "".join(f'<span style="background:{_COLOURS[s]}"></span>{s}' for s in State)
+
+
 def _when(timestamp: float | None, now: float) -> str:
     if timestamp is None:
         return "never"
-    iso = dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-    return f'<time datetime="{iso}">{format_duration(now - timestamp)} ago</time>'
+    iso = dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f'<time datetime="{iso}" title="{iso}">{format_duration(now - timestamp)} ago</time>'

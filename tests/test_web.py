@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -86,13 +87,31 @@ def test_landing_page_lists_messages_newest_first_with_counts_and_errors(app: An
     assert status == "200 OK" and headers["Content-Type"] == "text/html; charset=utf-8"
     rows = [line for line in page.splitlines() if line.startswith("<tr data-message-id")]
     assert [row.split('"')[1] for row in rows] == ["301", "302", "300"]
+    assert "<td>301</td><td>campaign=welcome, team=crm</td><td>active</td>" in rows[0]
     assert (
-        "<td>301</td><td>campaign=welcome, team=crm</td><td>active</td>"
-        '<td class="n">1</td><td class="n">1</td><td class="n">1</td><td class="n">1</td>'
+        '<td class="n" data-state="delivered">1</td><td class="n" data-state="failed">1</td>'
+        '<td class="n" data-state="pending">1</td><td class="n" data-state="unknown">1</td>'
         '<td class="n">0.0420</td>'
     ) in rows[0]
-    assert "http_502: HTTP 502" in rows[0] and "30s ago" in rows[0]
-    assert '<td class="n">&ndash;</td>' in rows[1] and "never" in rows[1]
+    assert "http_502: HTTP 502" in rows[0]
+    assert '<time datetime="2026-11-26T10:00:00Z" title="2026-11-26T10:00:00Z">30s ago' in rows[0]
+    assert '<td class="n" data-state="pending">&ndash;</td>' in rows[1] and "never" in rows[1]
+
+
+def test_landing_page_bars_are_stacked_in_proportion(app: Any) -> None:
+    page = call(app, "/")[2].decode()
+    row = next(line for line in page.splitlines() if 'data-message-id="301"' in line)
+    # one recipient in each state: four quarters of the 160 px bar, in state order
+    assert re.findall(r'<rect x="([\d.]+)" width="([\d.]+)"', row) == [
+        ("0.0", "40.0"),
+        ("40.0", "40.0"),
+        ("80.0", "40.0"),
+        ("120.0", "40.0"),
+    ]
+    assert "<title>failed 1 (25.0%)</title>" in row
+    delivered_only = next(line for line in page.splitlines() if 'data-message-id="300"' in line)
+    assert re.findall(r'width="([\d.]+)" height="12" fill', delivered_only) == ["160.0"]
+    assert "src=" not in page and 'href="http' not in page  # no external assets
 
 
 def test_landing_page_escapes_label_values() -> None:

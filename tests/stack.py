@@ -1,0 +1,126 @@
+"""Real processes on loopback for end-to-end tests: the exporter, Prometheus, Alertmanager."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+import yaml
+
+from tests.conftest import require_tool
+
+REPO = Path(__file__).parent.parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], T | None], within: float, what: str) -> T:
+    """Poll ``check`` until it returns something; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            result = check()
+        except requests.ConnectionError:
+            result = None
+        if result is not None and result is not False:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {within}s")
+        time.sleep(0.2)
+
+
+class Service:
+    """A child process serving HTTP on a free loopback port, stopped at ``stop()``."""
+
+    def __init__(
+        self,
+        command: list[str],
+        port: int,
+        ready_path: str,
+        log: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+    ) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self._out = log.open("w")
+        self.process = subprocess.Popen(
+            command,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+        )
+        wait_until(lambda: self._ready(ready_path), 30, f"{command[0]} ready")
+
+    def _ready(self, path: str) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"exited with {self.process.returncode}:\n{self.log.read_text()}")
+        return requests.get(self.url + path, timeout=1).status_code == 200
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        self._out.close()
+
+
+def start_exporter(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Service:
+    port = free_port()
+    command = [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}", *args]
+    return Service(command, port, "/-/ready", tmp / f"exporter-{port}.log", env)
+
+
+class Prometheus(Service):
+    def __init__(self, tmp: Path, config: dict[str, Any]) -> None:
+        port = free_port()
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+        super().__init__(
+            [
+                require_tool("prometheus"),
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            port,
+            "/-/ready",
+            tmp / "prometheus.log",
+        )
+
+    def query(self, expr: str) -> dict[str, Any]:
+        """An instant query; the whole API answer (``status``, ``data`` or ``error``)."""
+        answer = requests.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        return dict(answer.json())
+
+
+class Alertmanager(Service):
+    def __init__(self, tmp: Path, config: dict[str, Any]) -> None:
+        port = free_port()
+        (tmp / "alertmanager.yml").write_text(yaml.safe_dump(config))
+        super().__init__(
+            [
+                require_tool("prometheus-alertmanager"),
+                f"--config.file={tmp / 'alertmanager.yml'}",
+                f"--storage.path={tmp / 'am'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+            ],
+            port,
+            "/-/ready",
+            tmp / "alertmanager.log",
+        )
