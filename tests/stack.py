@@ -34,7 +34,7 @@ def wait_until(check: Callable[[], T | None], within: float, what: str) -> T:
             result = check()
         except requests.ConnectionError:
             result = None
-        if result is not None and result is not False:
+        if result:
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {within}s")
