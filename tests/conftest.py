@@ -138,3 +138,11 @@ def crafted() -> Iterator[Callable[[Callable[[str], CraftedServer.Reply]], Craft
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def scenario_url() -> Iterator[str]:
+    """tests/scenario.py's known messages served on a loopback socket."""
+    from tests.scenario import serve_scenario  # noqa: PLC0415 - it imports this module
+
+    yield from serve_scenario()

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from exporter.config.loader import RESERVED_LABELS
+
 REPO = Path(__file__).parent.parent
 GRAFANA = REPO / "grafana"
 DASHBOARD = GRAFANA / "mailpartner-overview.json"
@@ -27,20 +29,7 @@ BUILTIN_VARIABLES = {"__rate_interval", "__interval", "__range"}
 MESSAGE_FILTERS = ('campaign=~"$campaign"', 'message_id=~"$message_id"')
 INSTANCE_FILTERS = ('job=~"$job"', 'instance=~"$instance"')
 # Labels a `by (...)` clause may name: the exporter's, the scrape's, a message's `campaign`.
-KNOWN_LABELS = {
-    "state",
-    "status",
-    "endpoint",
-    "code",
-    "reason",
-    "phase",
-    "version",
-    "le",
-    "message_id",
-    "campaign",
-    "job",
-    "instance",
-}
+KNOWN_LABELS = RESERVED_LABELS | {"campaign"}
 
 HISTOGRAM_BUCKET = "mailpartner_api_request_duration_seconds_bucket{"
 # Panel title -> fragments (whitespace-insensitive) that one of its expressions must contain.

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.web import create_app, serve
 from tests.conftest import require_tool
 from tests.stack import REPO
-from tests.test_collector import scenario
 
 # CI keeps what lands here; locally it is git-ignored.
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -46,15 +42,6 @@ class _Rows(HTMLParser):
             self._state = None
 
 
-@pytest.fixture
-def page_url() -> Iterator[str]:
-    registry, book, clock = scenario()
-    server = serve(create_app(registry, book, clock=clock), "127.0.0.1:0")
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     # Flags that keep Chromium off the network it cannot reach here.
     return subprocess.run(
@@ -78,15 +65,15 @@ def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def test_rendered_table_matches_the_metrics_and_is_screenshotted(
-    page_url: str, tmp_path: Path
+    scenario_url: str, tmp_path: Path
 ) -> None:
-    rendered = chromium(tmp_path / "profile", "--dump-dom", page_url)
+    rendered = chromium(tmp_path / "profile", "--dump-dom", scenario_url)
     assert rendered.returncode == 0, rendered.stderr.decode()[-2000:]
     parser = _Rows()
     parser.feed(rendered.stdout.decode())
     assert parser.order == ["301", "302", "300"]  # newest send first
 
-    exposition = requests.get(f"{page_url}/metrics", timeout=5).text
+    exposition = requests.get(f"{scenario_url}/metrics", timeout=5).text
     polled = {}
     for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
@@ -107,7 +94,7 @@ def test_rendered_table_matches_the_metrics_and_is_screenshotted(
     shot = ARTIFACTS / "status-page.png"
     shot.unlink(missing_ok=True)
     taken = chromium(
-        tmp_path / "profile", "--window-size=1400,500", f"--screenshot={shot}", page_url
+        tmp_path / "profile", "--window-size=1400,500", f"--screenshot={shot}", scenario_url
     )
     assert taken.returncode == 0, taken.stderr.decode()[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,6 @@ import gzip
 import re
 import socket
 import subprocess
-from collections.abc import Iterator
 from io import BytesIO
 from types import MappingProxyType
 from typing import Any
@@ -22,9 +21,9 @@ from exporter.config import MessageSpec
 from exporter.config.holder import ConfigHolder
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
-from exporter.web import create_app, parse_listen_address, serve
+from exporter.web import create_app, parse_listen_address
 from tests.conftest import FakeClock, make_config, require_tool
-from tests.test_collector import scenario
+from tests.scenario import scenario
 
 
 def call(
@@ -126,26 +125,17 @@ def test_landing_page_escapes_label_values() -> None:
     assert "<script>x" not in page and "&lt;script&gt;x&lt;/script&gt;" in page
 
 
-@pytest.fixture
-def live() -> Iterator[str]:
-    registry, book, clock = scenario()
-    server = serve(create_app(registry, book, clock=clock), "127.0.0.1:0")
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_a_stalled_client_does_not_block_a_scrape(live: str) -> None:
-    host, port = parse_listen_address(live.removeprefix("http://"))
+def test_a_stalled_client_does_not_block_a_scrape(scenario_url: str) -> None:
+    host, port = parse_listen_address(scenario_url.removeprefix("http://"))
     with socket.create_connection((host, port)) as stalled:
         stalled.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finishes its request
-        response = requests.get(f"{live}/metrics", timeout=3)
+        response = requests.get(f"{scenario_url}/metrics", timeout=3)
     assert response.status_code == 200 and "mailpartner_up" in response.text
 
 
-def test_live_exposition_passes_promtool(live: str) -> None:
+def test_live_exposition_passes_promtool(scenario_url: str) -> None:
     promtool = require_tool("promtool")
-    body = requests.get(f"{live}/metrics", timeout=3).content
+    body = requests.get(f"{scenario_url}/metrics", timeout=3).content
     result = subprocess.run(
         [promtool, "check", "metrics"], input=body, capture_output=True, check=False
     )
