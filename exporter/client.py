@@ -96,7 +96,9 @@ class MailPartnerClient:
                 stream=True,
             ) as response:
                 response.raw.decode_content = True
-                body = _DeadlineReader(response.raw, deadline, self._clock)
+                body = _BoundedReader(
+                    response.raw, deadline, self._config.max_response_bytes, self._clock
+                )
                 _check_status(response.status_code, body)
                 read(body)
         except UpstreamError as e:
@@ -151,19 +153,28 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:300]
 
 
-class _DeadlineReader:
-    """A file-like view of the body that gives up once ``api.timeout`` has passed.
+class _BoundedReader:
+    """A file-like view of the body that gives up past ``api.timeout`` or the size cap.
 
     ``requests``' timeout bounds each socket read, not the whole body; an
-    upstream trickling a byte a second would otherwise hold a worker forever.
+    upstream trickling a byte a second would otherwise hold a worker forever,
+    and one sending without end would fill the memory.
     """
 
-    def __init__(self, raw: Body, deadline: float, clock: Callable[[], float]) -> None:
+    def __init__(self, raw: Body, deadline: float, limit: int, clock: Callable[[], float]) -> None:
         self._raw = raw
         self._deadline = deadline
+        self._left = limit
+        self._limit = limit
         self._clock = clock
 
     def read(self, size: int = -1) -> bytes:
         if self._clock() > self._deadline:
             raise TransportError("timeout", "the response body did not finish in time")
-        return self._raw.read(size)
+        # One byte more than allowed tells a body at the limit from one past it.
+        want = self._left + 1 if size < 0 else min(size, self._left + 1)
+        chunk = self._raw.read(want)
+        self._left -= len(chunk)
+        if self._left < 0:
+            raise InvalidResponse(f"response body larger than {self._limit} bytes")
+        return chunk

@@ -187,3 +187,15 @@ def test_requests_carry_key_and_message_id_and_format(crafted: Crafted) -> None:
 def test_a_tracked_message_id_with_odd_characters_is_encoded(simulator: SimulatorServer) -> None:
     simulator.world.send(5, message_id="a&b=c")
     assert poll(simulator.url, MessageSpec("a&b=c").id).recipients == 5
+
+
+def test_a_body_over_the_size_cap_is_refused(crafted: Crafted) -> None:
+    item = b'{"status": "Delivered"},'
+    body = b'{"success": true, "code": 200, "StatutResponseList": [' + item * 5000 + b"{}]}"
+    server = crafted(lambda path: (200, {"Content-Length": str(len(body))}, [body]))
+    error, stats = failure(server.url, "1", max_response_bytes=len(body) - 1)
+    assert (error.label, str(error)) == (
+        "invalid_response",
+        f"invalid_response: response body larger than {len(body) - 1} bytes",
+    )
+    assert poll(server.url, "1", max_response_bytes=len(body)).recipients == 5001

@@ -160,6 +160,7 @@ class _Reader:
                 "max_requests_per_minute",
                 "concurrency",
                 "format",
+                "max_response_size",
             }
         )
         section = self.mapping(value, "api", keys)
@@ -179,6 +180,9 @@ class _Reader:
             max_requests_per_minute=rate,
             concurrency=self.field(section, "concurrency", "api", d.concurrency, _positive_int),
             format=self.field(section, "format", "api", d.format, _choice("json", "xml")),
+            max_response_bytes=self.field(
+                section, "max_response_size", "api", d.max_response_bytes, _byte_size
+            ),
         )
 
     def api_key(self, section: Mapping[str, Any]) -> Secret | None:
@@ -417,6 +421,28 @@ def _positive_duration(value: object) -> float:
     if seconds <= 0:
         raise ValueError("must be greater than zero")
     return seconds
+
+
+_SIZE = re.compile(r"(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)")
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+}
+
+
+def _byte_size(value: object) -> int:
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a size such as 256MiB or 64MB")
+    size = int(match[1]) * _SIZE_UNITS[match[2]]
+    if size < 1024:
+        raise ValueError("must be at least 1KiB")
+    return size
 
 
 def _positive_int(value: object) -> int:

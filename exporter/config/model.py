@@ -56,6 +56,9 @@ class ApiConfig:
     max_requests_per_minute: int = 600
     concurrency: int = 8
     format: str = "json"
+    # Decoded body size past which a response is refused (invalid_response):
+    # a hostile or broken upstream cannot exhaust memory. 1M recipients ≈ 150 MB.
+    max_response_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
