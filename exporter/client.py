@@ -9,6 +9,7 @@ text that leaves this module has been through the ``Redactor``.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import time
 from collections.abc import Callable
@@ -40,6 +41,12 @@ class PollError(Exception):
     """A request that did not yield reports. ``label`` is its metric label value."""
 
     label: str
+    # Seconds the upstream asked us to wait (Retry-After), if it said.
+    retry_after: float | None = None
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.label == "429"
 
 
 class ApiError(PollError):
@@ -88,6 +95,7 @@ class MailPartnerClient:
         started = self._clock()
         deadline = started + self._config.timeout
         self._stats.request_started(endpoint)
+        retry_after = None
         try:
             with self._session.get(
                 f"{self._config.base_url}/{endpoint}",
@@ -95,6 +103,7 @@ class MailPartnerClient:
                 timeout=self._config.timeout,
                 stream=True,
             ) as response:
+                retry_after = _seconds(response.headers.get("Retry-After"))
                 response.raw.decode_content = True
                 body = _BoundedReader(
                     response.raw, deadline, self._config.max_response_bytes, self._clock
@@ -116,6 +125,7 @@ class MailPartnerClient:
         else:
             self._stats.request_finished(endpoint, self._clock() - started, None, up=True)
             return
+        error.retry_after = retry_after
         self._stats.request_finished(
             endpoint,
             self._clock() - started,
@@ -144,6 +154,19 @@ def _check_status(status: int, body: Body) -> None:
             message[:200] if isinstance(message, str) else "",
         )
     raise TransportError(f"http_{status}", f"HTTP {status}")
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date; None if absent or odd."""
+    if not retry_after:
+        return None
+    if retry_after.strip().isdigit():
+        return float(retry_after.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(retry_after)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when.tzinfo else None
 
 
 def _describe(error: BaseException) -> str:

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 # Longest the loop sleeps with nothing due, so a clock jump is noticed.
 _IDLE_WAIT = 5.0
+# After a 429 without Retry-After, all polls pause this long, doubling while 429s go on.
+RATE_LIMIT_PAUSE = 5.0
+MAX_RATE_LIMIT_PAUSE = 600.0
 
 
 class TokenBucket:
@@ -33,6 +36,11 @@ class TokenBucket:
         self.rate = (per_minute - self.capacity + 1) / 60.0
         self._tokens = self.capacity
         self._stamp = now
+        self._held_until = now
+
+    def hold(self, until: float) -> None:
+        """Allow no take before ``until`` (the upstream said to slow down)."""
+        self._held_until = max(self._held_until, until)
 
     def _refill(self, now: float) -> None:
         # A wall clock stepped backwards only restarts the refill from there.
@@ -41,7 +49,7 @@ class TokenBucket:
 
     def try_take(self, now: float) -> bool:
         self._refill(now)
-        if self._tokens >= 1.0:
+        if now >= self._held_until and self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
         return False
@@ -49,7 +57,7 @@ class TokenBucket:
     def wait_time(self, now: float) -> float:
         """Seconds until a take can succeed."""
         self._refill(now)
-        return max(0.0, (1.0 - self._tokens) / self.rate)
+        return max(0.0, (1.0 - self._tokens) / self.rate, self._held_until - now)
 
 
 class Poller:
@@ -76,6 +84,7 @@ class Poller:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified as each poll ends
         self._in_flight = 0
+        self._rate_limited = 0  # consecutive 429s
         self._wake = threading.Event()
 
     def run_pending(self) -> float:
@@ -133,6 +142,16 @@ class Poller:
             self._executor.submit(self._poll, message)
         return None
 
+    def _back_off(self, retry_after: float | None) -> None:
+        """A 429 pauses every poll, not just this message's: the limit is per IP."""
+        with self._lock:
+            self._rate_limited += 1
+            if retry_after is None:
+                retry_after = RATE_LIMIT_PAUSE * 2 ** min(self._rate_limited - 1, 8)
+            pause = min(retry_after, MAX_RATE_LIMIT_PAUSE)
+            self._bucket.hold(self._clock() + pause)
+        log.warning("rate limited: pausing all polls", extra={"seconds": round(pause, 1)})
+
     def _poll(self, message: TrackedMessage) -> bool:
         message_id = message.spec.id
         try:
@@ -140,6 +159,8 @@ class Poller:
                 message_id, ReportAggregator(self._config.status_map)
             )
         except PollError as e:
+            if e.rate_limited:
+                self._back_off(e.retry_after)
             self._book.record_failure(message_id, str(e), self._clock())
             level = logging.DEBUG if message.last_error else logging.WARNING
             log.log(level, "poll failed", extra={"message_id": message_id, "err": str(e)})
@@ -151,6 +172,7 @@ class Poller:
             )
             return False
         else:
+            self._rate_limited = 0
             self._book.record_success(message_id, aggregate, self._clock())
             if message.last_error:
                 log.info("poll recovered", extra={"message_id": message_id})

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import random
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from exporter.aggregate import MessageAggregate
 from exporter.config import MessageSpec, PollingConfig, State
+
+# First retry of a failed poll; each further failure doubles it, up to the interval.
+RETRY_AFTER = 10.0
 
 
 class Phase(enum.StrEnum):
@@ -40,6 +44,7 @@ class TrackedMessage:
     poll_ok: bool = False
     final_at: float | None = None
     in_flight: bool = False
+    failures: int = 0  # consecutive failed polls
 
     @property
     def sent_at(self) -> float:
@@ -55,8 +60,10 @@ class Totals:
 class MessageBook:
     """Thread-safe registry of tracked messages; the poller and scrapes share it."""
 
-    def __init__(self, polling: PollingConfig) -> None:
+    def __init__(self, polling: PollingConfig, jitter: Callable[[], float] | None = None) -> None:
         self._polling = polling
+        # Spreads retries of messages that failed together; tests pass a constant.
+        self._jitter = jitter or (lambda: random.uniform(0.9, 1.1))  # noqa: S311 - not secret
         self._lock = threading.Lock()
         self._messages: dict[str, TrackedMessage] = {}
         self._expired: set[str] = set()
@@ -141,6 +148,7 @@ class MessageBook:
                 last_success=now,
                 last_error="",
                 poll_ok=True,
+                failures=0,
                 in_flight=False,
                 phase=phase,
                 next_poll=next_poll,
@@ -149,7 +157,8 @@ class MessageBook:
             )
 
     def record_failure(self, message_id: str, error: str, now: float) -> None:
-        """Keep the last good values; retry on the schedule for the message's age.
+        """Keep the last good values; retry with exponential backoff and jitter, from
+        ``RETRY_AFTER`` up to the schedule's interval for the message's age.
 
         Past ``final_after`` (or past first sight, for a message first seen later)
         a failing message is retried for ``settled_recheck``, then given up as
@@ -162,6 +171,8 @@ class MessageBook:
             polling = self._polling
             final_at = current.sent_at + polling.final_after
             interval = self._interval(current, now)
+            failures = current.failures + 1
+            retry = min(interval, RETRY_AFTER * 2 ** min(failures - 1, 16)) * self._jitter()
             give_up = now >= max(final_at, current.first_seen) + polling.settled_recheck
             self._messages[message_id] = dataclasses.replace(
                 current,
@@ -170,8 +181,9 @@ class MessageBook:
                 in_flight=False,
                 phase=Phase.FINAL if give_up else current.phase,
                 final_at=now if give_up else None,
-                next_poll=now + interval if now >= final_at else min(now + interval, final_at),
+                next_poll=now + retry if now >= final_at else min(now + retry, final_at),
                 interval=0.0 if give_up else interval,
+                failures=failures,
             )
 
     def expire(self, now: float) -> list[str]:

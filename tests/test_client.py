@@ -193,7 +193,7 @@ def test_a_body_over_the_size_cap_is_refused(crafted: Crafted) -> None:
     item = b'{"status": "Delivered"},'
     body = b'{"success": true, "code": 200, "StatutResponseList": [' + item * 5000 + b"{}]}"
     server = crafted(lambda path: (200, {"Content-Length": str(len(body))}, [body]))
-    error, stats = failure(server.url, "1", max_response_bytes=len(body) - 1)
+    error, _stats = failure(server.url, "1", max_response_bytes=len(body) - 1)
     assert (error.label, str(error)) == (
         "invalid_response",
         f"invalid_response: response body larger than {len(body) - 1} bytes",

@@ -17,7 +17,7 @@ from exporter.config import Config, MessageSpec, State, StatusMap
 from exporter.poller import Poller, TokenBucket
 from exporter.simulator import SimulatorServer
 from exporter.stats import RequestStats
-from exporter.tracker import MessageBook, Phase, TrackedMessage
+from exporter.tracker import RETRY_AFTER, MessageBook, Phase, TrackedMessage
 from tests.conftest import FakeClock, InlineExecutor, make_client, make_config, with_polling
 
 HOUR = 3600.0
@@ -38,7 +38,7 @@ def build(
     clock: FakeClock,
     stats: RequestStats | None = None,
 ) -> tuple[MessageBook, Poller]:
-    book = MessageBook(config.polling)
+    book = MessageBook(config.polling, jitter=lambda: 1.0)
     book.sync(config.messages, clock())
     poller = Poller(
         config, book, make_client(config, stats), clock=clock, executor=InlineExecutor()
@@ -228,7 +228,7 @@ def test_a_failing_poll_keeps_the_last_values_and_the_loop_goes_on(
         good.last_success,
     )
     assert failed.last_error == "http_502: HTTP 502"
-    assert failed.next_poll == clock() + 30  # retried on the schedule, not hammered
+    assert failed.next_poll == clock() + RETRY_AFTER  # a quick first retry
     assert stats.snapshot().failures[(BULK_STATUS, "http_502")] == 1
 
     simulator.faults.http_status = None
@@ -284,8 +284,10 @@ def test_a_message_failing_past_final_after_is_retried_for_a_while_then_final(
     config = make_config(simulator.url, MessageSpec("424242", sent_at=sent_at))  # not found
     book, poller = build(config, clock)
     drive(poller, clock, 3 * HOUR)
-    # retried every 15 min (the last step) for settled_recheck (1 h), then given up
-    assert poll_ages(simulator, sent_at) == [72 * HOUR + m * 60 for m in (0, 15, 30, 45, 60)]
+    # retried after 10 s, doubling up to the last step's 15 min, for settled_recheck (1 h),
+    # then given up
+    retries = [0, 10, 30, 70, 150, 310, 630, 1270, 2170, 3070, 3970]
+    assert poll_ages(simulator, sent_at) == [72 * HOUR + s for s in retries]
     tracked = message(book, "424242")
     assert (tracked.phase, tracked.poll_ok, tracked.last_error) == (
         Phase.FINAL,
@@ -297,16 +299,16 @@ def test_a_message_failing_past_final_after_is_retried_for_a_while_then_final(
 def test_a_failing_young_message_still_gets_its_poll_at_final_after(
     simulator: SimulatorServer, clock: FakeClock
 ) -> None:
-    send = simulator.world.send(10, sent_at=clock() - 48 * HOUR + 100)
+    send = simulator.world.send(10, sent_at=clock() - 48 * HOUR + 5)
     config = make_config(simulator.url, MessageSpec(send.message_id, sent_at=send.sent_at))
     book, poller = build(config, clock)
     simulator.faults.http_status = 500
     poller.run_pending()
-    assert message(book, send.message_id).next_poll == send.sent_at + 48 * HOUR  # not +15 min
+    assert message(book, send.message_id).next_poll == send.sent_at + 48 * HOUR  # not +10 s
     simulator.faults.http_status = None
-    drive(poller, clock, HOUR)
+    drive(poller, clock, HOUR, step=5)
     assert message(book, send.message_id).phase is Phase.FINAL
-    assert poll_ages(simulator, send.sent_at) == [48 * HOUR - 100, 48 * HOUR]
+    assert poll_ages(simulator, send.sent_at) == [48 * HOUR - 5, 48 * HOUR]
 
 
 def test_a_message_removed_and_added_back_resumes_without_double_counting(
