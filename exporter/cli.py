@@ -6,32 +6,20 @@ import argparse
 import logging
 import signal
 import sys
-import threading
-import time
 from types import FrameType
 
-import requests
-import requests.adapters
 from prometheus_client import generate_latest
-from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
-from exporter.client import BULK_STATUS, MailPartnerClient
-from exporter.collector import MailPartnerCollector
-from exporter.config import API_KEY_ENV, Config, ConfigErrors, load_config
-from exporter.config.holder import ConfigHolder
+from exporter.app import Exporter, load_runnable
+from exporter.config import ConfigErrors
 from exporter.demo import Demo
 from exporter.logs import LEVELS, setup_logging
-from exporter.poller import Poller
 from exporter.secret import Redactor
-from exporter.stats import RequestStats
-from exporter.tracker import MessageBook
-from exporter.web import create_app, parse_listen_address, serve
+from exporter.web import parse_listen_address
 
 log = logging.getLogger("exporter")
 DEFAULT_LISTEN = ":10027"
-# How often --demo looks for the simulator's new sends.
-_DEMO_SEND_CHECK = 10.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,17 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format, Redactor())
     try:
-        config = load_config(args.config_file)
+        config = load_runnable(args.config_file, demo=args.demo)
     except ConfigErrors as e:
         for error in e.errors:
             print(error, file=sys.stderr)
-        return 1
-    if config.api.api_key is None and not args.demo:
-        print(
-            f"{config.file}: api: no API key: set api.api_key_file, api.api_key or the "
-            f"{API_KEY_ENV} environment variable",
-            file=sys.stderr,
-        )
         return 1
     for warning in config.warnings:
         log.warning(warning)
@@ -112,72 +93,50 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = Demo() if args.demo else None
     if demo is not None:
-        config = demo.start(config)
-        log.info("demo mode: polling the embedded simulator", extra={"url": config.api.base_url})
-    # From here on the key exists in memory: every log line is scrubbed of it.
-    setup_logging(args.log_level, args.log_format, Redactor(config.api.api_key))
-    exporter = Exporter(config)
+        demo.start()
     try:
+        # From here on keys exist in memory: every log line is scrubbed of them.
+        exporter = Exporter(
+            config,
+            args.config_file,
+            demo,
+            on_secrets=lambda redactor: setup_logging(args.log_level, args.log_format, redactor),
+        )
+        if demo is not None:
+            log.info(
+                "demo mode: polling the embedded simulator",
+                extra={"url": exporter.holder.config.api.base_url},
+            )
         if args.once:
             ok = exporter.poller.poll_all()
             sys.stdout.write(generate_latest(exporter.registry).decode())
             return 0 if ok else 1
-        return exporter.serve(args, demo)
+        return _serve(exporter, args)
     finally:
         if demo is not None:
             demo.stop()
 
 
-class Exporter:
-    """The running pieces, built from one config: client → poller → book → collector."""
+def _serve(exporter: Exporter, args: argparse.Namespace) -> int:
+    try:
+        server = exporter.serve(args.listen_address, args.telemetry_path)
+    except OSError as e:
+        log.error("cannot listen", extra={"address": args.listen_address, "err": e.strerror})
+        return 1
+    host, _ = parse_listen_address(args.listen_address)
+    log.info(
+        "listening",
+        extra={
+            "address": f"{host}:{server.server_port}",
+            "messages": len(exporter.holder.config.messages),
+        },
+    )
 
-    def __init__(self, config: Config) -> None:
-        now = time.time()
-        self.holder = ConfigHolder(config, now)
-        self.book = MessageBook(config.polling)
-        self.book.sync(config.messages, now)
-        self.stats = RequestStats([BULK_STATUS])
-        session = requests.Session()
-        session.headers["User-Agent"] = f"mailpartner-exporter/{__version__}"
-        # One kept-alive connection per concurrent poll.
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=config.api.concurrency)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        client = MailPartnerClient(config.api, session, self.stats, Redactor(config.api.api_key))
-        self.poller = Poller(config, self.book, client)
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(MailPartnerCollector(self.book, self.stats, self.holder))
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        exporter.request_stop()
 
-    def serve(self, args: argparse.Namespace, demo: Demo | None) -> int:
-        app = create_app(self.registry, self.book, telemetry_path=args.telemetry_path)
-        try:
-            server = serve(app, args.listen_address)
-        except OSError as e:
-            log.error("cannot listen", extra={"address": args.listen_address, "err": e.strerror})
-            return 1
-        host, _ = parse_listen_address(args.listen_address)
-        log.info(
-            "listening",
-            extra={
-                "address": f"{host}:{server.server_port}",
-                "messages": len(self.holder.config.messages),
-            },
-        )
-        stop = threading.Event()
-
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-            stop.set()
-            self.poller.wake()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        threading.Thread(target=self.poller.run, args=(stop,), name="poller", daemon=True).start()
-        while not stop.wait(_DEMO_SEND_CHECK if demo else None):
-            if demo is not None:
-                for spec in demo.new_messages():
-                    self.book.add(spec, time.time())
-                    log.info("demo send", extra={"message_id": spec.id})
-                self.poller.wake()
-        server.shutdown()
-        return 0
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: exporter.request_reload())
+    return exporter.run(server)

@@ -20,14 +20,18 @@ class Demo:
         self._world = World(seed=seed)
         self._server = SimulatorServer(self._world, api_key=DEMO_KEY)
         self._campaign = DemoCampaign(self._world)
+        self._sends: list[MessageSpec] = []
 
-    def start(self, config: Config) -> Config:
-        """Start the simulator; return ``config`` pointed at it, with demo sends added.
+    def start(self) -> None:
+        self._server.start()
+        self._sends = [_spec(send) for send in self._campaign.start()]
+
+    def apply(self, config: Config) -> Config:
+        """``config`` pointed at the simulator, with every demo send added.
 
         The configured messages are sent by the simulator too (sizes derived
         from their IDs), so the shipped ``config.yaml`` shows data as-is.
         """
-        self._server.start()
         for spec in config.messages:
             if self._world.get(spec.id) is None:
                 self._world.send(
@@ -36,18 +40,19 @@ class Demo:
                     sent_at=spec.sent_at,
                     campaign=spec.labels.get("campaign", "demo"),
                 )
-        sends = [_spec(send) for send in self._campaign.start()]
         return dataclasses.replace(
             config,
             api=dataclasses.replace(
                 config.api, base_url=self._server.url, api_key=Secret(DEMO_KEY)
             ),
-            messages=(*config.messages, *sends),
+            messages=(*config.messages, *self._sends),
         )
 
     def new_messages(self) -> list[MessageSpec]:
         """Sends the simulator made since the last call."""
-        return [_spec(send) for send in self._campaign.due()]
+        new = [_spec(send) for send in self._campaign.due()]
+        self._sends += new
+        return new
 
     def stop(self) -> None:
         self._server.stop()

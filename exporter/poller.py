@@ -75,17 +75,39 @@ class Poller:
         self._book = book
         self._client = client
         self._clock = clock
-        self._executor = executor or ThreadPoolExecutor(
-            config.api.concurrency, thread_name_prefix="poll"
-        )
-        self._bucket = TokenBucket(
-            config.api.max_requests_per_minute, config.api.concurrency, clock()
-        )
+        self._owns_executor = executor is None
+        self._executor = executor or _pool(config.api.concurrency)
+        self._bucket = _bucket(config, clock())
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified as each poll ends
         self._in_flight = 0
         self._rate_limited = 0  # consecutive 429s
         self._wake = threading.Event()
+
+    def reconfigure(self, config: Config, client: MailPartnerClient) -> None:
+        """Poll with ``config`` and ``client`` from now on; polls in flight finish as they are."""
+        with self._lock:
+            old = self._config.api
+            self._config, self._client = config, client
+            new = config.api
+            if (old.max_requests_per_minute, old.concurrency) != (
+                new.max_requests_per_minute,
+                new.concurrency,
+            ):
+                self._bucket = _bucket(config, self._clock())
+            if self._owns_executor and new.concurrency > old.concurrency:
+                self._executor.shutdown(wait=False)
+                self._executor = _pool(new.concurrency)
+        self._wake.set()
+
+    @property
+    def client(self) -> MailPartnerClient:
+        return self._client
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for polls in flight to end; True if they all did."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
     def run_pending(self) -> float:
         """Start every due poll that the budget and concurrency allow.
@@ -182,3 +204,11 @@ class Poller:
                 self._in_flight -= 1
                 self._idle.notify_all()
             self._wake.set()
+
+
+def _pool(concurrency: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(concurrency, thread_name_prefix="poll")
+
+
+def _bucket(config: Config, now: float) -> TokenBucket:
+    return TokenBucket(config.api.max_requests_per_minute, config.api.concurrency, now)

@@ -73,6 +73,11 @@ class MessageBook:
         self._recipients = dict.fromkeys(State, 0)
         self._cost = 0.0
 
+    def reconfigure(self, polling: PollingConfig) -> None:
+        """Use ``polling`` from each message's next poll on."""
+        with self._lock:
+            self._polling = polling
+
     def sync(self, specs: Iterable[MessageSpec], now: float) -> None:
         """Track exactly ``specs``: add new ones, update changed ones, drop the rest."""
         wanted = {spec.id: spec for spec in specs}

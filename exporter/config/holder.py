@@ -29,3 +29,13 @@ class ConfigHolder:
     def status(self) -> LoadStatus:
         with self._lock:
             return self._status
+
+    def swap(self, config: Config, now: float) -> None:
+        with self._lock:
+            self._config = config
+            self._status = LoadStatus(True, now)
+
+    def failed(self) -> None:
+        """A reload failed: the old config stays in force."""
+        with self._lock:
+            self._status = LoadStatus(False, self._status.last_success)
