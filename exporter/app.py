@@ -124,11 +124,13 @@ class Exporter:
         self._wake.set()
         self.poller.wake()
 
-    def serve(self, address: str, telemetry_path: str) -> WSGIServer:
+    def serve(
+        self, address: str, telemetry_path: str, web_config_path: str | None = None
+    ) -> WSGIServer:
         app = create_app(
             self.registry, self.book, telemetry_path=telemetry_path, reload=self.reload
         )
-        return serve(app, address)
+        return serve(app, address, web_config_path)
 
     def run(self, server: WSGIServer) -> int:
         """Poll and serve until ``request_stop``; then let polls in flight finish."""

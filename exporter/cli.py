@@ -17,6 +17,7 @@ from exporter.demo import Demo
 from exporter.logs import LEVELS, setup_logging
 from exporter.secret import Redactor
 from exporter.web import parse_listen_address
+from exporter.webconfig import load_web_config
 
 log = logging.getLogger("exporter")
 DEFAULT_LISTEN = ":10027"
@@ -50,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="telemetry_path",
         default="/metrics",
         help="path of the metrics (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        help="TLS and basic auth, in exporter-toolkit's web-config.yml format (default: none)",
     )
     parser.add_argument("--log.level", dest="log_level", choices=list(LEVELS), default="info")
     parser.add_argument(
@@ -85,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         for error in e.errors:
             print(error, file=sys.stderr)
         return 1
+    if args.web_config_file is not None:
+        try:
+            load_web_config(args.web_config_file)
+        except ConfigErrors as e:
+            for error in e.errors:
+                print(error, file=sys.stderr)
+            return 1
     for warning in config.warnings:
         log.warning(warning)
     if args.config_check:
@@ -119,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(exporter: Exporter, args: argparse.Namespace) -> int:
     try:
-        server = exporter.serve(args.listen_address, args.telemetry_path)
+        server = exporter.serve(args.listen_address, args.telemetry_path, args.web_config_file)
     except OSError as e:
         log.error("cannot listen", extra={"address": args.listen_address, "err": e.strerror})
+        return 1
+    except ConfigErrors as e:  # the web config changed since main() checked it
+        for error in e.errors:
+            log.error("bad web config", extra={"err": str(error)})
         return 1
     host, _ = parse_listen_address(args.listen_address)
     log.info(

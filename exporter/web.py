@@ -136,7 +136,8 @@ class _TLSServer(_ThreadingServer):
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
     ) -> None:
         context = self.watcher.current().ssl_context
-        assert isinstance(request, socket.socket) and context is not None
+        if context is None or not isinstance(request, socket.socket):
+            return  # neither happens: a reload cannot turn TLS off, and this server is TCP
         request.settimeout(self.handshake_timeout)
         try:
             connection = context.wrap_socket(request, server_side=True)
