@@ -22,13 +22,14 @@ from exporter.config.holder import ConfigHolder
 from exporter.demo import Demo
 from exporter.poller import Poller
 from exporter.secret import Redactor, Secret
+from exporter.state import MEMORY, StateStore, StateStoreError
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.web import create_app, serve
 
 log = logging.getLogger("exporter")
-# How often the main loop looks for demo sends; it also wakes at once for signals.
-_DEMO_SEND_CHECK = 10.0
+# How often the main loop saves state and looks for demo sends; signals wake it at once.
+_HOUSEKEEPING = 10.0
 # On SIGTERM, how long polls in flight may take to finish.
 _DRAIN_TIMEOUT = 5.0
 
@@ -68,9 +69,21 @@ class Exporter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reload_requested = False
+        self._saved_changes = -1
         config = demo.apply(config) if demo else config
         self.holder = ConfigHolder(config, now)
         self.book = MessageBook(config.polling)
+        # The demo's simulated world starts afresh each run: it keeps no state.
+        self._store = StateStore(MEMORY if demo else config.state_path)
+        stored = self._store.load()
+        if self._store.problem:
+            log.warning(self._store.problem)
+        if stored is not None:
+            self.book.restore(stored)
+            log.info(
+                "state restored",
+                extra={"path": config.state_path, "messages": len(stored.messages)},
+            )
         self.book.sync(config.messages, now)
         self.stats = RequestStats([BULK_STATUS])
         self.poller = Poller(config, self.book, self._client(config.api))
@@ -139,8 +152,9 @@ class Exporter:
         )
         poller.start()
         while not self._stop.is_set():
-            self._wake.wait(_DEMO_SEND_CHECK if self._demo else None)
+            self._wake.wait(_HOUSEKEEPING)
             self._wake.clear()
+            self.save()
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
@@ -151,6 +165,20 @@ class Exporter:
                 self.poller.wake()
         if not self.poller.drain(_DRAIN_TIMEOUT):
             log.warning("polls still in flight at shutdown were abandoned")
+        self.save()
+        self._store.close()
         server.shutdown()
         server.server_close()
         return 0
+
+    def save(self) -> None:
+        """Write the state file if anything changed; a failure is logged, never raised."""
+        changes = self.book.changes
+        if changes == self._saved_changes:
+            return
+        try:
+            self._store.save(self.book.export(time.time()))
+        except StateStoreError as e:
+            log.error("cannot save state", extra={"err": str(e)})
+        else:
+            self._saved_changes = changes

@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.once:
             ok = exporter.poller.poll_all()
+            exporter.save()
             sys.stdout.write(generate_latest(exporter.registry).decode())
             return 0 if ok else 1
         return _serve(exporter, args)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from exporter.aggregate import MessageAggregate
 from exporter.config import MessageSpec, PollingConfig, State
+from exporter.state import StoredMessage, StoredState
 
 # First retry of a failed poll; each further failure doubles it, up to the interval.
 RETRY_AFTER = 10.0
@@ -66,10 +67,14 @@ class MessageBook:
         self._jitter = jitter or (lambda: random.uniform(0.9, 1.1))  # noqa: S311 - not secret
         self._lock = threading.Lock()
         self._messages: dict[str, TrackedMessage] = {}
-        self._expired: set[str] = set()
+        # Messages past retention that the config still names, by when they became final.
+        self._expired: dict[str, float] = {}
         # Last values of messages dropped from the config, so one that comes back
         # resumes from them instead of adding its counts to the totals again.
         self._removed: dict[str, tuple[float, MessageAggregate]] = {}
+        # Messages saved before a restart, until the config names them again.
+        self._stored: dict[str, StoredMessage] = {}
+        self.changes = 0  # bumped on every change, so a saver can skip idle periods
         self._recipients = dict.fromkeys(State, 0)
         self._cost = 0.0
 
@@ -82,16 +87,18 @@ class MessageBook:
         """Track exactly ``specs``: add new ones, update changed ones, drop the rest."""
         wanted = {spec.id: spec for spec in specs}
         with self._lock:
+            self.changes += 1
             for message_id in self._messages.keys() - wanted.keys():
                 gone = self._messages.pop(message_id)
                 if gone.aggregate is not None:
                     self._removed[message_id] = (now, gone.aggregate)
-            self._expired &= wanted.keys()  # only IDs still configured need remembering
+            self._expired = {k: v for k, v in self._expired.items() if k in wanted}
             for spec in wanted.values():
                 self._put(spec, now)
 
     def add(self, spec: MessageSpec, now: float) -> None:
         with self._lock:
+            self.changes += 1
             self._put(spec, now)
 
     def _put(self, spec: MessageSpec, now: float) -> None:
@@ -99,6 +106,20 @@ class MessageBook:
         if current is not None:
             if current.spec != spec:
                 self._messages[spec.id] = dataclasses.replace(current, spec=spec)
+        elif (stored := self._stored.pop(spec.id, None)) is not None:
+            # Known from before a restart: its values and phase come back; a final
+            # message is not polled again, any other is polled at once.
+            self._messages[spec.id] = TrackedMessage(
+                spec,
+                first_seen=stored.first_seen,
+                next_poll=now,
+                interval=self._polling.schedule[0].every,
+                phase=Phase(stored.phase),
+                aggregate=stored.aggregate,
+                last_success=stored.last_success,
+                poll_ok=stored.last_success is not None,
+                final_at=stored.final_at,
+            )
         elif spec.id not in self._expired:
             # New messages are due at once: the first poll gives them values.
             _, last = self._removed.pop(spec.id, (now, None))
@@ -142,6 +163,7 @@ class MessageBook:
 
     def record_success(self, message_id: str, aggregate: MessageAggregate, now: float) -> None:
         with self._lock:
+            self.changes += 1
             current = self._messages.get(message_id)
             if current is None:
                 return
@@ -170,6 +192,7 @@ class MessageBook:
         final with the values it has.
         """
         with self._lock:
+            self.changes += 1
             current = self._messages.get(message_id)
             if current is None:
                 return
@@ -202,10 +225,48 @@ class MessageBook:
                 for m in self._messages.values()
                 if m.final_at is not None and now >= m.final_at + self._polling.retention
             ]
+            self.changes += len(gone)
             for message_id in gone:
-                del self._messages[message_id]
-                self._expired.add(message_id)
+                final_at = self._messages.pop(message_id).final_at
+                self._expired[message_id] = final_at or now
         return gone
+
+    def restore(self, state: StoredState) -> None:
+        """Take back what a previous run saved; call before the first ``sync``."""
+        with self._lock:
+            self._recipients = {s: state.recipients_total.get(s, 0) for s in State}
+            self._cost = state.cost_total
+            self._stored = dict(state.messages)
+            # Saved messages the config no longer names still must not count twice.
+            self._removed.update(
+                {
+                    m.id: (state.saved_at, m.aggregate)
+                    for m in state.messages.values()
+                    if m.aggregate is not None
+                }
+            )
+
+    def export(self, now: float) -> StoredState:
+        """What a restart needs: every message's values and phase, and the totals."""
+        with self._lock:
+            messages = {
+                m.spec.id: StoredMessage(
+                    m.spec.id, m.first_seen, m.phase.value, m.final_at, m.last_success, m.aggregate
+                )
+                for m in self._messages.values()
+            }
+            for message_id, (_, aggregate) in self._removed.items():
+                messages.setdefault(
+                    message_id,
+                    StoredMessage(message_id, now, Phase.ACTIVE.value, None, None, aggregate),
+                )
+            # Expired ones come back final and past retention: gone again, never re-polled.
+            for message_id, final_at in self._expired.items():
+                messages.setdefault(
+                    message_id,
+                    StoredMessage(message_id, final_at, Phase.FINAL.value, final_at, None, None),
+                )
+            return StoredState(messages, dict(self._recipients), self._cost, now)
 
     def snapshot(self) -> tuple[tuple[TrackedMessage, ...], Totals]:
         with self._lock:

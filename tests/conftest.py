@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,6 +49,12 @@ class InlineExecutor(Executor):
         except BaseException as e:  # pragma: no cover - surfaced through the future
             future.set_exception(e)
         return future
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder, so state files and the like never land in the repo."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture

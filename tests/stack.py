@@ -51,7 +51,7 @@ class Service:
         ready_path: str,
         log: Path,
         env: dict[str, str] | None = None,
-        cwd: Path = REPO,
+        cwd: Path | None = None,
     ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
@@ -80,10 +80,12 @@ class Service:
         self._out.close()
 
 
-def start_exporter(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Service:
+def start_exporter(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Service:
     port = free_port()
     command = [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}", *args]
-    return Service(command, port, "/-/ready", tmp / f"exporter-{port}.log", env)
+    return Service(command, port, "/-/ready", tmp / f"exporter-{port}.log", env, cwd)
 
 
 class Prometheus(Service):

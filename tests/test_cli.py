@@ -31,7 +31,7 @@ def free_port() -> int:
 def run(
     *args: str,
     env: dict[str, str] | None = None,
-    cwd: Path = REPO,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "exporter", *args],

@@ -22,7 +22,12 @@ CASES = {
         "unknown key (did you mean max_requests_per_minute?)",
     ),
     "unknown_top_key": (e.UnknownKeyError, "mesages", "unknown key (did you mean messages?)"),
-    "later_feature": (e.UnknownKeyError, "state", "not supported by this version yet"),
+    "later_feature": (e.UnknownKeyError, "sources", "not supported by this version yet"),
+    "bad_state_path": (
+        e.InvalidValueError,
+        "state.path",
+        "must be a file path, or :memory: to keep no state",
+    ),
     "bad_duration": (
         e.InvalidDurationError,
         "api.timeout",

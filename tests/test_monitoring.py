@@ -85,7 +85,7 @@ def grafana_to_promql(expr: str) -> str:
 def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Prometheus]]:
     """The exporter in --demo mode and a real Prometheus scraping it every second."""
     tmp = tmp_path_factory.mktemp("stack")
-    exporter = start_exporter(tmp, "--demo")
+    exporter = start_exporter(tmp, "--demo", cwd=REPO)  # the shipped config.yaml
     try:
         prometheus = Prometheus(
             tmp,

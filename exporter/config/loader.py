@@ -16,6 +16,7 @@ import yaml
 from exporter.config import errors
 from exporter.config.duration import parse_duration
 from exporter.config.model import (
+    DEFAULT_STATE_PATH,
     DEFAULT_STATUSES,
     ApiConfig,
     Config,
@@ -51,8 +52,8 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MESSAGE_ID = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
 # Parts of SPEC §4 that later releases bring; named so the error says so.
-_NOT_YET = frozenset({"message_files", "state", "sources"})
-_TOP_KEYS = frozenset({"api", "polling", "status_map", "messages"})
+_NOT_YET = frozenset({"message_files", "sources"})
+_TOP_KEYS = frozenset({"api", "polling", "status_map", "messages", "state"})
 
 T = TypeVar("T")
 
@@ -148,7 +149,11 @@ class _Reader:
         polling = self.polling(top.get("polling"))
         status_map = self.status_map(top.get("status_map"))
         messages = self.messages(top.get("messages"))
-        return Config(self.file, api, polling, status_map, messages, tuple(self.warnings))
+        state = self.mapping(top.get("state"), "state", frozenset({"path"}))
+        state_path = self.field(state, "path", "state", DEFAULT_STATE_PATH, _path)
+        return Config(
+            self.file, api, polling, status_map, messages, tuple(self.warnings), state_path
+        )
 
     def api(self, value: object) -> ApiConfig:
         keys = frozenset(
@@ -443,6 +448,12 @@ def _byte_size(value: object) -> int:
     if size < 1024:
         raise ValueError("must be at least 1KiB")
     return size
+
+
+def _path(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError("must be a file path, or :memory: to keep no state")
+    return value
 
 
 def _positive_int(value: object) -> int:

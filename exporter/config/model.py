@@ -10,6 +10,7 @@ from types import MappingProxyType
 from exporter.secret import Secret
 
 DEFAULT_BASE_URL = "https://api.mailpartner.fr/v1"
+DEFAULT_STATE_PATH = "mailpartner-exporter.db"
 
 
 class State(enum.StrEnum):
@@ -108,3 +109,6 @@ class Config:
     status_map: StatusMap = field(default_factory=StatusMap.default)
     messages: tuple[MessageSpec, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Where totals and final snapshots survive restarts; ":memory:" keeps nothing.
+    # The file's loader defaults to DEFAULT_STATE_PATH; objects built in code keep nothing.
+    state_path: str = ":memory:"
