@@ -11,7 +11,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from exporter.aggregate import ReportAggregator
 from exporter.client import MailPartnerClient, PollError
 from exporter.config import Config
-from exporter.tracker import MessageBook, TrackedMessage
+from exporter.tracker import MessageBook, Phase, TrackedMessage
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
@@ -139,16 +139,19 @@ class Poller:
         self._wake.set()
 
     def poll_all(self) -> bool:
-        """Poll every tracked message once (``--once``); True if all succeeded."""
+        """Poll every message not yet final once (``--once``); True if all succeeded."""
         messages, _ = self._book.snapshot()
+        wanted = {m.spec.id for m in messages if m.phase != Phase.FINAL}
         for message in messages:
+            if message.spec.id not in wanted:
+                continue
             while (wait := self._dispatch(message, self._clock())) is not None:
                 with self._idle:
                     self._idle.wait(wait)
         with self._idle:
             self._idle.wait_for(lambda: self._in_flight == 0)
         polled, _ = self._book.snapshot()
-        return all(m.poll_ok for m in polled)
+        return all(m.poll_ok for m in polled if m.spec.id in wanted)
 
     def _dispatch(self, message: TrackedMessage, now: float) -> float | None:
         """Start polling ``message`` if concurrency and budget allow; else how long to wait."""
