@@ -145,7 +145,7 @@ def _check_status(status: int, body: Body) -> None:
     # Some gateways wrap API errors in a 4xx; take the code if the body says it.
     try:
         document = json.loads(body.read(_ERROR_BODY_LIMIT))
-    except ValueError:
+    except (ValueError, RecursionError):  # a hostile body may nest without end
         document = None
     if isinstance(document, dict) and document.get("success") is False and "code" in document:
         message = document.get("message")

@@ -64,7 +64,7 @@ def parse_json(body: Body, aggregator: ReportAggregator) -> None:
                 walk.close()
             else:
                 walk.scalar(event, value)
-    except ijson.JSONError as e:
+    except (ijson.JSONError, UnicodeDecodeError) as e:
         raise InvalidResponse(f"malformed JSON: {_short(e)}") from None
     top = walk.top
     _check_envelope(top.get("success"), top.get("code"), top.get("message"), walk.saw_list)
@@ -190,6 +190,8 @@ def parse_xml(body: Body, aggregator: ReportAggregator) -> None:
                 element.clear()
     except ET.ParseError as e:
         raise InvalidResponse(f"malformed XML: {e}") from None
+    except (ValueError, LookupError) as e:  # an encoding expat cannot read
+        raise InvalidResponse(f"unsupported XML encoding: {_short(e)}") from None
     if not top:
         raise InvalidResponse("XML body holds no entries")
     success = {"true": True, "false": False}.get(top[0].lower(), top[0])
@@ -217,7 +219,7 @@ def error_code(code: object) -> str | None:
         code = int(code)
     text = str(code).strip()
     # The code becomes a label value: keep it short and plain.
-    return text[:16] if text.isdigit() else "invalid"
+    return text[:16] if text.isascii() and text.isdigit() else "invalid"
 
 
 def _add(
@@ -234,7 +236,7 @@ def _stop_mail(value: object) -> bool:
 
 def _status(value: object) -> str:
     if isinstance(value, str):
-        return value.strip()[:MAX_STATUS_LENGTH]
+        return value.strip()[:MAX_STATUS_LENGTH] or MISSING_STATUS
     if value is None:
         return MISSING_STATUS
     if value is _NESTED or isinstance(value, bool):
