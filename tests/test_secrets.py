@@ -18,10 +18,12 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+import requests
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.aggregate import ReportAggregator
+from exporter.app import Exporter, load_runnable
 from exporter.client import BULK_STATUS, PollError
 from exporter.collector import MailPartnerCollector
 from exporter.config import MessageSpec, StatusMap
@@ -143,3 +145,44 @@ def test_once_prints_nothing_of_the_key(crafted: Crafted, tmp_path: Path) -> Non
     assert result.returncode == 1
     assert "poll failed" in result.stderr
     assert TEST_KEY not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        'api:\n  api_key: "{key}\n',  # an unterminated string holding the key
+        "api:\n  api_key: {key}\n  api_key: {key}\n",  # the key twice
+        "api:\n  api_key: {key}\n  timeout: [{key}]\n",  # the key where a duration belongs
+        "api:\n  api_key: [{key}]\n",
+        "api:\n  api_key: {key}\n  timeout: {key}\n",  # quoted back as "not a duration"
+        "messages:\n  - id: {key} {key}\n",
+    ],
+)
+def test_config_errors_never_quote_the_key(broken: str, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(broken.format(key=TEST_KEY))
+    check = subprocess.run(
+        [sys.executable, "-m", "exporter", "--config.check", "--config.file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 1 and str(path) in check.stderr
+    assert TEST_KEY not in check.stdout + check.stderr
+
+
+def test_a_failed_reload_over_http_does_not_show_the_key(crafted: Crafted, tmp_path: Path) -> None:
+    server = crafted(echo)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"api: {{base_url: '{server.url}', api_key: {TEST_KEY}}}\n")
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    web = exporter.serve("127.0.0.1:0", "/metrics")
+    try:
+        path.write_text(f"api:\n  api_key: {TEST_KEY}\n  timeout: [{TEST_KEY}]\n")
+        answer = requests.post(f"http://127.0.0.1:{web.server_port}/-/reload", timeout=5)
+        assert answer.status_code == 500 and "api.timeout" in answer.text
+        assert TEST_KEY not in answer.text
+    finally:
+        web.shutdown()
+        web.server_close()

@@ -26,7 +26,7 @@ from exporter.config.model import (
     State,
     StatusMap,
 )
-from exporter.secret import Secret
+from exporter.secret import Redactor, Secret
 
 API_KEY_ENV = "MAILPARTNER_API_KEY"
 UPSTREAM_RATE_LIMIT = 2000
@@ -91,14 +91,19 @@ def parse_config(text: str, file: str, environ: Mapping[str, str]) -> Config:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
+        # Only the problem and the position: PyYAML's full text quotes the file's lines.
+        problem = getattr(e, "problem", None) or "not valid YAML"
         raise errors.ConfigErrors(
             [errors.SyntaxConfigError(file, "", f"{where}{problem}")]
         ) from None
     reader = _Reader(file, environ)
     config = reader.config({} if document is None else document)
     if reader.errors:
-        raise errors.ConfigErrors(reader.errors)
+        # A value quoted in a problem might be the key, typed where it does not belong.
+        redact = Redactor(config.api.api_key)
+        raise errors.ConfigErrors(
+            [type(e)(e.file, e.key, redact(e.problem)) for e in reader.errors]
+        )
     return config
 
 
