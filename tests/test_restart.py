@@ -145,6 +145,7 @@ def test_soak_with_faults_and_a_restart_loses_and_doubles_nothing(tmp_path: Path
     clock = FakeClock()
     rng = random.Random(7)
     faults = [
+        Faults(latency=0.3),  # past the 0.1 s timeout below: a real, short wait
         Faults(http_status=500),
         Faults(http_status=502),
         Faults(invalid_body=True),
@@ -162,7 +163,7 @@ def test_soak_with_faults_and_a_restart_loses_and_doubles_nothing(tmp_path: Path
             )
             for _ in range(15)
         ]
-        config = make_config(upstream.url, *specs)
+        config = make_config(upstream.url, *specs, timeout=0.1)
         store_path = str(tmp_path / "state.db")
 
         def start() -> tuple[MessageBook, Poller, StateStore]:
