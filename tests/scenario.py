@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+import requests
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.client import BULK_STATUS
 from exporter.collector import MailPartnerCollector
-from exporter.config import MessageSpec, StatusMap
+from exporter.config import Config, MessageSpec, StatusMap
 from exporter.config.holder import ConfigHolder
 from exporter.parse import parse_json
+from exporter.poller import Poller
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.web import create_app, serve
-from tests.conftest import START, FakeClock, make_config
+from tests.conftest import START, FakeClock, InlineExecutor, make_client, make_config
 
 VECTORS = Path(__file__).parent / "vectors"
 
@@ -77,5 +81,45 @@ def serve_scenario() -> Iterator[str]:
     registry, book, clock = scenario()
     server = serve(create_app(registry, book, clock=clock), "127.0.0.1:0")
     yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@dataclass
+class Running:
+    """An exporter's pieces on a fake clock, with its HTTP side on a real socket."""
+
+    config: Config
+    book: MessageBook
+    poller: Poller
+    registry: CollectorRegistry
+    url: str
+    clock: FakeClock
+
+    def step(self, seconds: float = 0.0) -> None:
+        self.clock.advance(seconds)
+        self.poller.run_pending()
+
+    def scrape(self) -> str:
+        response = requests.get(f"{self.url}/metrics", timeout=5)
+        assert response.status_code == 200
+        return response.text
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+
+@contextlib.contextmanager
+def running(config: Config, clock: FakeClock) -> Iterator[Running]:
+    book = MessageBook(config.polling, jitter=lambda: 1.0)
+    book.sync(config.messages, clock())
+    stats = RequestStats([BULK_STATUS])
+    poller = Poller(
+        config, book, make_client(config, stats), clock=clock, executor=InlineExecutor()
+    )
+    registry = CollectorRegistry()
+    registry.register(MailPartnerCollector(book, stats, ConfigHolder(config, clock()), clock))
+    server = serve(create_app(registry, book, clock=clock), "127.0.0.1:0")
+    yield Running(config, book, poller, registry, f"http://127.0.0.1:{server.server_port}", clock)
     server.shutdown()
     server.server_close()

@@ -6,62 +6,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
-import requests
-from prometheus_client.registry import CollectorRegistry
 
 from exporter.client import BULK_STATUS
-from exporter.collector import MailPartnerCollector
-from exporter.config import Config, MessageSpec
-from exporter.config.holder import ConfigHolder
-from exporter.poller import RATE_LIMIT_PAUSE, Poller
+from exporter.config import MessageSpec
+from exporter.poller import RATE_LIMIT_PAUSE
 from exporter.simulator import Faults, SimulatorServer, World
-from exporter.stats import RequestStats
-from exporter.tracker import MessageBook
-from exporter.web import create_app, serve
-from tests.conftest import TEST_KEY, FakeClock, InlineExecutor, make_client, make_config
+from tests.conftest import TEST_KEY, FakeClock, make_config
+from tests.scenario import Running, running
 from tests.test_poller import ALL_PENDING
-
-
-@dataclass
-class Running:
-    """An exporter's pieces on a fake clock, with its HTTP side on a real socket."""
-
-    config: Config
-    book: MessageBook
-    poller: Poller
-    registry: CollectorRegistry
-    url: str
-    clock: FakeClock
-
-    def step(self, seconds: float = 0.0) -> None:
-        self.clock.advance(seconds)
-        self.poller.run_pending()
-
-    def scrape(self) -> str:
-        response = requests.get(f"{self.url}/metrics", timeout=5)
-        assert response.status_code == 200
-        return response.text
-
-    def value(self, name: str, **labels: str) -> float | None:
-        return self.registry.get_sample_value(name, labels)
-
-
-def running(config: Config, clock: FakeClock) -> Iterator[Running]:
-    book = MessageBook(config.polling, jitter=lambda: 1.0)
-    book.sync(config.messages, clock())
-    stats = RequestStats([BULK_STATUS])
-    poller = Poller(
-        config, book, make_client(config, stats), clock=clock, executor=InlineExecutor()
-    )
-    registry = CollectorRegistry()
-    registry.register(MailPartnerCollector(book, stats, ConfigHolder(config, clock()), clock))
-    server = serve(create_app(registry, book, clock=clock), "127.0.0.1:0")
-    yield Running(config, book, poller, registry, f"http://127.0.0.1:{server.server_port}", clock)
-    server.shutdown()
-    server.server_close()
 
 
 def series(exposition: str) -> set[str]:
@@ -74,7 +28,8 @@ def exporter(simulator: SimulatorServer, clock: FakeClock) -> Iterator[Running]:
     config = make_config(
         simulator.url, MessageSpec(send.message_id, sent_at=send.sent_at), timeout=0.3
     )
-    yield from running(config, clock)
+    with running(config, clock) as exporter:
+        yield exporter
 
 
 FAULTS = {
@@ -195,7 +150,7 @@ def test_retry_after_pauses_every_poll_not_just_one(
     simulator, specs = crowded
     simulator.faults.rate_limit_style = style
     config = dataclasses.replace(make_config(simulator.url, *specs), status_map=ALL_PENDING)
-    for exporter in running(config, clock):
+    with running(config, clock) as exporter:
         for _ in range(180):
             exporter.step(1)
     times = simulator.stats().request_times
@@ -215,7 +170,7 @@ def test_without_retry_after_the_pause_doubles(
     simulator, specs = crowded
     simulator.faults = Faults(error_code=429)  # every answer is a 429, with no Retry-After
     config = dataclasses.replace(make_config(simulator.url, *specs), status_map=ALL_PENDING)
-    for exporter in running(config, clock):
+    with running(config, clock) as exporter:
         for _ in range(200):
             exporter.step(1)
     times = simulator.stats().request_times

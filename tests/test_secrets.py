@@ -20,28 +20,22 @@ from urllib.parse import unquote
 import pytest
 import requests
 from prometheus_client import generate_latest
-from prometheus_client.registry import CollectorRegistry
 
 from exporter.aggregate import ReportAggregator
 from exporter.app import Exporter, load_runnable
-from exporter.client import BULK_STATUS, PollError
-from exporter.collector import MailPartnerCollector
+from exporter.client import PollError
 from exporter.config import MessageSpec, StatusMap
-from exporter.config.holder import ConfigHolder
 from exporter.landing import render_landing
 from exporter.logs import setup_logging
-from exporter.poller import Poller
 from exporter.secret import Redactor
-from exporter.stats import RequestStats
-from exporter.tracker import MessageBook
 from tests.conftest import (
     TEST_KEY,
     CraftedServer,
     FakeClock,
-    InlineExecutor,
     make_client,
     make_config,
 )
+from tests.scenario import running
 
 Crafted = Callable[[Callable[[str], CraftedServer.Reply]], CraftedServer]
 
@@ -93,32 +87,26 @@ def test_logs_pages_and_metrics_are_clean(crafted: Crafted) -> None:
     server = crafted(echo)
     clock = FakeClock()
     config = make_config(server.url, *(MessageSpec(kind) for kind in KINDS))
-    book = MessageBook(config.polling)
-    book.sync(config.messages, clock())
-    stats = RequestStats([BULK_STATUS])
-    poller = Poller(
-        config, book, make_client(config, stats), clock=clock, executor=InlineExecutor()
-    )
-    registry = CollectorRegistry()
-    registry.register(MailPartnerCollector(book, stats, ConfigHolder(config, clock()), clock))
-    outputs = []
-    for style in ("logfmt", "json"):
-        stream = io.StringIO()
-        setup_logging("debug", style, Redactor(config.api.api_key), stream)
-        try:
-            poller.run_pending()
-            logging.getLogger("test").exception("boom", exc_info=RuntimeError(TEST_KEY))
-        finally:
-            setup_logging("info", "logfmt", Redactor())
-        clock.advance(3600)
-        outputs.append(stream.getvalue())
-    page = render_landing(book, "/metrics", clock)
-    exposition = generate_latest(registry).decode()
-    assert "http_500" in exposition and "invalid_response" in exposition
-    assert "apiKey=&lt;redacted&gt;" in page  # the quoted URL is shown, scrubbed
-    for text in (*outputs, page, exposition):
-        assert TEST_KEY not in text
-    assert "apiKey=<redacted>" in outputs[0] and "boom" in outputs[1]
+    with running(config, clock) as exporter:
+        book, poller, registry = exporter.book, exporter.poller, exporter.registry
+        outputs = []
+        for style in ("logfmt", "json"):
+            stream = io.StringIO()
+            setup_logging("debug", style, Redactor(config.api.api_key), stream)
+            try:
+                poller.run_pending()
+                logging.getLogger("test").exception("boom", exc_info=RuntimeError(TEST_KEY))
+            finally:
+                setup_logging("info", "logfmt", Redactor())
+            clock.advance(3600)
+            outputs.append(stream.getvalue())
+        page = render_landing(book, "/metrics", clock)
+        exposition = generate_latest(registry).decode()
+        assert "http_500" in exposition and "invalid_response" in exposition
+        assert "apiKey=&lt;redacted&gt;" in page  # the quoted URL is shown, scrubbed
+        for text in (*outputs, page, exposition):
+            assert TEST_KEY not in text
+        assert "apiKey=<redacted>" in outputs[0] and "boom" in outputs[1]
 
 
 def test_once_prints_nothing_of_the_key(crafted: Crafted, tmp_path: Path) -> None:
