@@ -47,6 +47,11 @@ class TokenBucket:
         self._tokens = min(self.capacity, self._tokens + max(0.0, now - self._stamp) * self.rate)
         self._stamp = now
 
+    def available(self, now: float) -> int:
+        """How many takes would succeed right now."""
+        self._refill(now)
+        return 0 if now < self._held_until else int(self._tokens)
+
     def try_take(self, now: float) -> bool:
         self._refill(now)
         if now >= self._held_until and self._tokens >= 1.0:
@@ -117,12 +122,23 @@ class Poller:
         now = self._clock()
         for message_id in self._book.expire(now):
             log.info("message past retention, no longer exposed", extra={"message_id": message_id})
-        for message in self._book.due(now):
+        with self._lock:
+            room = min(self._config.api.concurrency - self._in_flight, self._bucket.available(now))
+        due = self._book.due(now, max(0, room))
+        for started, message in enumerate(due):
             wait = self._dispatch(message, now)
-            if wait is not None:
+            if wait is not None:  # a 429 during this batch paused everything
+                self._book.requeue(due[started:])
                 return wait
         upcoming = self._book.next_poll()
-        return _IDLE_WAIT if upcoming is None else min(_IDLE_WAIT, max(0.0, upcoming - now))
+        if upcoming is None:
+            return _IDLE_WAIT
+        if upcoming <= now:  # more is due than can start now
+            with self._lock:
+                if self._in_flight >= self._config.api.concurrency:
+                    return _IDLE_WAIT  # a finishing poll wakes the loop sooner
+                return self._bucket.wait_time(now)
+        return min(_IDLE_WAIT, upcoming - now)
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set. Nothing a poll does can end this loop."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from exporter.aggregate import MessageAggregate
 from exporter.config import MessageSpec, PollingConfig, State
+from exporter.queue import TimeQueue
 from exporter.state import StoredMessage, StoredState
 
 # First retry of a failed poll; each further failure doubles it, up to the interval.
@@ -77,6 +78,8 @@ class MessageBook:
         self.changes = 0  # bumped on every change, so a saver can skip idle periods
         self._recipients = dict.fromkeys(State, 0)
         self._cost = 0.0
+        self._due = TimeQueue()  # next polls
+        self._finals = TimeQueue()  # when final messages became final, for retention
 
     def reconfigure(self, polling: PollingConfig) -> None:
         """Use ``polling`` from each message's next poll on."""
@@ -93,6 +96,8 @@ class MessageBook:
                 if gone.aggregate is not None:
                     self._removed[message_id] = (now, gone.aggregate)
             self._expired = {k: v for k, v in self._expired.items() if k in wanted}
+            horizon = now - self._polling.retention  # older removals cannot come back final
+            self._removed = {k: v for k, v in self._removed.items() if v[0] > horizon}
             for spec in wanted.values():
                 self._put(spec, now)
 
@@ -105,52 +110,70 @@ class MessageBook:
         current = self._messages.get(spec.id)
         if current is not None:
             if current.spec != spec:
-                self._messages[spec.id] = dataclasses.replace(current, spec=spec)
+                self._write(dataclasses.replace(current, spec=spec))
         elif (stored := self._stored.pop(spec.id, None)) is not None:
             # Known from before a restart: its values and phase come back; a final
             # message is not polled again, any other is polled at once.
-            self._messages[spec.id] = TrackedMessage(
-                spec,
-                first_seen=stored.first_seen,
-                next_poll=now,
-                interval=self._polling.schedule[0].every,
-                phase=Phase(stored.phase),
-                aggregate=stored.aggregate,
-                last_success=stored.last_success,
-                poll_ok=stored.last_success is not None,
-                final_at=stored.final_at,
+            self._write(
+                TrackedMessage(
+                    spec,
+                    first_seen=stored.first_seen,
+                    next_poll=now,
+                    interval=self._polling.schedule[0].every,
+                    phase=Phase(stored.phase),
+                    aggregate=stored.aggregate,
+                    last_success=stored.last_success,
+                    poll_ok=stored.last_success is not None,
+                    final_at=stored.final_at,
+                )
             )
         elif spec.id not in self._expired:
             # New messages are due at once: the first poll gives them values.
             _, last = self._removed.pop(spec.id, (now, None))
-            self._messages[spec.id] = TrackedMessage(
-                spec,
-                first_seen=now,
-                next_poll=now,
-                interval=self._polling.schedule[0].every,
-                aggregate=last,
+            self._write(
+                TrackedMessage(
+                    spec,
+                    first_seen=now,
+                    next_poll=now,
+                    interval=self._polling.schedule[0].every,
+                    aggregate=last,
+                )
             )
 
-    def due(self, now: float) -> list[TrackedMessage]:
-        """Messages to poll now, most overdue first."""
+    def due(self, now: float, limit: int) -> list[TrackedMessage]:
+        """Up to ``limit`` messages to poll now, most overdue first."""
         with self._lock:
-            due = [
-                m
-                for m in self._messages.values()
-                if m.next_poll <= now and not m.in_flight and m.phase != Phase.FINAL
-            ]
-        return sorted(due, key=lambda m: (m.next_poll, m.spec.id))
+            ids = self._due.pop_due(now, limit, self._waiting)
+            return [self._messages[message_id] for message_id in ids]
+
+    def requeue(self, messages: Iterable[TrackedMessage]) -> None:
+        """Put back messages ``due`` handed out that could not be started after all."""
+        with self._lock:
+            for message in messages:
+                self._due.push(message.next_poll, message.spec.id)
 
     def next_poll(self) -> float | None:
         with self._lock:
-            return min(
-                (
-                    m.next_poll
-                    for m in self._messages.values()
-                    if not m.in_flight and m.phase != Phase.FINAL
-                ),
-                default=None,
-            )
+            return self._due.first(self._waiting)
+
+    def _waiting(self, message_id: str, when: float) -> bool:
+        """Is ``message_id`` waiting for a poll at ``when``? (a due-queue entry still valid)"""
+        message = self._messages.get(message_id)
+        return (
+            message is not None
+            and message.next_poll == when
+            and not message.in_flight
+            and message.phase != Phase.FINAL
+        )
+
+    def _write(self, message: TrackedMessage) -> None:
+        """Store ``message``, queueing its next poll or its expiry."""
+        self._messages[message.spec.id] = message
+        if message.phase == Phase.FINAL:
+            if message.final_at is not None:
+                self._finals.push(message.final_at, message.spec.id)
+        elif not message.in_flight:
+            self._due.push(message.next_poll, message.spec.id)
 
     def start_poll(self, message_id: str, now: float) -> bool:
         """Mark a poll in flight; False if the message went away meanwhile."""
@@ -158,7 +181,7 @@ class MessageBook:
             current = self._messages.get(message_id)
             if current is None or current.in_flight:
                 return False
-            self._messages[message_id] = dataclasses.replace(current, in_flight=True, last_poll=now)
+            self._write(dataclasses.replace(current, in_flight=True, last_poll=now))
             return True
 
     def record_success(self, message_id: str, aggregate: MessageAggregate, now: float) -> None:
@@ -169,18 +192,20 @@ class MessageBook:
                 return
             self._count(current.aggregate, aggregate)
             phase, next_poll, interval = self._next(current, aggregate, now)
-            self._messages[message_id] = dataclasses.replace(
-                current,
-                aggregate=aggregate,
-                last_success=now,
-                last_error="",
-                poll_ok=True,
-                failures=0,
-                in_flight=False,
-                phase=phase,
-                next_poll=next_poll,
-                interval=interval,
-                final_at=now if phase == Phase.FINAL else None,
+            self._write(
+                dataclasses.replace(
+                    current,
+                    aggregate=aggregate,
+                    last_success=now,
+                    last_error="",
+                    poll_ok=True,
+                    failures=0,
+                    in_flight=False,
+                    phase=phase,
+                    next_poll=next_poll,
+                    interval=interval,
+                    final_at=now if phase == Phase.FINAL else None,
+                )
             )
 
     def record_failure(self, message_id: str, error: str, now: float) -> None:
@@ -202,34 +227,34 @@ class MessageBook:
             failures = current.failures + 1
             retry = min(interval, RETRY_AFTER * 2 ** min(failures - 1, 16)) * self._jitter()
             give_up = now >= max(final_at, current.first_seen) + polling.settled_recheck
-            self._messages[message_id] = dataclasses.replace(
-                current,
-                last_error=error,
-                poll_ok=False,
-                in_flight=False,
-                phase=Phase.FINAL if give_up else current.phase,
-                final_at=now if give_up else None,
-                next_poll=now + retry if now >= final_at else min(now + retry, final_at),
-                interval=0.0 if give_up else interval,
-                failures=failures,
+            self._write(
+                dataclasses.replace(
+                    current,
+                    last_error=error,
+                    poll_ok=False,
+                    in_flight=False,
+                    phase=Phase.FINAL if give_up else current.phase,
+                    final_at=now if give_up else None,
+                    next_poll=now + retry if now >= final_at else min(now + retry, final_at),
+                    interval=0.0 if give_up else interval,
+                    failures=failures,
+                )
             )
 
     def expire(self, now: float) -> list[str]:
         """Forget final messages whose retention has passed; return their IDs."""
         with self._lock:
-            if self._removed:
-                horizon = now - self._polling.retention
-                self._removed = {k: v for k, v in self._removed.items() if v[0] > horizon}
-            gone = [
-                m.spec.id
-                for m in self._messages.values()
-                if m.final_at is not None and now >= m.final_at + self._polling.retention
-            ]
+            horizon = now - self._polling.retention
+            gone = self._finals.pop_due(horizon, len(self._finals), self._final_at)
             self.changes += len(gone)
             for message_id in gone:
                 final_at = self._messages.pop(message_id).final_at
                 self._expired[message_id] = final_at or now
         return gone
+
+    def _final_at(self, message_id: str, when: float) -> bool:
+        message = self._messages.get(message_id)
+        return message is not None and message.phase == Phase.FINAL and message.final_at == when
 
     def restore(self, state: StoredState) -> None:
         """Take back what a previous run saved; call before the first ``sync``."""
