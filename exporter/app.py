@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from wsgiref.simple_server import WSGIServer
 
 import requests
@@ -16,12 +17,13 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.client import BULK_STATUS, MailPartnerClient
 from exporter.collector import MailPartnerCollector
-from exporter.config import API_KEY_ENV, ApiConfig, Config, ConfigErrors, load_config
-from exporter.config.errors import SecretError
+from exporter.config import API_KEY_ENV, ApiConfig, Config, ConfigErrors, MessageSpec, load_config
+from exporter.config.errors import ConfigError, InvalidValueError, SecretError
 from exporter.config.holder import ConfigHolder
 from exporter.demo import Demo
 from exporter.poller import Poller
 from exporter.secret import Redactor, Secret
+from exporter.shard import NO_SHARD_FLAGS, ShardFlags, check_index, parse_count, parse_index
 from exporter.state import MEMORY, StateStore, StateStoreError
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
@@ -32,14 +34,70 @@ log = logging.getLogger("exporter")
 _HOUSEKEEPING = 10.0
 # On SIGTERM, how long polls in flight may take to finish.
 _DRAIN_TIMEOUT = 5.0
+# What errors about flags name instead of a file.
+COMMAND_LINE = "command line"
 
 
-def load_runnable(path: str, demo: bool) -> Config:
-    """Load ``path``; beyond ``load_config``'s checks, a key is needed unless in demo mode."""
-    config = load_config(path)
+def load_runnable(
+    path: str,
+    demo: bool,
+    shard_flags: ShardFlags = NO_SHARD_FLAGS,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Load ``path``; beyond ``load_config``'s checks, a key is needed unless in demo mode.
+
+    ``--shard.count`` / ``--shard.index``, when given, override the file's ``shard`` section.
+    """
+    config = load_config(path, environ)
     if config.api.api_key is None and not demo:
         raise ConfigErrors([_no_key(config.file)])
-    return config
+    return apply_shard_flags(config, shard_flags, environ)
+
+
+def apply_shard_flags(
+    config: Config, flags: ShardFlags, environ: Mapping[str, str] | None = None
+) -> Config:
+    """``config`` with the shard flags given applied; ConfigErrors naming the flag if wrong."""
+    if flags.count is None and flags.index is None:
+        return config
+    problems: list[ConfigError] = []
+    count, index = config.shard_count, config.shard_index
+    if flags.count is not None:
+        try:
+            count = parse_count(flags.count)
+        except (TypeError, ValueError) as e:
+            problems.append(InvalidValueError(COMMAND_LINE, "--shard.count", str(e)))
+    if flags.index is not None:
+        try:
+            index = parse_index(flags.index, environ)
+        except (TypeError, ValueError) as e:
+            problems.append(InvalidValueError(COMMAND_LINE, "--shard.index", str(e)))
+    if not problems:
+        count_name = "--shard.count" if flags.count is not None else "shard.count"
+        try:
+            check_index(index, count, count_name)
+        except ValueError as e:
+            if flags.index is not None:
+                problems.append(InvalidValueError(COMMAND_LINE, "--shard.index", str(e)))
+            else:
+                problems.append(InvalidValueError(config.file, "shard.index", str(e)))
+    if problems:
+        raise ConfigErrors(problems)
+    return dataclasses.replace(config, shard_count=count, shard_index=index)
+
+
+def owned_messages(config: Config) -> tuple[MessageSpec, ...]:
+    """The configured messages this exporter's shard polls (all of them unless sharded)."""
+    return config.shard.select(config.messages)
+
+
+def tracking_fields(config: Config) -> dict[str, object]:
+    """Log fields: how many messages are polled here, and the shard when sharded."""
+    fields: dict[str, object] = {"messages": len(owned_messages(config))}
+    if config.shard.sharded:
+        fields["shard"] = str(config.shard)
+        fields["configured"] = len(config.messages)
+    return fields
 
 
 def _no_key(file: str) -> SecretError:
@@ -59,9 +117,11 @@ class Exporter:
         path: str,
         demo: Demo | None = None,
         on_secrets: Callable[[Redactor], None] = lambda redactor: None,
+        shard_flags: ShardFlags = NO_SHARD_FLAGS,
     ) -> None:
         now = time.time()
         self._path = path
+        self._shard_flags = shard_flags  # kept for reloads: flags beat the file
         self._demo = demo
         self._on_secrets = on_secrets
         self._secrets: list[Secret | None] = []
@@ -84,7 +144,8 @@ class Exporter:
                 "state restored",
                 extra={"path": config.state_path, "messages": len(stored.messages)},
             )
-        self.book.sync(config.messages, now)
+        # Only this shard's messages are tracked, so only they are polled and exposed.
+        self.book.sync(owned_messages(config), now)
         self.stats = RequestStats([BULK_STATUS])
         self.poller = Poller(config, self.book, self._client(config.api))
         self.registry = CollectorRegistry(auto_describe=True)
@@ -108,7 +169,9 @@ class Exporter:
         """
         with self._lock:
             try:
-                config = load_runnable(self._path, demo=self._demo is not None)
+                config = load_runnable(
+                    self._path, demo=self._demo is not None, shard_flags=self._shard_flags
+                )
             except ConfigErrors as e:
                 self.holder.failed()
                 log.error(
@@ -121,10 +184,10 @@ class Exporter:
             client = self.poller.client if same_api else self._client(config.api)
             now = time.time()
             self.book.reconfigure(config.polling)
-            self.book.sync(config.messages, now)
+            self.book.sync(owned_messages(config), now)
             self.poller.reconfigure(config, client)
             self.holder.swap(config, now)
-        log.info("configuration reloaded", extra={"messages": len(config.messages)})
+        log.info("configuration reloaded", extra=tracking_fields(config))
         return None
 
     def request_reload(self) -> None:
@@ -159,9 +222,11 @@ class Exporter:
                 self._reload_requested = False
                 self.reload()
             if self._demo is not None:
+                shard = self.holder.config.shard
                 for spec in self._demo.new_messages():
-                    self.book.add(spec, time.time())
-                    log.info("demo send", extra={"message_id": spec.id})
+                    if shard.owns(spec.id):  # another shard polls the others
+                        self.book.add(spec, time.time())
+                        log.info("demo send", extra={"message_id": spec.id})
                 self.poller.wake()
         if not self.poller.drain(_DRAIN_TIMEOUT):
             log.warning("polls still in flight at shutdown were abandoned")

@@ -11,11 +11,12 @@ from types import FrameType
 from prometheus_client import generate_latest
 
 from exporter import __version__
-from exporter.app import Exporter, load_runnable
-from exporter.config import ConfigErrors
+from exporter.app import Exporter, load_runnable, owned_messages, tracking_fields
+from exporter.config import Config, ConfigErrors
 from exporter.demo import Demo
 from exporter.logs import LEVELS, setup_logging
 from exporter.secret import Redactor
+from exporter.shard import AUTO, ShardFlags
 from exporter.web import parse_listen_address
 from exporter.webconfig import load_web_config
 
@@ -70,6 +71,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="poll every message once, print the exposition, exit (non-zero if any poll failed)",
     )
+    # Strings, checked with the configuration: a bad value prints like a config error.
+    parser.add_argument(
+        "--shard.count",
+        dest="shard_count",
+        default=None,
+        metavar="N",
+        help="split the messages between N exporters by a hash of their ID (default: the"
+        " config's shard.count, or 1)",
+    )
+    parser.add_argument(
+        "--shard.index",
+        dest="shard_index",
+        default=None,
+        metavar="I",
+        help=f"poll only the messages of shard I (0 to N-1); {AUTO}: the number after the last -"
+        " of $HOSTNAME, the ordinal of a StatefulSet pod (default: the config's shard.index,"
+        " or 0)",
+    )
     parser.add_argument(
         "--version", action="version", version=f"mailpartner-exporter {__version__}"
     )
@@ -86,8 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format, Redactor())
+    shard_flags = ShardFlags(args.shard_count, args.shard_index)
     try:
-        config = load_runnable(args.config_file, demo=args.demo)
+        config = load_runnable(args.config_file, demo=args.demo, shard_flags=shard_flags)
     except ConfigErrors as e:
         for error in e.errors:
             print(error, file=sys.stderr)
@@ -102,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for warning in config.warnings:
         log.warning(warning)
     if args.config_check:
-        print(f"{config.file}: OK, {len(config.messages)} messages")
+        print(_check_summary(config))
         return 0
 
     demo = Demo() if args.demo else None
@@ -115,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config_file,
             demo,
             on_secrets=lambda redactor: setup_logging(args.log_level, args.log_format, redactor),
+            shard_flags=shard_flags,
         )
         if demo is not None:
             log.info(
@@ -132,6 +153,15 @@ def main(argv: list[str] | None = None) -> int:
             demo.stop()
 
 
+def _check_summary(config: Config) -> str:
+    """``--config.check``'s line for a valid configuration."""
+    summary = f"{config.file}: OK, {len(config.messages)} messages"
+    if config.shard.sharded:
+        owned = len(owned_messages(config))
+        summary += f", {owned} in shard {config.shard_index} of 0..{config.shard_count - 1}"
+    return summary
+
+
 def _serve(exporter: Exporter, args: argparse.Namespace) -> int:
     try:
         server = exporter.serve(args.listen_address, args.telemetry_path, args.web_config_file)
@@ -147,7 +177,7 @@ def _serve(exporter: Exporter, args: argparse.Namespace) -> int:
         "listening",
         extra={
             "address": f"{host}:{server.server_port}",
-            "messages": len(exporter.holder.config.messages),
+            **tracking_fields(exporter.holder.config),
         },
     )
 

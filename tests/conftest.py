@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from exporter.client import BULK_STATUS, MailPartnerClient
-from exporter.config import ApiConfig, Config, MessageSpec, PollingConfig
+from exporter.config import ApiConfig, Config, MessageSpec, PollingConfig, ScheduleStep
 from exporter.secret import Redactor, Secret
 from exporter.simulator import SimulatorServer, World
 from exporter.stats import RequestStats
@@ -68,10 +68,18 @@ def simulator(clock: FakeClock) -> Iterator[SimulatorServer]:
         yield server
 
 
+# The schedule the tests' expectations are written against (simple round numbers).
+TEST_POLLING = PollingConfig(schedule=(
+    ScheduleStep(until=600, every=30),
+    ScheduleStep(until=7200, every=120),
+    ScheduleStep(until=172800, every=900),
+))
+
+
 def make_config(base_url: str, *messages: MessageSpec, **api: Any) -> Config:
     fields = {"base_url": base_url, "api_key": Secret(TEST_KEY), "timeout": 5.0, **api}
     return Config(
-        file="test.yaml", api=ApiConfig(**fields), polling=PollingConfig(), messages=messages
+        file="test.yaml", api=ApiConfig(**fields), polling=TEST_POLLING, messages=messages
     )
 
 

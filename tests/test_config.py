@@ -169,9 +169,12 @@ def test_shipped_example_values() -> None:
     assert config.api.timeout == 10
     assert config.api.max_requests_per_minute == 600
     assert [(s.until, s.every) for s in config.polling.schedule] == [
-        (600, 30),
-        (7200, 120),
-        (172800, 900),
+        (120, 20),
+        (720, 120),
+        (3600, 480),
+        (10800, 1800),
+        (43200, 10800),
+        (172800, 43200),
     ]
     assert config.polling.retention == 7 * 86400
     assert config.status_map.state_of("NOT DELIVERED") is State.FAILED

@@ -1,7 +1,8 @@
 """The deploy files (Docker, Kubernetes, systemd) agree with each other and with the exporter.
 
-No Docker engine, kubectl or kustomize runs here: every file is parsed, and every name, path
-and port one file takes from another is checked against it, so a rename on either side fails.
+No Docker engine, kubectl or kustomize is needed here: every file is parsed, and every name,
+path and port one file takes from another is checked against it, so a rename on either side
+fails. Where kubectl or kustomize is installed, the StatefulSet variant is also built with it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from exporter.app import apply_shard_flags
 from exporter.cli import DEFAULT_LISTEN
 from exporter.cli import parse_args as exporter_args
-from exporter.config import load_config
+from exporter.config import Config, load_config
+from exporter.config.loader import UPSTREAM_RATE_LIMIT
+from exporter.shard import AUTO, Shard, ShardFlags
 from exporter.simulator import DemoCampaign, World
 from exporter.simulator.cli import parse_args as simulator_args
 from exporter.web import parse_listen_address
@@ -32,6 +37,7 @@ REPO = Path(__file__).parent.parent
 DOCKER = REPO / "deploy" / "docker"
 KUBERNETES = REPO / "deploy" / "kubernetes"
 BASE = KUBERNETES / "base"
+STATEFULSET = KUBERNETES / "statefulset"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 UNIT = REPO / "deploy" / "systemd" / "mailpartner-exporter.service"
 
@@ -530,6 +536,155 @@ def test_generate_check_fails_on_a_stale_rule(tmp_path: Path) -> None:
     result = generate("--check", f"--output={output}")
     assert result.returncode == 1
     assert "out of date" in result.stderr
+
+
+# --- Kubernetes: the sharded StatefulSet variant ----------------------------------------------
+
+
+def overlay_doc(name: str) -> dict[str, Any]:
+    document = load_yaml(STATEFULSET / name)
+    assert isinstance(document, dict), name
+    return document
+
+
+def overlay_resources() -> dict[str, dict[str, Any]]:
+    """kind -> the overlay's own resource of that kind (one each)."""
+    documents = [
+        overlay_doc(resource)
+        for resource in overlay_doc("kustomization.yaml")["resources"]
+        if (STATEFULSET / resource).is_file()
+    ]
+    kinds = {document["kind"]: document for document in documents}
+    assert len(kinds) == len(documents), "one resource of each kind"
+    return kinds
+
+
+def statefulset() -> dict[str, Any]:
+    return overlay_resources()["StatefulSet"]
+
+
+def shard_container() -> dict[str, Any]:
+    (exporter,) = statefulset()["spec"]["template"]["spec"]["containers"]
+    return exporter
+
+
+def headless_service() -> dict[str, Any]:
+    return overlay_resources()["Service"]
+
+
+def test_statefulset_overlay_resources_exist() -> None:
+    kustomization = overlay_doc("kustomization.yaml")
+    assert kustomization["kind"] == "Kustomization"
+    resources = kustomization["resources"]
+    assert "../base" in resources
+    assert (STATEFULSET / "../base" / "kustomization.yaml").is_file()
+    for resource in resources:
+        assert (STATEFULSET / resource).exists(), resource
+    on_disk = {path.name for path in STATEFULSET.glob("*.yaml")} - {"kustomization.yaml"}
+    assert {r for r in resources if r != "../base"} == on_disk
+    assert set(overlay_resources()) == {"StatefulSet", "Service"}
+
+
+def test_statefulset_overlay_deletes_the_base_deployment() -> None:
+    (patch,) = overlay_doc("kustomization.yaml")["patches"]
+    deleted = yaml.safe_load(patch["patch"])
+    assert deleted["$patch"] == "delete"
+    base = kubernetes_doc("deployment.yaml")
+    assert "deployment.yaml" in kubernetes_doc("kustomization.yaml")["resources"]
+    assert (deleted["apiVersion"], deleted["kind"]) == (base["apiVersion"], base["kind"])
+    assert deleted["metadata"]["name"] == base["metadata"]["name"]
+    # The StatefulSet takes the Deployment's name: pods are <name>-0, <name>-1, ...
+    assert statefulset()["metadata"]["name"] == base["metadata"]["name"]
+
+
+def shard_flags() -> ShardFlags:
+    args = exporter_args(shard_container()["args"])
+    return ShardFlags(args.shard_count, args.shard_index)
+
+
+def test_statefulset_has_one_pod_per_shard_indexed_by_its_ordinal() -> None:
+    flags = shard_flags()
+    replicas = statefulset()["spec"]["replicas"]
+    assert replicas > 1
+    assert flags.count == str(replicas)
+    assert flags.index == AUTO
+    # Each pod, named <statefulset>-<ordinal>, takes a different shard: all of them together.
+    name = statefulset()["metadata"]["name"]
+    shards = [
+        apply_shard_flags(Config("x"), flags, {"HOSTNAME": f"{name}-{ordinal}"}).shard
+        for ordinal in range(replicas)
+    ]
+    assert shards == [Shard(replicas, index) for index in range(replicas)]
+
+
+def test_statefulset_pod_template_is_the_base_deployments_plus_the_shard_flags() -> None:
+    template = statefulset()["spec"]["template"]
+    base = kubernetes_doc("deployment.yaml")["spec"]["template"]
+    (exporter,) = template["spec"]["containers"]
+    args = exporter["args"]
+    assert args[: len(container()["args"])] == container()["args"]
+    extra = args[len(container()["args"]) :]
+    assert sorted(arg.split("=")[0] for arg in extra) == ["--shard.count", "--shard.index"]
+    # Same probes, resources, security contexts, mounts and volumes as the base.
+    assert {**template, "spec": {**template["spec"], "containers": []}} == {
+        **base,
+        "spec": {**base["spec"], "containers": []},
+    }
+    assert {**exporter, "args": container()["args"]} == container()
+
+
+def test_statefulset_selects_its_pods_and_the_services_find_them() -> None:
+    spec = statefulset()["spec"]
+    pods = spec["template"]["metadata"]["labels"]
+    assert subset(spec["selector"]["matchLabels"], pods)
+    assert spec["selector"] == kubernetes_doc("deployment.yaml")["spec"]["selector"]
+    # The base's Service (the one scraped, under the alerts' job) selects the shards.
+    assert subset(kubernetes_doc("service.yaml")["spec"]["selector"], pods)
+    # The governing Service is headless, in the overlay, and selects them too.
+    service = headless_service()
+    assert spec["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert subset(service["spec"]["selector"], pods)
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in shard_container()["ports"]}
+
+
+def test_servicemonitor_does_not_scrape_the_shards_twice() -> None:
+    selector = kubernetes_doc("servicemonitor.yaml")["spec"]["selector"]["matchLabels"]
+    assert subset(selector, kubernetes_doc("service.yaml")["metadata"]["labels"])
+    assert not subset(selector, headless_service()["metadata"].get("labels", {}))
+
+
+def test_statefulset_shards_share_the_budget_of_one_egress_ip() -> None:
+    """Pods usually leave through one NAT address: their budgets must add up under the limit."""
+    text = kubernetes_doc("configmap.yaml")["data"]["config.yaml"]
+    per_shard = yaml.safe_load(text)["api"]["max_requests_per_minute"]
+    assert statefulset()["spec"]["replicas"] * per_shard <= UPSTREAM_RATE_LIMIT
+
+
+def test_statefulset_overlay_builds(tmp_path: Path) -> None:
+    """Where kubectl (or kustomize) is installed, the overlay builds into the expected set."""
+    kubectl, kustomize = shutil.which("kubectl"), shutil.which("kustomize")
+    if kubectl is None and kustomize is None:
+        pytest.skip("neither kubectl nor kustomize is installed")
+    command = [kubectl, "kustomize"] if kubectl else [str(kustomize), "build"]
+    result = subprocess.run(
+        [*command, str(STATEFULSET)], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    built = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    kinds = Counter(doc["kind"] for doc in built)
+    assert kinds == Counter(
+        {
+            "ConfigMap": 1,
+            "Service": 2,
+            "StatefulSet": 1,
+            "ServiceMonitor": 1,
+            "PrometheusRule": 1,
+        }
+    )
+    (built_set,) = [doc for doc in built if doc["kind"] == "StatefulSet"]
+    assert built_set == statefulset()
 
 
 # --- systemd ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from exporter.config.model import (
     StatusMap,
 )
 from exporter.secret import Redactor, Secret
+from exporter.shard import check_index, parse_count, parse_index
 
 API_KEY_ENV = "MAILPARTNER_API_KEY"
 UPSTREAM_RATE_LIMIT = 2000
@@ -53,7 +54,7 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MESSAGE_ID = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
 # Parts of SPEC §4 that later releases bring; named so the error says so.
 _NOT_YET = frozenset({"message_files", "sources"})
-_TOP_KEYS = frozenset({"api", "polling", "status_map", "messages", "state"})
+_TOP_KEYS = frozenset({"api", "polling", "status_map", "messages", "state", "shard"})
 
 T = TypeVar("T")
 
@@ -156,8 +157,17 @@ class _Reader:
         messages = self.messages(top.get("messages"))
         state = self.mapping(top.get("state"), "state", frozenset({"path"}))
         state_path = self.field(state, "path", "state", DEFAULT_STATE_PATH, _path)
+        shard_count, shard_index = self.shard(top.get("shard"))
         return Config(
-            self.file, api, polling, status_map, messages, tuple(self.warnings), state_path
+            self.file,
+            api,
+            polling,
+            status_map,
+            messages,
+            tuple(self.warnings),
+            state_path,
+            shard_count,
+            shard_index,
         )
 
     def api(self, value: object) -> ApiConfig:
@@ -242,6 +252,24 @@ class _Reader:
             self.fail(errors.SecretError, key, "the API key is empty")
             return None
         return Secret(value.strip())
+
+    def shard(self, value: object) -> tuple[int, int]:
+        """``shard.count`` and ``shard.index`` (an integer, or ``auto``: the pod ordinal)."""
+        before = len(self.errors)
+        section = self.mapping(value, "shard", frozenset({"count", "index"}))
+        count = self.field(section, "count", "shard", 1, parse_count)
+        index = self.field(section, "index", "shard", 0, self.shard_index)
+        if len(self.errors) > before:
+            return 1, 0  # one problem is enough: the index is not compared with a bad count
+        try:
+            check_index(index, count, "shard.count")
+        except ValueError as e:
+            self.fail(errors.InvalidValueError, "shard.index", str(e))
+            return 1, 0
+        return count, index
+
+    def shard_index(self, value: object) -> int:
+        return parse_index(value, self.environ)
 
     def polling(self, value: object) -> PollingConfig:
         keys = frozenset({"schedule", "settled_recheck", "final_after", "retention"})

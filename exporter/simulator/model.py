@@ -176,6 +176,21 @@ class World:
             last_date=last_date,
         )
 
+    def arrivals(self, message_id: str) -> list[tuple[float, str]]:
+        """Each recipient's report as (seconds after sending, final status), soonest first:
+        the arrival model, for benchmarks that replay it without HTTP."""
+        _, fates = self._lookup(message_id)
+        return sorted(
+            (delay, OUTCOMES[outcome])
+            for delay, outcome in zip(fates.delays, fates.outcomes, strict=True)
+        )
+
+    def forget_draws(self, message_id: str) -> None:
+        """Drop a message's cached draws (they come back identical if asked again), so a long
+        benchmark holds only the messages it still needs."""
+        with self._lock:
+            self._fates.pop(message_id, None)
+
     def _lookup(self, message_id: str) -> tuple[SimulatedSend, _Fates]:
         with self._lock:
             sent = self._sends[message_id]

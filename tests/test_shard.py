@@ -1,0 +1,536 @@
+"""Sharding: a stable hash splits the messages; three shards poll what one exporter would.
+
+The end-to-end test runs three sharded exporter processes and one unsharded one against one
+simulator, and checks that every message is polled by exactly one shard and that the three
+shards' series add up to the unsharded exporter's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.app import Exporter, apply_shard_flags, load_runnable
+from exporter.cli import main
+from exporter.config import Config, ConfigErrors, MessageSpec, load_config
+from exporter.config import errors as e
+from exporter.demo import Demo
+from exporter.shard import Shard, ShardFlags, parse_count, parse_index, shard_of
+from exporter.simulator import SimulatorServer, World
+from tests.conftest import TEST_KEY
+from tests.stack import Service, start_exporter, wait_until
+
+IDS = [str(7000 + i) for i in range(30)]
+POD = "mailpartner-exporter"
+
+# --- the hash ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message_id", "sha256_prefix", "count", "shard"),
+    [
+        ("300", "983bd614bb5afece", 3, 0),
+        ("300", "983bd614bb5afece", 7, 6),
+        ("301", "c3ea99f86b2f8a74", 3, 2),
+        ("1000", "40510175845988f1", 3, 0),
+        ("msg-42", "22ca0cc9586a0c8e", 7, 4),
+    ],
+)
+def test_known_ids_go_to_known_shards(
+    message_id: str, sha256_prefix: str, count: int, shard: int
+) -> None:
+    # Hard-coded: a change of hash function would move every message to another replica.
+    assert hashlib.sha256(message_id.encode()).hexdigest()[:16] == sha256_prefix
+    assert int(sha256_prefix, 16) % count == shard
+    assert shard_of(message_id, count) == shard
+    assert Shard(count, shard).owns(message_id)
+    assert not Shard(count, (shard + 1) % count).owns(message_id)
+
+
+def test_the_hash_is_the_same_in_every_process() -> None:
+    """Python's hash() is salted per process; the shard must not be."""
+    ids = ["300", "301", "abc", "ü-ünicode", *IDS]
+    code = (
+        "import sys; from exporter.shard import shard_of; "
+        "print(' '.join(str(shard_of(i, 5)) for i in sys.argv[1:]))"
+    )
+    expected = " ".join(str(shard_of(i, 5)) for i in ids)
+    for seed in ("1", "2", "random"):
+        result = subprocess.run(
+            [sys.executable, "-c", code, *ids],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            cwd=Path(__file__).parent.parent,
+        )
+        assert result.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("count", [2, 3, 7, 16])
+@pytest.mark.parametrize("shape", ["{}", "msg-{}", "{:08d}"])
+def test_shards_are_even_over_10000_ids(count: int, shape: str) -> None:
+    n = 10_000
+    sizes = Counter(shard_of(shape.format(i), count) for i in range(n))
+    assert set(sizes) == set(range(count))
+    # As even as random draws: each shard within 5 standard deviations of n/count.
+    expected = n / count
+    sigma = math.sqrt(n * (1 / count) * (1 - 1 / count))
+    assert all(abs(size - expected) < 5 * sigma for size in sizes.values()), sizes
+    # and no shard more than a quarter above another (at most ~4 sigma apart here).
+    assert max(sizes.values()) < 1.25 * min(sizes.values()), sizes
+
+
+def test_every_id_is_owned_by_exactly_one_shard() -> None:
+    for count in (1, 2, 3, 5):
+        for message_id in [*IDS, "", "x" * 128, "\ud800-lone-surrogate"]:
+            owners = [i for i in range(count) if Shard(count, i).owns(message_id)]
+            assert len(owners) == 1
+
+
+def test_one_shard_owns_everything() -> None:
+    assert Shard.ALL == Shard(1, 0) == Shard()
+    assert not Shard.ALL.sharded
+    assert all(Shard.ALL.owns(i) for i in IDS)
+    specs = [MessageSpec(i) for i in IDS]
+    assert Shard.ALL.select(specs) == tuple(specs)
+
+
+def test_select_keeps_the_order() -> None:
+    specs = [MessageSpec(i) for i in IDS]
+    parts = [Shard(3, i).select(specs) for i in range(3)]
+    for part in parts:
+        assert list(part) == [s for s in specs if s in part]
+    assert sorted(s.id for part in parts for s in part) == sorted(IDS)
+
+
+@pytest.mark.parametrize(("count", "index"), [(0, 0), (-1, 0), (3, 3), (3, -1), (1, 1)])
+def test_impossible_shards_are_refused(count: int, index: int) -> None:
+    with pytest.raises(ValueError, match="shard"):
+        Shard(count, index)
+
+
+# --- index auto, counts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hostname", "index"),
+    [
+        (f"{POD}-0", 0),
+        (f"{POD}-2", 2),
+        (f"{POD}-12", 12),
+        ("web-3.shards.monitoring.svc.cluster.local", 3),
+    ],
+)
+def test_auto_index_is_the_pod_ordinal(hostname: str, index: int) -> None:
+    assert parse_index("auto", {"HOSTNAME": hostname}) == index
+
+
+@pytest.mark.parametrize("hostname", ["exporter", "exporter-", "exporter-x", "3"])
+def test_auto_index_needs_a_number_after_a_dash(hostname: str) -> None:
+    with pytest.raises(ValueError, match="does not end in -<number>"):
+        parse_index("auto", {"HOSTNAME": hostname})
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("-1", "must be at least 0"),
+        ("two", "'two' is not an integer or auto"),
+        (1.5, "must be an integer or auto, not float"),
+        (True, "must be an integer or auto, not bool"),
+        (None, "must be an integer or auto, not empty"),
+    ],
+)
+def test_bad_indexes(value: object, problem: str) -> None:
+    with pytest.raises((TypeError, ValueError)) as caught:
+        parse_index(value, {})
+    assert str(caught.value) == problem
+
+
+def test_counts() -> None:
+    assert parse_count(3) == parse_count("3") == 3
+    for value, problem in [("0", "must be at least 1"), ("auto", "'auto' is not an integer")]:
+        with pytest.raises(ValueError) as caught:
+            parse_count(value)
+        assert str(caught.value) == problem
+
+
+# --- the config section and the flags ----------------------------------------------------------
+
+
+def write_config(path: Path, url: str = "http://127.0.0.1:9/v1", shard: str = "") -> Path:
+    lines = [
+        f"api: {{base_url: '{url}', api_key: k, timeout: 5s}}",
+        "polling:",
+        "  schedule: [{until: 1h, every: 1s}]",
+        "  settled_recheck: 1s",
+        "  final_after: 1h",
+        "state: {path: ':memory:'}",
+        shard,
+        "messages:",
+        *(f"  - {{id: '{i}', labels: {{campaign: c{int(i) % 4}}}}}" for i in IDS),
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_config_shard_section(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: 2}"))
+    assert (config.shard_count, config.shard_index) == (3, 2)
+    assert config.shard == Shard(3, 2)
+    default = load_config(write_config(tmp_path / "d.yaml"))
+    assert (default.shard_count, default.shard_index) == (1, 0)
+    assert Config("x").shard == Shard.ALL
+
+
+def test_config_index_auto(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: auto}")
+    assert load_config(path, {"HOSTNAME": f"{POD}-1"}).shard == Shard(3, 1)
+
+
+@pytest.mark.parametrize(
+    ("shard", "environ", "kind", "key", "problem"),
+    [
+        ("shard: {count: 0}", {}, e.InvalidValueError, "shard.count", "must be at least 1"),
+        (
+            "shard: {count: 3, index: 3}",
+            {},
+            e.InvalidValueError,
+            "shard.index",
+            "is 3, but must be less than shard.count (3)",
+        ),
+        (
+            "shard: {index: 1}",
+            {},
+            e.InvalidValueError,
+            "shard.index",
+            "is 1, but must be less than shard.count (1)",
+        ),
+        (
+            "shard: {count: 3, index: auto}",
+            {"HOSTNAME": "exporter"},
+            e.InvalidValueError,
+            "shard.index",
+            "auto: the host name 'exporter' (HOSTNAME) does not end in -<number>,"
+            " as StatefulSet pod names (NAME-0, NAME-1, ...) do",
+        ),
+        (
+            "shard: {count: three}",
+            {},
+            e.InvalidValueError,
+            "shard.count",
+            "'three' is not an integer",
+        ),
+        (
+            "shard: {count: 2, idx: 1}",
+            {},
+            e.UnknownKeyError,
+            "shard.idx",
+            "unknown key (did you mean index?)",
+        ),
+        ("shard: [3, 1]", {}, e.InvalidTypeError, "shard", "must be a mapping, not a list"),
+    ],
+)
+def test_config_shard_errors(
+    tmp_path: Path,
+    shard: str,
+    environ: dict[str, str],
+    kind: type[e.ConfigError],
+    key: str,
+    problem: str,
+) -> None:
+    path = write_config(tmp_path / "c.yaml", shard=shard)
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(path, environ)
+    (error,) = caught.value.errors
+    assert type(error) is kind
+    assert (error.file, error.key, error.problem) == (str(path), key, problem)
+
+
+def test_flags_override_the_config(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: 0}"))
+    assert apply_shard_flags(config, ShardFlags()) is config
+    assert apply_shard_flags(config, ShardFlags(index="2")).shard == Shard(3, 2)
+    assert apply_shard_flags(config, ShardFlags("5", "4")).shard == Shard(5, 4)
+    auto = apply_shard_flags(config, ShardFlags(index="auto"), {"HOSTNAME": f"{POD}-1"})
+    assert auto.shard == Shard(3, 1)
+    assert auto.messages == config.messages  # the config keeps every message
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "lines"),
+    [
+        (["--shard.count", "0"], {}, ["command line: --shard.count: must be at least 1"]),
+        (
+            ["--shard.count=3", "--shard.index=3"],
+            {},
+            ["command line: --shard.index: is 3, but must be less than --shard.count (3)"],
+        ),
+        (
+            ["--shard.index=1"],
+            {},
+            ["command line: --shard.index: is 1, but must be less than shard.count (1)"],
+        ),
+        (
+            ["--shard.count=x", "--shard.index=y"],
+            {},
+            [
+                "command line: --shard.count: 'x' is not an integer",
+                "command line: --shard.index: 'y' is not an integer or auto",
+            ],
+        ),
+        (
+            ["--shard.count=3", "--shard.index=auto"],
+            {"HOSTNAME": "exporter"},
+            [
+                "command line: --shard.index: auto: the host name 'exporter' (HOSTNAME) does not"
+                " end in -<number>, as StatefulSet pod names (NAME-0, NAME-1, ...) do"
+            ],
+        ),
+    ],
+)
+def test_bad_flags_print_like_config_errors_and_exit_1(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    environ: dict[str, str],
+    lines: list[str],
+) -> None:
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    path = write_config(tmp_path / "c.yaml")
+    for check in (["--config.check"], ["--once"]):
+        assert main([*check, "--config.file", str(path), *flags]) == 1
+        assert capsys.readouterr().err.splitlines() == lines
+
+
+def test_a_shrunk_count_names_the_files_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: 2}")
+    assert main(["--config.check", "--config.file", str(path), "--shard.count=2"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: shard.index: is 2, but must be less than --shard.count (2)"
+    ]
+
+
+def test_config_check_with_index_auto_from_the_pod_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOSTNAME", f"{POD}-2")
+    path = write_config(tmp_path / "c.yaml")
+    flags = ["--shard.count=3", "--shard.index=auto"]
+    assert main(["--config.check", "--config.file", str(path), *flags]) == 0
+    owned = sum(1 for i in IDS if Shard(3, 2).owns(i))
+    assert capsys.readouterr().out == f"{path}: OK, 30 messages, {owned} in shard 2 of 0..2\n"
+
+
+# --- the exporter tracks only its shard --------------------------------------------------------
+
+
+def tracked(exporter: Exporter) -> set[str]:
+    messages, _ = exporter.book.snapshot()
+    return {m.spec.id for m in messages}
+
+
+def owned_ids(shard: Shard) -> set[str]:
+    return {i for i in IDS if shard.owns(i)}
+
+
+def test_exporter_tracks_its_shard_and_reload_follows_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: 0}")
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    assert tracked(exporter) == owned_ids(Shard(3, 0))
+    write_config(path, shard="shard: {count: 3, index: 1}")
+    assert exporter.reload() is None
+    assert tracked(exporter) == owned_ids(Shard(3, 1))
+    write_config(path, shard="shard: {count: 3, index: 7}")
+    assert "shard.index: is 7" in (exporter.reload() or "")
+    assert tracked(exporter) == owned_ids(Shard(3, 1))  # the old configuration stays
+    write_config(path)
+    assert exporter.reload() is None
+    assert tracked(exporter) == set(IDS)
+
+
+def test_flags_stay_in_force_across_reloads(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: 0}")
+    flags = ShardFlags(index="2")
+    exporter = Exporter(load_runnable(str(path), False, flags), str(path), shard_flags=flags)
+    assert tracked(exporter) == owned_ids(Shard(3, 2))
+    write_config(path, shard="shard: {count: 3, index: 1}")
+    assert exporter.reload() is None
+    assert tracked(exporter) == owned_ids(Shard(3, 2))
+
+
+def test_demo_sends_are_split_too(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml")
+    parts: list[set[str]] = []
+    everything: set[str] = set()
+    for index in range(2):
+        demo = Demo()
+        demo.start()
+        try:
+            flags = ShardFlags("2", str(index))
+            config = load_runnable(str(path), demo=True, shard_flags=flags)
+            exporter = Exporter(config, str(path), demo, shard_flags=flags)
+            parts.append(tracked(exporter))
+            everything = {s.id for s in demo.apply(config).messages}
+        finally:
+            demo.stop()
+    assert parts[0].isdisjoint(parts[1])
+    assert parts[0] | parts[1] == everything
+    assert len(everything) > len(IDS)  # the simulated sends are in it
+
+
+# --- three shards against one simulator --------------------------------------------------------
+
+Series = tuple[str, tuple[tuple[str, str], ...], float]
+# Per-message series that do not depend on when a poll happened.
+COMPARED = (
+    "mailpartner_message_recipients",
+    "mailpartner_message_recipients_by_status",
+    "mailpartner_message_cost",
+    "mailpartner_message_unsubscribed_recipients",
+    "mailpartner_message_last_report_timestamp_seconds",
+    "mailpartner_message_final",
+    "mailpartner_message_poll_success",
+)
+
+
+def scrape(service: Service) -> list[Series]:
+    text = requests.get(f"{service.url}/metrics", timeout=5).text
+    return [
+        (sample.name, tuple(sorted(sample.labels.items())), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def values(series: list[Series], name: str) -> list[tuple[dict[str, str], float]]:
+    return [(dict(labels), value) for n, labels, value in series if n == name]
+
+
+def one(series: list[Series], name: str, **labels: str) -> float:
+    (value,) = [v for found, v in values(series, name) if labels.items() <= found.items()]
+    return value
+
+
+def message_ids(series: list[Series]) -> set[str]:
+    return {labels["message_id"] for labels, _ in values(series, "mailpartner_message_final")}
+
+
+def all_final(service: Service, expected: int) -> list[Series] | None:
+    """The scrape, once every message the exporter should track is final."""
+    series = scrape(service)
+    finals = values(series, "mailpartner_message_final")
+    if len(finals) == expected and all(value == 1 for _, value in finals):
+        return series
+    return None
+
+
+def final_scrape(service: Service, expected: int) -> list[Series]:
+    try:
+        return wait_until(lambda: all_final(service, expected), 60, f"{service.url}: all final")
+    except AssertionError as error:
+        log = service.log.read_text().splitlines()[-20:]
+        raise AssertionError("\n".join([str(error), "exporter log:", *log])) from None
+
+
+@pytest.fixture
+def simulator() -> Iterator[SimulatorServer]:
+    """One simulator, its 30 sends three days old: every report in, nothing changes."""
+    with SimulatorServer(World(seed=29), api_key=TEST_KEY) as server:
+        sent_at = time.time() - 3 * 86400
+        for n, message_id in enumerate(IDS):
+            server.world.send(40 + 13 * n, message_id=message_id, sent_at=sent_at)
+        yield server
+
+
+def test_three_shards_poll_each_message_once_and_add_up_to_one_exporter(
+    simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "config.yaml", url=simulator.url)
+    # The key comes from the environment, as in production: the file's is for other tests.
+    data = yaml.safe_load(config.read_text())
+    del data["api"]["api_key"]
+    config.write_text(yaml.safe_dump(data))
+    env = {"MAILPARTNER_API_KEY": TEST_KEY}
+    shards = [Shard(3, i) for i in range(3)]
+    # Each shard has something to do with these IDs (the hash is fixed, so this is too).
+    assert all(owned_ids(shard) for shard in shards)
+    exporters: list[Service] = []
+    try:
+        for shard in shards[:2]:
+            exporters.append(
+                start_exporter(
+                    tmp_path,
+                    f"--config.file={config}",
+                    "--shard.count",
+                    "3",
+                    "--shard.index",
+                    str(shard.index),
+                    env=env,
+                )
+            )
+        # The third finds its index in its (StatefulSet pod) name.
+        exporters.append(
+            start_exporter(
+                tmp_path,
+                f"--config.file={config}",
+                "--shard.count=3",
+                "--shard.index=auto",
+                env={**env, "HOSTNAME": f"{POD}-2"},
+            )
+        )
+        exporters.append(start_exporter(tmp_path, f"--config.file={config}", env=env))
+        owned = [*map(owned_ids, shards), set(IDS)]
+        *parts, whole = [
+            final_scrape(service, len(ids)) for service, ids in zip(exporters, owned, strict=True)
+        ]
+    finally:
+        for service in exporters:
+            service.stop()
+
+    # Each exporter exposes the messages of its shard; the shards split the 30 between them.
+    for shard, part in zip(shards, parts, strict=True):
+        assert message_ids(part) == owned_ids(shard)
+    assert sum(len(message_ids(part)) for part in parts) == len(IDS)
+    assert set().union(*map(message_ids, parts)) == message_ids(whole) == set(IDS)
+
+    # Every message is polled twice by whoever owns it (a poll finds nothing pending, the
+    # recheck a second later makes it final): twice by the unsharded exporter, and twice by
+    # exactly one shard. A message two shards polled would show 6, one none polled 2.
+    assert simulator.stats().polls == dict.fromkeys(IDS, 4)
+    requests_total = "mailpartner_api_requests_total"
+    for shard, part in zip(shards, parts, strict=True):
+        assert one(part, requests_total) == 2 * len(owned_ids(shard))
+    assert one(whole, requests_total) == 2 * len(IDS)
+
+    # The union of the shards' per-message series is the unsharded exporter's, value for value.
+    def per_message(series: list[Series]) -> list[Series]:
+        return sorted(s for s in series if s[0] in COMPARED)
+
+    union = sorted(s for part in parts for s in per_message(part))
+    assert union == per_message(whole)
+    assert {name for name, _, _ in union} == set(COMPARED)
+    # Totals are per shard: Prometheus adds them up (sum without (instance)).
+    for state in ("delivered", "failed", "pending", "unknown"):
+        name = "mailpartner_recipients_total"
+        assert sum(one(p, name, state=state) for p in parts) == one(whole, name, state=state)
+    cost = sum(one(p, "mailpartner_cost_total") for p in parts)
+    assert cost == pytest.approx(one(whole, "mailpartner_cost_total"))
