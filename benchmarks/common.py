@@ -1,0 +1,29 @@
+"""What every benchmark returns and how figures are printed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured figure, its target, and the baseline measured in the same run."""
+
+    name: str
+    value: float
+    unit: str
+    target: float
+    ok: bool
+    note: str = ""  # the baseline or context, e.g. "naive 45 s"
+
+
+def print_results(title: str, results: list[Result]) -> None:
+    print(f"\n{title}")
+    width = max(len(r.name) for r in results)
+    for r in results:
+        value = f"{r.value:,.1f}" if isinstance(r.value, float) else f"{r.value:,}"
+        status = "PASS" if r.ok else "FAIL"
+        print(
+            f"  {r.name:<{width}}  {value:>12} {r.unit:<8} target {r.target:,.0f}  "
+            f"{status}  {r.note}"
+        )
