@@ -9,21 +9,29 @@ Sample exposition::
 
 from __future__ import annotations
 
+import bisect
+import operator
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.config import State
+from exporter.aggregate import MessageAggregate
+from exporter.config import MessageSpec, State
 from exporter.config.holder import ConfigHolder
+from exporter.exposition import MessageLines, Samples
 from exporter.stats import DURATION_BUCKETS, RequestStats
 from exporter.tracker import MessageBook, Phase, TrackedMessage
 
 # A poll this late is not just waiting for the loop's next turn: the budget or
 # the concurrency cannot keep up with the schedule.
 OVERDUE_AFTER = 5.0
+_BY_ID = operator.attrgetter("spec.id")
+_PHASE = operator.attrgetter("phase")
 
 
 class MailPartnerCollector(Collector):
@@ -38,10 +46,16 @@ class MailPartnerCollector(Collector):
         self._stats = stats
         self._holder = holder
         self._clock = clock
+        self._lines = MessageLines(MESSAGE_FAMILIES, message_view, message_samples)
+        self._summary = _summarize(())
 
     def collect(self) -> Iterator[Metric]:
         messages, totals = self._book.snapshot()
-        yield from _message_metrics(messages)
+        summary = self._summary
+        if summary.messages != messages:  # the same objects: a pointer check per message
+            summary = self._summary = _summarize(messages)
+        # Built lazily: the fast path (exporter.exposition) reads their cached lines instead.
+        yield from self._lines.metrics(summary.by_id)
 
         recipients = Metric(
             "mailpartner_recipients",
@@ -58,7 +72,7 @@ class MailPartnerCollector(Collector):
         yield cost
 
         yield from self._api_metrics()
-        yield from self._exporter_metrics(messages)
+        yield from self._exporter_metrics(summary)
 
     def _api_metrics(self) -> Iterator[Metric]:
         stats = self._stats.snapshot()
@@ -120,7 +134,7 @@ class MailPartnerCollector(Collector):
             1 if stats.up else 0,
         )
 
-    def _exporter_metrics(self, messages: tuple[TrackedMessage, ...]) -> Iterator[Metric]:
+    def _exporter_metrics(self, summary: _Summary) -> Iterator[Metric]:
         config = self._holder.config
         load = self._holder.status
         now = self._clock()
@@ -130,9 +144,7 @@ class MailPartnerCollector(Collector):
         phases = Metric("mailpartner_exporter_messages", "Tracked messages by phase.", "gauge")
         for phase in Phase:
             phases.add_sample(
-                "mailpartner_exporter_messages",
-                {"phase": phase},
-                sum(1 for m in messages if m.phase == phase),
+                "mailpartner_exporter_messages", {"phase": phase}, summary.phases[phase]
             )
         yield phases
         yield _gauge(
@@ -145,7 +157,7 @@ class MailPartnerCollector(Collector):
             "When the configuration was last loaded successfully.",
             load.last_success,
         )
-        waiting = [m for m in messages if m.phase != Phase.FINAL and not m.in_flight]
+        waiting = summary.waiting
         yield _gauge(
             "mailpartner_exporter_request_budget_per_minute",
             "Requests per minute this exporter allows itself (api.max_requests_per_minute).",
@@ -155,86 +167,108 @@ class MailPartnerCollector(Collector):
             "mailpartner_exporter_scheduled_requests_per_minute",
             "Requests per minute the poll schedule asks for right now; above the "
             "budget, polls fall behind.",
-            sum(60.0 / m.interval for m in messages if m.phase != Phase.FINAL),
+            summary.per_minute,
         )
         yield _gauge(
             "mailpartner_exporter_overdue_messages",
             f"Messages whose poll was due more than {OVERDUE_AFTER:g}s ago and has not started.",
-            sum(1 for m in waiting if m.next_poll < now - OVERDUE_AFTER),
+            bisect.bisect_left(waiting, now - OVERDUE_AFTER),
         )
         yield _gauge(
             "mailpartner_exporter_poll_delay_seconds",
             "How far behind schedule the most overdue message is.",
-            max([0.0, *(now - m.next_poll for m in waiting)]),
+            max(0.0, now - waiting[0]) if waiting else 0.0,
         )
 
 
-def _message_metrics(messages: tuple[TrackedMessage, ...]) -> Iterator[Metric]:
-    families = {
-        "recipients": Metric("mailpartner_message_recipients", "Recipients per state.", "gauge"),
-        "by_status": Metric(
-            "mailpartner_message_recipients_by_status",
-            "Recipients per raw upstream status, lower-cased.",
-            "gauge",
-        ),
-        "cost": Metric("mailpartner_message_cost", "Sum of cost over recipients.", "gauge"),
-        "unsubscribed": Metric(
-            "mailpartner_message_unsubscribed_recipients", "Recipients with stopMail true.", "gauge"
-        ),
-        "last_report": Metric(
-            "mailpartner_message_last_report_timestamp_seconds",
-            "Newest report date among the recipients.",
-            "gauge",
-        ),
-        "sent": Metric(
-            "mailpartner_message_sent_timestamp_seconds",
-            "When the message was sent (sent_at, or first seen).",
-            "gauge",
-        ),
-        "final": Metric(
-            "mailpartner_message_final",
-            "1 once the message is final and no longer polled.",
-            "gauge",
-        ),
-        "poll_success": Metric(
-            "mailpartner_message_poll_success",
-            "1 if the last poll of this message succeeded.",
-            "gauge",
-        ),
-        "last_success": Metric(
-            "mailpartner_message_last_poll_success_timestamp_seconds",
-            "When this message was last polled successfully.",
-            "gauge",
-        ),
-    }
-    for message in sorted(messages, key=lambda m: m.spec.id):
-        labels = {**message.spec.labels, "message_id": message.spec.id}
-        aggregate = message.aggregate
-        for state in State:
-            families["recipients"].add_sample(
-                "mailpartner_message_recipients",
-                {**labels, "state": state},
-                aggregate.states[state] if aggregate else 0,
-            )
-        if aggregate is not None:
-            for status, count in aggregate.statuses.items():
-                families["by_status"].add_sample(
-                    "mailpartner_message_recipients_by_status", {**labels, "status": status}, count
-                )
-            if aggregate.last_report is not None:
-                _add(families["last_report"], labels, aggregate.last_report)
-        _add(families["cost"], labels, aggregate.cost if aggregate else 0.0)
-        _add(families["unsubscribed"], labels, aggregate.unsubscribed if aggregate else 0)
-        _add(families["sent"], labels, message.sent_at)
-        _add(families["final"], labels, 1 if message.phase == Phase.FINAL else 0)
-        _add(families["poll_success"], labels, 1 if message.poll_ok else 0)
-        if message.last_success is not None:
-            _add(families["last_success"], labels, message.last_success)
-    yield from families.values()
+class _Summary(NamedTuple):
+    """What a scrape needs from all the messages at once; kept while they stay the same."""
+
+    messages: tuple[TrackedMessage, ...]
+    by_id: list[TrackedMessage]
+    phases: Counter[Phase]
+    per_minute: float  # polls the schedule asks for
+    waiting: list[float]  # next polls of messages neither final nor in flight, sorted
 
 
-def _add(family: Metric, labels: Mapping[str, str], value: float) -> None:
-    family.add_sample(family.name, dict(labels), value)
+def _summarize(messages: tuple[TrackedMessage, ...]) -> _Summary:
+    live = [m for m in messages if m.phase != Phase.FINAL]
+    return _Summary(
+        messages,
+        sorted(messages, key=_BY_ID),
+        Counter(map(_PHASE, messages)),
+        sum(60.0 / m.interval for m in live),
+        sorted(m.next_poll for m in live if not m.in_flight),
+    )
+
+
+# Per tracked message, labelled message_id plus the message's own labels; all gauges.
+MESSAGE_FAMILIES = (
+    ("mailpartner_message_recipients", "Recipients per state."),
+    (
+        "mailpartner_message_recipients_by_status",
+        "Recipients per raw upstream status, lower-cased.",
+    ),
+    ("mailpartner_message_cost", "Sum of cost over recipients."),
+    ("mailpartner_message_unsubscribed_recipients", "Recipients with stopMail true."),
+    (
+        "mailpartner_message_last_report_timestamp_seconds",
+        "Newest report date among the recipients.",
+    ),
+    (
+        "mailpartner_message_sent_timestamp_seconds",
+        "When the message was sent (sent_at, or first seen).",
+    ),
+    ("mailpartner_message_final", "1 once the message is final and no longer polled."),
+    ("mailpartner_message_poll_success", "1 if the last poll of this message succeeded."),
+    (
+        "mailpartner_message_last_poll_success_timestamp_seconds",
+        "When this message was last polled successfully.",
+    ),
+)
+
+
+class MessageView(NamedTuple):
+    """All a message's series depend on: equal views, equal series."""
+
+    spec: MessageSpec
+    aggregate: MessageAggregate | None
+    sent_at: float
+    final: bool
+    poll_ok: bool
+    last_success: float | None
+
+
+def message_view(message: TrackedMessage) -> MessageView:
+    return MessageView(
+        message.spec,
+        message.aggregate,
+        message.sent_at,
+        message.phase == Phase.FINAL,
+        message.poll_ok,
+        message.last_success,
+    )
+
+
+def message_samples(view: MessageView) -> tuple[Samples, ...]:
+    """(labels, value) of each of ``MESSAGE_FAMILIES``, in that order."""
+    labels = {**view.spec.labels, "message_id": view.spec.id}
+    aggregate = view.aggregate
+
+    def one(value: float | None) -> Samples:
+        return [] if value is None else [(labels, value)]
+
+    return (
+        [({**labels, "state": s}, aggregate.states[s] if aggregate else 0) for s in State],
+        [({**labels, "status": s}, n) for s, n in aggregate.statuses.items()] if aggregate else [],
+        one(aggregate.cost if aggregate else 0.0),
+        one(aggregate.unsubscribed if aggregate else 0),
+        one(aggregate.last_report if aggregate else None),
+        one(view.sent_at),
+        one(1 if view.final else 0),
+        one(1 if view.poll_ok else 0),
+        one(view.last_success),
+    )
 
 
 def _gauge(name: str, documentation: str, value: float) -> Metric:

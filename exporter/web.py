@@ -15,12 +15,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from socketserver import ThreadingMixIn
 from typing import Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import bcrypt
-from prometheus_client import make_wsgi_app
+from prometheus_client import generate_latest, make_wsgi_app
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
+from exporter.exposition import TextExposition
 from exporter.landing import render_landing
 from exporter.tracker import MessageBook
 from exporter.webconfig import WebConfigWatcher
@@ -46,7 +49,7 @@ def create_app(
 
     ``reload`` returns None on success or the errors that kept the old config.
     """
-    metrics_app = make_wsgi_app(registry)  # gzip, OpenMetrics negotiation, name[] filters
+    metrics_app = _metrics_app(registry)
 
     def landing(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         page = render_landing(book, telemetry_path, clock)
@@ -84,6 +87,33 @@ def create_app(
         return route(environ, start_response)
 
     return app
+
+
+def _metrics_app(registry: CollectorRegistry) -> WSGIApp:
+    """Text format 0.0.4, plain or gzip, from ``TextExposition`` (the same bytes, faster);
+    OpenMetrics, ``name[]`` filters and other methods from prometheus_client's own app.
+    """
+    fallback: WSGIApp = make_wsgi_app(registry)
+    exposition = TextExposition(registry)
+
+    def metrics(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT") or "")
+        if (
+            environ.get("REQUEST_METHOD") != "GET"
+            or encoder is not generate_latest
+            or "name[]" in parse_qs(environ.get("QUERY_STRING") or "")
+        ):
+            return fallback(environ, start_response)
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):
+            body = exposition.gzipped()
+            headers.append(("Content-Encoding", "gzip"))
+        else:
+            body = exposition.plain()
+        start_response("200 OK", [*headers, ("Content-Length", str(sum(map(len, body))))])
+        return body
+
+    return metrics
 
 
 def _respond(

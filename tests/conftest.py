@@ -69,11 +69,13 @@ def simulator(clock: FakeClock) -> Iterator[SimulatorServer]:
 
 
 # The schedule the tests' expectations are written against (simple round numbers).
-TEST_POLLING = PollingConfig(schedule=(
-    ScheduleStep(until=600, every=30),
-    ScheduleStep(until=7200, every=120),
-    ScheduleStep(until=172800, every=900),
-))
+TEST_POLLING = PollingConfig(
+    schedule=(
+        ScheduleStep(until=600, every=30),
+        ScheduleStep(until=7200, every=120),
+        ScheduleStep(until=172800, every=900),
+    )
+)
 
 
 def make_config(base_url: str, *messages: MessageSpec, **api: Any) -> Config:
