@@ -225,6 +225,10 @@ MESSAGE_FAMILIES = (
         "mailpartner_message_last_poll_success_timestamp_seconds",
         "When this message was last polled successfully.",
     ),
+    (
+        "mailpartner_message_next_poll_timestamp_seconds",
+        "When the schedule polls this message next (absent once final).",
+    ),
 )
 
 
@@ -237,6 +241,7 @@ class MessageView(NamedTuple):
     final: bool
     poll_ok: bool
     last_success: float | None
+    next_poll: float | None
 
 
 def message_view(message: TrackedMessage) -> MessageView:
@@ -247,6 +252,7 @@ def message_view(message: TrackedMessage) -> MessageView:
         message.phase == Phase.FINAL,
         message.poll_ok,
         message.last_success,
+        None if message.phase == Phase.FINAL else message.next_poll,
     )
 
 
@@ -268,6 +274,7 @@ def message_samples(view: MessageView) -> tuple[Samples, ...]:
         one(1 if view.final else 0),
         one(1 if view.poll_ok else 0),
         one(view.last_success),
+        one(view.next_poll),
     )
 
 

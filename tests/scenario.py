@@ -42,7 +42,7 @@ def scenario() -> tuple[CollectorRegistry, MessageBook, FakeClock]:
         MessageSpec("301", MappingProxyType({"campaign": "welcome", "team": "crm"})),
         MessageSpec("302"),
     )
-    book = MessageBook(config.polling)
+    book = MessageBook(config.polling, jitter=lambda: 1.0)
     book.sync(config.messages, clock())
     stats = RequestStats([BULK_STATUS])
 
