@@ -159,6 +159,16 @@ class MailPartnerCollector(Collector):
         )
         waiting = summary.waiting
         yield _gauge(
+            "mailpartner_exporter_shards",
+            "How many exporters share the messages (--shard.count).",
+            config.shard_count,
+        )
+        yield _gauge(
+            "mailpartner_exporter_shard_index",
+            "Which share this exporter polls (--shard.index).",
+            config.shard_index,
+        )
+        yield _gauge(
             "mailpartner_exporter_request_budget_per_minute",
             "Requests per minute this exporter allows itself (api.max_requests_per_minute).",
             config.api.max_requests_per_minute,
