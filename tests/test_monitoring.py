@@ -284,8 +284,6 @@ def test_a_rejected_key_pages_through_alertmanager_and_resolves(tmp_path: Path) 
                 60,
                 "the resolved alert at the webhook",
             )
-            # the inhibit rule kept the redundant "unreachable" page away meanwhile
-            assert webhook.find("MailPartnerApiUnreachable", "firing") is None
         finally:
             for service in reversed(services):
                 service.stop()
