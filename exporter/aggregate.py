@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import reduce
+from operator import add
 from types import MappingProxyType
 
 from exporter.config import State, StatusMap
@@ -74,6 +76,30 @@ class ReportAggregator:
             self._unsubscribed += 1
         if date is not None and (self._last is None or date > self._last):
             self._last = date
+
+    def add_many(
+        self,
+        statuses: Mapping[str, int],
+        costs: Iterable[float],
+        unsubscribed: int,
+        last: float | None,
+    ) -> None:
+        """What ``add`` does for each of many reports, at once: ``statuses`` counts them by
+        status in the order each status first appeared, and ``costs`` are summed in order,
+        so the totals are exactly those of adding the reports one by one."""
+        raw = self._raw
+        for status, count in statuses.items():
+            if status in raw:
+                raw[status] += count
+            elif len(raw) < _MAX_RAW_SPELLINGS:
+                raw[status] = count
+            else:
+                state = self._status_map.state_of(status)
+                self._overflow[state] = self._overflow.get(state, 0) + count
+        self._cost = reduce(add, costs, self._cost)
+        self._unsubscribed += unsubscribed
+        if last is not None and (self._last is None or last > self._last):
+            self._last = last
 
     def result(self) -> MessageAggregate:
         states = dict.fromkeys(State, 0)

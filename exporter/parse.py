@@ -3,6 +3,15 @@
 Both parsers read the body incrementally and hand each recipient to the
 aggregator as soon as it is complete, so memory does not grow with the send.
 
+JSON takes a fast path for the usual shape. The walker over yajl's events reads the
+envelope up to the report list; from there, reports in the documented shape (the six
+documented keys in order, plain values; compact, or with JSON whitespace) are matched a
+64 KiB chunk at a time by a regular expression and counted in bulk, with no object per
+report. At the first thing that is not such a report (the end of the list, or anything
+odd), a new yajl parser is put where the first one would be and the walker reads on, in
+the same chunks. So every outcome, down to the error message, is the walker's own, and
+memory stays bounded by the chunk size.
+
 Coercions, so one odd field does not throw away a whole message:
 - ``status``: a string as received; missing or null is ``none``; numbers become text.
 - ``cost``: a number or numeric string; missing or null is 0; anything else is invalid.
@@ -13,7 +22,11 @@ Coercions, so one odd field does not throw away a whole message:
 from __future__ import annotations
 
 import math
+import re
 import xml.etree.ElementTree as ET
+from collections import Counter, deque
+from collections.abc import Iterable
+from itertools import islice, pairwise, repeat
 from typing import Any, Protocol
 
 import ijson
@@ -53,9 +66,20 @@ class UpstreamError(Exception):
 
 def parse_json(body: Body, aggregator: ReportAggregator) -> None:
     """Stream a JSON bulk-status body into ``aggregator``; raise on errors."""
+    _FastJson(body, aggregator).run()
+
+
+def _parse_exact(body: Body, aggregator: _Reports) -> None:
     walk = _JsonWalk(aggregator)
+    _walk(ijson.basic_parse(body, use_float=True), walk)
+    _check_envelope(
+        walk.top.get("success"), walk.top.get("code"), walk.top.get("message"), walk.saw_list
+    )
+
+
+def _walk(events: Iterable[tuple[str, Any]], walk: _JsonWalk) -> None:
     try:
-        for event, value in ijson.basic_parse(_BomStripped(body), use_float=True):
+        for event, value in events:
             if event == "map_key":
                 walk.key(value)
             elif event in _OPENERS:
@@ -66,8 +90,10 @@ def parse_json(body: Body, aggregator: ReportAggregator) -> None:
                 walk.scalar(event, value)
     except (ijson.JSONError, UnicodeDecodeError) as e:
         raise InvalidResponse(f"malformed JSON: {_short(e)}") from None
-    top = walk.top
-    _check_envelope(top.get("success"), top.get("code"), top.get("message"), walk.saw_list)
+
+
+class _Reports(Protocol):
+    def add(self, status: str, cost: float, stop_mail: bool, date: float | None) -> None: ...
 
 
 class _JsonWalk:
@@ -78,7 +104,7 @@ class _JsonWalk:
     quadratic in the nesting of a hostile body.
     """
 
-    def __init__(self, aggregator: ReportAggregator) -> None:
+    def __init__(self, aggregator: _Reports) -> None:
         self.aggregator = aggregator
         self.top: dict[str, Any] = {}
         self.record: dict[str, Any] | None = None
@@ -140,19 +166,319 @@ class _JsonWalk:
             raise InvalidResponse("body is not a JSON object")
 
 
-class _BomStripped:
-    """Drops a UTF-8 byte order mark, which yajl refuses, from the start of a body."""
+# ---------------------------------------------------------------- the JSON fast path
+
+# ijson's read size: the fast path reads the same chunks, so that when the walker takes
+# over, yajl gets the buffers it would have had (its error messages quote them).
+_CHUNK = 64 * 1024
+# An unfinished plain report longer than this is not plain.
+_MAX_CARRY = 16 * 1024
+# How far the report list is looked for before the walker takes the whole body.
+_MAX_ENVELOPE = 1024 * 1024
+_WS = rb"[ \t\n\r]*+"
+_NUMBER = rb"-?(?:0|[1-9][0-9]{0,14})(?:\.[0-9]{1,17})?(?:[eE][-+]?[0-9]{1,2})?"
+# Group: digits without leading zeros, None for "" or null.
+_DATE = rb'(?:"(0|[1-9][0-9]{0,14}+)?"|null)'
+
+
+def _spaced(lead: bytes) -> re.Pattern[bytes]:
+    """A plain report with JSON whitespace between its tokens. Groups: status (with its
+    quotes, or null), cost, stopMail, date. Strings are those yajl reads as they are (no
+    unicode escapes, no control characters; no escapes at all in the status, whose bytes
+    are its text); numbers stay far from int64 and float overflow, so yajl reads the
+    value float() reads."""
+    text = rb'"[^"\\\x00-\x1f]*+(?:\\["\\/bfnrt][^"\\\x00-\x1f]*+)*+"'
+    members = [
+        (b"email", text),
+        (b"token", text),
+        (b"status", rb'("[^"\\\x00-\x1f]*+"|null)'),
+        (b"cost", b"(" + _NUMBER + b"|null)"),
+        (b"stopMail", rb"(true|false|null)"),
+        (b"date", _DATE),
+    ]
+    body = b",".join(_WS + b'"' + k + b'"' + _WS + b":" + _WS + v + _WS for k, v in members)
+    return re.compile(lead + _WS + rb"\{" + body + rb"\}")
+
+
+# A compact plain report, as the API and its simulator write them, in a chunk free of
+# control characters and backslashes (checked beforehand with _NOT_COMPACT), its cost
+# and date loosely: all quicker than in the pattern. Groups: status, date (digits, None
+# for null). The costs and dates are checked, and stopMail counted, from the text.
+_COMPACT_REPORT = (
+    rb'\{"email":"[^"]*+","token":"[^"]*+","status":("[^"]*+"|null),"cost":[^,]{1,40}+,'
+    rb'"stopMail":(?:true|false|null),"date":(?:"([^"]*+)"|null)\}'
+)
+_NOT_COMPACT = bytes(int(byte < 0x20 or byte == 0x5C) for byte in range(256))
+_COST = re.compile(rb',"cost":([^,]*+),')
+_PLAIN_COST = re.compile(_NUMBER + b"|null")
+_MAX_DATE_DIGITS = 15  # well past any date, and within a float's exact integers
+# The first report, and each next one after its comma.
+_COMPACT = (re.compile(_COMPACT_REPORT), re.compile(b"," + _COMPACT_REPORT))
+_SPACED = (_spaced(b""), _spaced(b","))
+_EVENTS = 14  # yajl's events for a plain report: start, six keys and values, end
+_LIST_START = re.compile(rb'"' + _LIST.encode() + rb'"' + _WS + b":" + _WS + rb"\[")
+# What puts a new yajl parser in the report list, before its first value (three
+# events) or after one (five; the empty report is not the walker's to see).
+_INSIDE_LIST = b'{"' + _LIST.encode() + b'":['
+_BLANK = b" \t\n\r"
+_BOM = b"\xef\xbb\xbf"
+# Raw status literals remembered with their status, per body.
+_MAX_NAMES = 256
+
+
+class _Unusual(Exception):
+    """What the fast path does not handle: the walker reads the body from the start."""
+
+
+class _Source:
+    """The body as the walker reads it: a UTF-8 BOM dropped from the first chunk, nothing
+    after the end, and a failed read raised again by each later one, so that the walker
+    meets it after what came before, as it would have."""
 
     def __init__(self, body: Body) -> None:
         self._body = body
         self._first = True
+        self._ended = False
+        self.failure: Exception | None = None
 
     def read(self, size: int = -1, /) -> bytes:
-        chunk = self._body.read(size)
-        if self._first and chunk:  # ijson first calls read(0) to sniff the type
-            self._first = False
-            return chunk.removeprefix(b"\xef\xbb\xbf")
+        if self.failure is not None:
+            raise self.failure
+        if self._ended:
+            return b""
+        try:
+            chunk = self._body.read(size)
+        except Exception as e:
+            self.failure = e
+            raise
+        if self._first and chunk:
+            chunk, self._first = chunk.removeprefix(_BOM), False
+        self._ended = not chunk and size != 0  # read(0) is ijson's sniff
         return chunk
+
+
+class _Chained:
+    """Some chunks already read, then the rest of the body, as ijson reads them."""
+
+    def __init__(self, pieces: Iterable[bytes], rest: Body) -> None:
+        self._pieces = deque(piece for piece in pieces if piece)
+        self._rest = rest
+
+    def read(self, size: int = -1, /) -> bytes:
+        if size == 0:  # ijson's sniff; the body has had its own
+            return b""
+        if self._pieces:
+            return self._pieces.popleft()
+        return self._rest.read(size)
+
+
+class _RefuseReports:
+    """The walker's aggregator while it reads the envelope: a report there is unusual."""
+
+    def add(self, status: str, cost: float, stop_mail: bool, date: float | None) -> None:
+        raise _Unusual
+
+
+class _FastJson:
+    """Plain reports matched and counted a chunk at a time; the walker reads the rest.
+
+    The walker reads the envelope up to the list, then hands over to the fast path,
+    which hands back at the first thing that is not a plain report: the end of the list,
+    or whatever else. A new yajl parser is put where the old one would be by a prefix
+    and the last plain report, whose events the walker skips, then reads on from there,
+    in the chunks that were read. So the walker gives the outcome, and even the message,
+    it would have given alone.
+    """
+
+    def __init__(self, body: Body, aggregator: ReportAggregator) -> None:
+        self._source = _Source(body)
+        self._aggregator = aggregator
+        self._walk = _JsonWalk(_RefuseReports())
+        self._chunks: list[bytes] | None = []  # all read, until a report is counted
+        self._starts: list[int] = []  # offsets where recent chunks start
+        self._read = 0  # offset of the end of what was read
+        self._at = 0  # offset of the data being matched
+        self._last = b""  # the last plain report, which ends at ``_at``
+        self._reports = 0
+        self._patterns = _COMPACT  # until the first report says otherwise
+        self._names: dict[bytes, str] = {}
+
+    def run(self) -> None:
+        self._source.read(0)  # as ijson does first
+        data = self._envelope()
+        if data is None:
+            return
+        while True:
+            data = self._plain_reports(data)
+            if len(data) > _MAX_CARRY or data.lstrip(_BLANK).startswith(b"]"):
+                break
+            chunk = self._next()
+            if not chunk:
+                break
+            data += chunk
+        self._walk_on(data)
+
+    def _next(self) -> bytes:
+        try:
+            chunk = self._source.read(_CHUNK)
+        except Exception:  # raised again when the walker reads on
+            return b""
+        if self._chunks is not None:
+            self._chunks.append(chunk)
+        self._starts.append(self._read)
+        self._read += len(chunk)
+        return chunk
+
+    def _envelope(self) -> bytes | None:
+        """Walk the envelope up to the report list's ``[``; what follows it, or None if
+        the walker alone has read the body."""
+        head = b""
+        while (found := _LIST_START.search(head)) is None and len(head) <= _MAX_ENVELOPE:
+            chunk = self._next()
+            if not chunk:
+                break
+            head += chunk
+        if found is not None:
+            events = ijson.sendable_list()
+            try:
+                ijson.basic_parse_coro(events, use_float=True).send(head[: found.end()])
+                _walk(events, self._walk)
+            except (ijson.JSONError, UnicodeDecodeError, InvalidResponse, _Unusual):
+                pass
+            else:
+                if self._walk.in_list and self._walk.depth == 2:  # the top-level list
+                    self._walk.aggregator = self._aggregator
+                    self._at = found.end()
+                    return head[found.end() :]
+        self._from_start()
+        return None
+
+    def _from_start(self) -> None:
+        assert self._chunks is not None  # kept until a report is counted
+        _parse_exact(_Chained(self._chunks, self._source), self._aggregator)
+
+    def _walk_on(self, data: bytes) -> None:
+        """The walker reads from the end of the last plain report on."""
+        if not self._reports:
+            self._from_start()
+            return
+        stream = self._last + data
+        at = self._at - len(self._last)
+        cuts = [start - at for start in self._starts if at < start < at + len(stream)]
+        pieces = [stream[a:b] for a, b in pairwise([0, *cuts, len(stream)])]
+        prefix = _INSIDE_LIST + b"{}" if self._reports > 1 else _INSIDE_LIST
+        skip = (5 if self._reports > 1 else 3) + _EVENTS
+        events = ijson.basic_parse(_Chained([prefix, *pieces], self._source), use_float=True)
+        _walk(islice(events, skip, None), self._walk)
+        walk = self._walk
+        _check_envelope(
+            walk.top.get("success"), walk.top.get("code"), walk.top.get("message"), walk.saw_list
+        )
+
+    def _plain_reports(self, data: bytes) -> bytes:
+        """Count the plain reports ``data`` starts with; what follows them."""
+        view = data
+        if self._patterns is _COMPACT or not self._reports:
+            bad = data.translate(_NOT_COMPACT).find(1)
+            view = data if bad < 0 else data[:bad]
+        start, parts = 0, []
+        if not self._reports:
+            self._patterns = _COMPACT
+            first = _COMPACT[0].match(view)
+            if first is None:
+                self._patterns, view = _SPACED, data
+                first = _SPACED[0].match(view)
+            if first is None:
+                return data
+            start, parts = first.end(), [b"", *first.groups()]
+        following = self._patterns[1]
+        work = view[start:] if start else view
+        more = following.split(work)
+        end = len(work) - len(more[-1])
+        period = following.groups + 1  # a split gives the text before a report, then its groups
+        if len(more) > 1 and any(more[0:-1:period]):  # a gap: not all are plain
+            end = 0
+            for match in following.finditer(work):
+                if match.start() != end:
+                    break
+                end = match.end()
+            more = following.split(work[:end])
+        stop = start + end
+        if not stop:
+            return data
+        if not data.isascii():
+            try:
+                data[:stop].decode()
+            except UnicodeDecodeError:
+                return data
+        if not self._count(data, stop, parts + more if parts else more, period):
+            return data
+        # Where the last report starts: the last comma from which one matches.
+        last = start + work.rfind(b",", 0, end) if end else 0
+        while last > start and not following.fullmatch(data, last, stop):
+            last = start + work.rfind(b",", 0, last - start)
+        self._last = data[max(last, 0) : stop]
+        self._at += stop
+        self._starts = [offset for offset in self._starts if offset > self._at - len(self._last)]
+        return data[stop:]
+
+    def _count(self, data: bytes, stop: int, parts: list[Any], period: int) -> bool:
+        """Add the reports ``data[:stop]`` holds, whose groups are ``parts``; False, adding
+        nothing, if a compact one's cost or date is not plain after all."""
+        statuses: list[bytes] = parts[1::period]
+        dates: list[bytes | None] = parts[period - 1 :: period]
+        digits: list[bytes] = list(filter(None, dates))
+        if self._patterns is _COMPACT:
+            unsubscribed = data.count(b'"stopMail":true', 0, stop)
+            first = _COST.search(data, 0, stop)
+            assert first is not None
+            same = data.count(b',"cost":' + first[1] + b",", 0, stop) == len(statuses)
+            costs: list[bytes] = [first[1]] if same else _COST.findall(data, 0, stop)
+            if not all(map(_PLAIN_COST.fullmatch, set(costs))):
+                return False
+            if digits and not b"".join(digits).isdigit():
+                return False
+        else:
+            unsubscribed = parts[3::period].count(b"true")
+            costs, same = parts[2::period], False
+        if b"null" in costs:  # 0: adding it changes nothing
+            costs = [cost for cost in costs if cost != b"null"]
+        values: Iterable[float] = map(float, costs)
+        if same and costs:  # one price: read it once
+            values = repeat(float(costs[0]), len(statuses))
+        newest = 0
+        if digits:
+            longest = max(map(len, digits))
+            if longest > _MAX_DATE_DIGITS:
+                return False
+            top = max(digits)
+            # Without leading zeros the greatest is among the longest, where text and
+            # number order agree.
+            if len(top) == longest and min(digits)[:1] != b"0":
+                newest = int(top)
+            else:
+                newest = max(map(int, digits))
+        self._aggregator.add_many(
+            self._named(Counter(statuses)),
+            values,
+            unsubscribed,
+            float(newest) if newest > 0 else None,
+        )
+        self._reports += len(statuses)
+        self._chunks = None
+        return True
+
+    def _named(self, literals: Counter[bytes]) -> dict[str, int]:
+        """Counts by raw status literal to counts by status, in order of first sight."""
+        named: dict[str, int] = {}
+        for literal, count in literals.items():
+            name = self._names.get(literal)
+            if name is None:
+                name = _status(None if literal == b"null" else literal[1:-1].decode())
+                if len(self._names) < _MAX_NAMES:
+                    self._names[literal] = name
+            named[name] = named.get(name, 0) + count
+        return named
 
 
 def parse_xml(body: Body, aggregator: ReportAggregator) -> None:
@@ -223,7 +549,7 @@ def error_code(code: object) -> str | None:
 
 
 def _add(
-    aggregator: ReportAggregator, status: object, cost: object, stop_mail: object, date: object
+    aggregator: _Reports, status: object, cost: object, stop_mail: object, date: object
 ) -> None:
     aggregator.add(_status(status), _cost(cost), _stop_mail(stop_mail), _date(date))
 
