@@ -22,11 +22,9 @@ import bisect
 import dataclasses
 import sys
 from array import array
-from concurrent.futures import Executor, Future
 from types import MappingProxyType
-from typing import Any
 
-from benchmarks.common import Result, print_results
+from benchmarks.common import InlineExecutor, Result, print_results
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.config import (
     ApiConfig,
@@ -54,13 +52,6 @@ class _Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class _Inline(Executor):
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
 
 
 class ReplayClient:
@@ -124,7 +115,7 @@ def simulate(
     config = Config(file="bench", api=ApiConfig(max_requests_per_minute=BUDGET), polling=polling)
     book = MessageBook(polling, jitter=lambda: 1.0)
     client = ReplayClient(world, config, clock)
-    poller = Poller(config, book, client, clock=clock, executor=_Inline())  # type: ignore[arg-type]
+    poller = Poller(config, book, client, clock=clock, executor=InlineExecutor())  # type: ignore[arg-type]
     gap, next_send, stop_sending = 86400.0 / per_day, 0.0, hours * HOUR
     end = stop_sending + polling.final_after + 2 * HOUR
     while clock.now < end:

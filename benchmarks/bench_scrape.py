@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from types import MappingProxyType
 from typing import Any
 
@@ -31,7 +30,7 @@ import requests
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from benchmarks.common import Result, print_results
+from benchmarks.common import InlineExecutor, Result, print_results
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.client import BULK_STATUS
 from exporter.collector import MailPartnerCollector
@@ -144,15 +143,6 @@ def churn(rng: random.Random, book: MessageBook) -> None:
         book.record_success(message.spec.id, aggregate(rng), NOW)
 
 
-class _Inline(Executor):
-    """Runs each poll at once in the caller's thread, like the tests' InlineExecutor."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
-
-
 class PreparedClient:
     """Answers bulk-status in process with a prepared aggregate: no HTTP, no parsing."""
 
@@ -175,7 +165,7 @@ def polls_per_cpu_second(count: int, rounds: int = 5) -> float:
     book.sync(config.messages, NOW)
     client = PreparedClient({s.id: aggregate(rng, pending=True) for s in config.messages})
     clock = [NOW]
-    poller = Poller(config, book, client, clock=lambda: clock[0], executor=_Inline())  # type: ignore[arg-type]
+    poller = Poller(config, book, client, clock=lambda: clock[0], executor=InlineExecutor())  # type: ignore[arg-type]
     start = time.process_time()
     for _ in range(rounds):
         poller.run_pending()

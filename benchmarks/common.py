@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -27,3 +30,12 @@ def print_results(title: str, results: list[Result]) -> None:
             f"  {r.name:<{width}}  {value:>12} {r.unit:<8} target {r.target:,.0f}  "
             f"{status}  {r.note}"
         )
+
+
+class InlineExecutor(Executor):
+    """Runs each poll at once in the caller's thread: a fake clock stays in step with it."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
