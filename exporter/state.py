@@ -1,13 +1,17 @@
-"""What must survive a restart: each message's phase and last values, and the totals.
+"""What must survive a restart: each message's phase and last values, the totals, and the
+messages registered over HTTP, for each source (upstream API) the exporter polls.
 
-One SQLite file in WAL mode; every ``save`` replaces the whole state in one
-transaction, so a crash at any moment leaves the previous complete state. A file
-that is not this exporter's, is damaged, or comes from a newer version is moved
-aside at ``load`` and a fresh store takes its place: startup never fails on it.
+One SQLite file in WAL mode holds every source; a ``StateStore`` reads and writes only its
+own source's rows, and every ``save`` replaces them in one transaction, so a crash at any
+moment leaves the previous complete state. A file of schema version 1 (one source, before
+registrations) is migrated in place when opened. A file that is not this exporter's, is
+damaged, or comes from a newer version is moved aside at ``load`` and a fresh store takes its
+place: startup never fails on it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -20,29 +24,52 @@ from types import MappingProxyType
 from typing import Any
 
 from exporter.aggregate import MessageAggregate
-from exporter.config import State
+from exporter.config import MessageSpec, State
 
 MEMORY = ":memory:"
+DEFAULT_SOURCE = "bulk_status"  # Mail Partner's; the only source of schema version 1
 APPLICATION_ID = 0x4D504558  # "MPEX" in the file header: marks the file as ours
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # exporter.tracker.Phase values; not imported, as the tracker is this module's caller.
 _PHASES = frozenset({"active", "settled", "final"})
 _MAGIC = b"SQLite format 3\x00"
-_TABLES = frozenset({"meta", "messages", "totals"})
+_TABLES = {  # what each schema version this module reads must have
+    1: frozenset({"meta", "messages", "totals"}),
+    2: frozenset({"sources", "messages", "totals", "registered"}),
+}
 _VOLATILE = "state is kept in memory only and will not survive a restart"
-# meta.value has no declared type, so a REAL such as the cost total stays a REAL.
+# A source without a row in sources has never been saved. registered keeps the order of
+# registration in position.
 _SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
-CREATE TABLE IF NOT EXISTS messages (
-    id TEXT PRIMARY KEY, first_seen REAL NOT NULL, phase TEXT NOT NULL, final_at REAL,
-    last_success REAL, states_json TEXT, statuses_json TEXT, cost REAL, unsubscribed INTEGER,
-    last_report REAL
+CREATE TABLE IF NOT EXISTS sources (
+    source TEXT PRIMARY KEY, cost_total REAL NOT NULL, saved_at REAL NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS totals (state TEXT PRIMARY KEY, recipients INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    source TEXT NOT NULL, id TEXT NOT NULL, first_seen REAL NOT NULL, phase TEXT NOT NULL,
+    final_at REAL, last_success REAL, states_json TEXT, statuses_json TEXT, cost REAL,
+    unsubscribed INTEGER, last_report REAL, PRIMARY KEY (source, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS totals (
+    source TEXT NOT NULL, state TEXT NOT NULL, recipients INTEGER NOT NULL,
+    PRIMARY KEY (source, state)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS registered (
+    source TEXT NOT NULL, position INTEGER NOT NULL, id TEXT NOT NULL, labels_json TEXT NOT NULL,
+    sent_at REAL, PRIMARY KEY (source, position)
+) WITHOUT ROWID;
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {SCHEMA_VERSION};
 """
-_INSERT = "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # in _SCHEMA's order
+# Version 1 had one source, these columns but source, and its sums in meta(key, value).
+_RENAME_V1 = "ALTER TABLE messages RENAME TO messages_v1; ALTER TABLE totals RENAME TO totals_v1"
+_FROM_V1 = """
+INSERT INTO sources SELECT :source, cost.value, saved.value FROM meta AS cost
+    JOIN meta AS saved ON cost.key = 'cost_total' AND saved.key = 'saved_at';
+INSERT INTO messages SELECT :source, * FROM messages_v1;
+INSERT INTO totals SELECT :source, * FROM totals_v1;
+DROP TABLE meta; DROP TABLE messages_v1; DROP TABLE totals_v1
+"""
+_INSERT = "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # in _SCHEMA's order
 
 
 @dataclass(frozen=True)
@@ -61,6 +88,7 @@ class StoredState:
     recipients_total: Mapping[State, int]
     cost_total: float
     saved_at: float
+    registered: tuple[MessageSpec, ...] = ()  # over HTTP, in the order they came
 
 
 class StateStoreError(Exception):
@@ -72,14 +100,22 @@ class _Unusable(Exception):
 
 
 class StateStore:
-    """The state file at ``path``; ``":memory:"`` keeps nothing (every call is a no-op).
+    """``source``'s state in the file at ``path``; ``":memory:"`` keeps nothing (every call is
+    a no-op). Stores of other sources may share the file, even open at the same time.
 
     ``load`` sets ``problem`` when it moved the file aside, or cannot use the path
     (then saves do nothing). ``save`` raises ``StateStoreError`` if the disk refuses.
     """
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        source: str = DEFAULT_SOURCE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
+        self.source = source
         self.problem: str | None = None
         self._clock = clock
         self._lock = threading.Lock()  # save runs in the poll loop, close in the main thread
@@ -92,16 +128,20 @@ class StateStore:
             if not self._opened:
                 return self._open()
             try:  # a second load reads back what this store wrote
-                return None if self._conn is None else _read(self._conn)
+                return None if self._conn is None else _read(self._conn, self.source)
             except (sqlite3.Error, ValueError, TypeError) as e:
                 self.problem = f"state file {self.path} cannot be read ({e})"
                 return None
 
     def save(self, state: StoredState) -> None:
-        """Replace the stored state with ``state``, all or nothing."""
-        messages = [_row(m) for m in state.messages.values()]
-        totals = [(str(s), n) for s, n in state.recipients_total.items()]
-        meta = [("cost_total", state.cost_total), ("saved_at", state.saved_at)]
+        """Replace this source's stored state with ``state``, all or nothing."""
+        source = self.source
+        messages = [(source, *_row(m)) for m in state.messages.values()]
+        totals = [(source, str(s), n) for s, n in state.recipients_total.items()]
+        registered = [
+            (source, i, m.id, json.dumps(dict(m.labels)), m.sent_at)
+            for i, m in enumerate(state.registered)
+        ]
         with self._lock:
             if not self._opened:
                 self._open()
@@ -110,11 +150,14 @@ class StateStore:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.execute("DELETE FROM messages")
+                    conn.execute("DELETE FROM messages WHERE source = ?", (source,))
                     conn.executemany(_INSERT, messages)
-                    conn.execute("DELETE FROM totals")
-                    conn.executemany("INSERT INTO totals VALUES (?, ?)", totals)
-                    conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
+                    conn.execute("DELETE FROM totals WHERE source = ?", (source,))
+                    conn.executemany("INSERT INTO totals VALUES (?, ?, ?)", totals)
+                    conn.execute("DELETE FROM registered WHERE source = ?", (source,))
+                    conn.executemany("INSERT INTO registered VALUES (?, ?, ?, ?, ?)", registered)
+                    sums = (source, state.cost_total, state.saved_at)
+                    conn.execute("INSERT OR REPLACE INTO sources VALUES (?, ?, ?)", sums)
                     conn.execute("COMMIT")
                 finally:
                     if conn.in_transaction:
@@ -138,7 +181,7 @@ class StateStore:
             return None
         state = None
         try:
-            state = _read_file(self.path)
+            state = _read_file(self.path, self.source)
         except _Unusable as bad:
             kind, what = bad.args
             try:
@@ -179,8 +222,8 @@ def _unfit(directory: str) -> str:
     return "" if os.access(directory, os.W_OK) else "is not writable"
 
 
-def _read_file(path: str) -> StoredState | None:
-    """Read ``path`` if it is an intact state file of ours; ``_Unusable`` if it is not."""
+def _read_file(path: str, source: str) -> StoredState | None:
+    """``source``'s state if ``path`` is an intact state file of ours; ``_Unusable`` if not."""
     if not os.path.exists(path):
         return None
     with open(path, "rb") as f:
@@ -206,9 +249,9 @@ def _read_file(path: str) -> StoredState | None:
         check = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
         if check != ["ok"]:
             raise _Unusable("corrupt", f"is corrupt ({'; '.join(check)})")
-        if version != SCHEMA_VERSION or not tables >= _TABLES:
+        if version not in _TABLES or not tables >= _TABLES[version]:
             raise _Unusable("corrupt", f"is corrupt (schema version {version}, missing tables)")
-        return _read(conn)
+        return _read_every_source(conn, source)
     except (ValueError, TypeError) as e:
         raise _Unusable("corrupt", f"is corrupt (unreadable data: {e})") from e
     except sqlite3.DatabaseError as e:
@@ -225,29 +268,55 @@ def _connect(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: atomic, and durable past a crash
         # Also a write on every start: a file that cannot take one is found now, not at save.
-        conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        conn.execute("BEGIN IMMEDIATE")
+        _migrate(conn)
+        conn.execute("COMMIT")
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def _read(conn: sqlite3.Connection) -> StoredState | None:
-    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    if "saved_at" not in meta:
-        return None  # created, never saved
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to this version, in the caller's transaction (executescript commits)."""
+    from_v1 = conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    script = f"{_RENAME_V1}; {_SCHEMA}; {_FROM_V1}" if from_v1 else _SCHEMA
+    for statement in script.split(";"):
+        conn.execute(statement, {"source": DEFAULT_SOURCE})
+
+
+def _read_every_source(conn: sqlite3.Connection, source: str) -> StoredState | None:
+    """``source``'s state, once every source's reads: the file is moved aside for all or none."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        with contextlib.closing(sqlite3.connect(MEMORY, isolation_level=None)) as copy:
+            conn.backup(copy)  # the file itself is migrated by _connect, in one transaction
+            _migrate(copy)
+            return _read_every_source(copy, source)
+    sources = [row[0] for row in conn.execute("SELECT source FROM sources")]
+    return {s: _read(conn, s) for s in sources}.get(source)
+
+
+def _read(conn: sqlite3.Connection, source: str) -> StoredState | None:
+    key = (source,)
+    sums = conn.execute("SELECT cost_total, saved_at FROM sources WHERE source = ?", key)
+    if (saved := sums.fetchone()) is None:
+        return None  # never saved
     messages = {}
-    for row in conn.execute("SELECT * FROM messages"):
-        message = _message(row)
+    for row in conn.execute("SELECT * FROM messages WHERE source = ?", key):
+        message = _message(row[1:])
         messages[message.id] = message
     totals = dict.fromkeys(State, 0)
-    for state, count in conn.execute("SELECT state, recipients FROM totals"):
+    for state, count in conn.execute("SELECT state, recipients FROM totals WHERE source = ?", key):
         totals[State(state)] = int(count)
+    registered = conn.execute(
+        "SELECT id, labels_json, sent_at FROM registered WHERE source = ? ORDER BY position", key
+    )
     return StoredState(
         messages=MappingProxyType(messages),
         recipients_total=MappingProxyType(totals),
-        cost_total=float(meta["cost_total"]),
-        saved_at=float(meta["saved_at"]),
+        cost_total=float(saved[0]),
+        saved_at=float(saved[1]),
+        registered=tuple(_spec(*row) for row in registered),
     )
 
 
@@ -281,11 +350,20 @@ def _message(row: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(str(id_), first, str(phase), final, success, aggregate)
 
 
+def _spec(id_: Any, labels: str, sent_at: Any) -> MessageSpec:
+    by_name = {k: str(v) for k, v in _object(labels, "labels").items()}
+    return MessageSpec(str(id_), MappingProxyType(by_name), _optional(sent_at))
+
+
 def _counts(text: str) -> dict[str, int]:
-    counts = json.loads(text)
-    if not isinstance(counts, dict):
-        raise TypeError(f"expected counts, got {text[:40]!r}")
-    return {str(k): int(v) for k, v in counts.items()}
+    return {k: int(v) for k, v in _object(text, "counts").items()}
+
+
+def _object(text: str, what: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise TypeError(f"expected {what}, got {text[:40]!r}")
+    return value
 
 
 def _optional(value: Any) -> float | None:

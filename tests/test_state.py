@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -18,7 +19,7 @@ from types import MappingProxyType
 import pytest
 
 from exporter.aggregate import OTHER_STATUS, MessageAggregate
-from exporter.config import State
+from exporter.config import MessageSpec, State
 from exporter.state import MEMORY, StateStore, StoredMessage, StoredState
 from exporter.tracker import Phase
 from tests.conftest import START, FakeClock
@@ -26,6 +27,37 @@ from tests.conftest import START, FakeClock
 REPO = Path(__file__).parent.parent
 STAMP = "20261126T100000Z"  # START, as moved-aside files are named
 VOLATILE = "state is kept in memory only and will not survive a restart"
+SMS = "smspartner_bulk_status"
+# What version 1 of exporter/state.py created, verbatim: the migration starts from it.
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY, first_seen REAL NOT NULL, phase TEXT NOT NULL, final_at REAL,
+    last_success REAL, states_json TEXT, statuses_json TEXT, cost REAL, unsubscribed INTEGER,
+    last_report REAL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS totals (state TEXT PRIMARY KEY, recipients INTEGER NOT NULL);
+PRAGMA application_id = 1297106264;
+PRAGMA user_version = 1;
+"""
+V1_MESSAGES = [
+    ("300", START, "active", None, None, None, None, None, None, None),
+    (
+        "302",
+        START + 2,
+        "settled",
+        None,
+        START + 95.5,
+        '{"delivered": 1058, "failed": 176, "pending": 0, "unknown": 0}',
+        '{"delivered": 1058, "not delivered": 176, "other": 0}',
+        12.957,
+        24,
+        START + 1236.25,
+    ),
+    ("304", START - 9, "final", START + 3.25, None, None, None, None, None, None),
+]
+V1_TOTALS = [("delivered", 1101), ("failed", 180), ("pending", 0), ("unknown", 3)]
+V1_META = [("cost_total", 12.9885), ("saved_at", START + 7300.125)]
 
 
 def aggregate(n: int, pending: int = 0) -> MessageAggregate:
@@ -88,8 +120,43 @@ def realistic_state() -> StoredState:
     )
 
 
-def reopen(path: Path) -> tuple[StoredState | None, str | None]:
-    store = StateStore(str(path))
+def sms_state() -> StoredState:
+    """SMS Partner's state: a message ID that Mail Partner's state has too, other values."""
+    messages = [
+        StoredMessage("301", START + 4, Phase.FINAL, START + 600, START + 600, aggregate(3)),
+        StoredMessage("sms-9", START + 5, Phase.ACTIVE, None, None, None),
+    ]
+    return StoredState(
+        messages={m.id: m for m in messages},
+        recipients_total={**dict.fromkeys(State, 0), State.DELIVERED: 3},
+        cost_total=0.0315,
+        saved_at=START + 650.5,
+        registered=(MessageSpec("sms-9", MappingProxyType({"campaign": "rappel"}), START + 5),),
+    )
+
+
+def v1_state() -> StoredState:
+    """What the file of ``_v1_file`` holds."""
+    counts = {State.DELIVERED: 1058, State.FAILED: 176, State.PENDING: 0, State.UNKNOWN: 0}
+    statuses = {"delivered": 1058, "not delivered": 176, OTHER_STATUS: 0}
+    settled = MessageAggregate(
+        MappingProxyType(counts), MappingProxyType(statuses), 12.957, 24, START + 1236.25
+    )
+    messages = [
+        StoredMessage("300", START, Phase.ACTIVE, None, None, None),
+        StoredMessage("302", START + 2, Phase.SETTLED, None, START + 95.5, settled),
+        StoredMessage("304", START - 9, Phase.FINAL, START + 3.25, None, None),
+    ]
+    return StoredState(
+        messages={m.id: m for m in messages},
+        recipients_total={State(s): n for s, n in V1_TOTALS},
+        cost_total=12.9885,
+        saved_at=START + 7300.125,
+    )
+
+
+def reopen(path: Path, source: str = "bulk_status") -> tuple[StoredState | None, str | None]:
+    store = StateStore(str(path), source=source)
     try:
         return store.load(), store.problem
     finally:
@@ -195,10 +262,37 @@ def _bad_row(path: Path) -> None:
     conn.close()
 
 
+def _bad_row_of_another_source(path: Path) -> None:
+    store = StateStore(str(path), source=SMS)
+    store.save(sms_state())
+    store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE messages SET phase = 'paused' WHERE id = 'sms-9'")
+    conn.close()
+
+
+def _v1_file(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(V1_SCHEMA)
+    with conn:
+        conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", V1_MESSAGES)
+        conn.executemany("INSERT INTO totals VALUES (?, ?)", V1_TOTALS)
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", V1_META)
+    conn.close()
+
+
+def _v1_bad_row(path: Path) -> None:
+    _v1_file(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE messages SET phase = 'paused' WHERE id = '302'")
+    conn.close()
+
+
 def _newer_schema(path: Path) -> None:
     _saved(path)
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute("PRAGMA user_version = 3")
     conn.close()
 
 
@@ -212,6 +306,16 @@ def _newer_schema(path: Path) -> None:
             _bad_row,
             "corrupt",
             re.escape("is corrupt (unreadable data: message m3: unknown phase 'paused')"),
+        ),
+        (
+            _bad_row_of_another_source,
+            "corrupt",
+            re.escape("is corrupt (unreadable data: message sms-9: unknown phase 'paused')"),
+        ),
+        (
+            _v1_bad_row,  # left as it was: the migration is tried on a copy
+            "corrupt",
+            re.escape("is corrupt (unreadable data: message 302: unknown phase 'paused')"),
         ),
         (
             _foreign_tables,
@@ -230,7 +334,7 @@ def _newer_schema(path: Path) -> None:
         (
             _newer_schema,
             "newer",
-            re.escape("was written by a newer exporter (schema version 2, this one reads up to 1)"),
+            re.escape("was written by a newer exporter (schema version 3, this one reads up to 2)"),
         ),
     ],
     ids=[
@@ -238,6 +342,8 @@ def _newer_schema(path: Path) -> None:
         "short-header",
         "truncated",
         "bad-row",
+        "other-source-bad-row",
+        "v1-bad-row",
         "foreign-tables",
         "foreign-id",
         "newer",
@@ -261,6 +367,92 @@ def test_a_file_that_is_not_ours_is_moved_aside(
     store.save(realistic_state())  # a working, empty store took its place
     store.close()
     assert reopen(path) == (realistic_state(), None)
+
+
+def test_two_sources_share_a_file_without_touching_each_other(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    mail, sms = StateStore(str(path)), StateStore(str(path), source=SMS)
+    assert mail.load() is None
+    assert sms.load() is None
+    mail.save(realistic_state())
+    sms.save(sms_state())
+    assert reopen(path) == (realistic_state(), None)
+    assert reopen(path, SMS) == (sms_state(), None)
+
+    fewer = dataclasses.replace(
+        realistic_state(), messages={"301": sms_state().messages["301"]}, saved_at=START + 9000
+    )
+    mail.save(fewer)  # both stores still open
+    assert mail.load() == fewer
+    assert sms.load() == sms_state()
+    mail.close()
+    sms.close()
+    assert reopen(path) == (fewer, None)
+    assert reopen(path, SMS) == (sms_state(), None)
+    assert reopen(path, "another_source") == (None, None)
+
+
+def test_registered_messages_survive_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    registered = (
+        MessageSpec("r-20", MappingProxyType({"campaign": "Noël", "team": "crm"}), START - 60.5),
+        MessageSpec("r-3"),  # no labels, no sent_at
+        MessageSpec("r-100", MappingProxyType({"z": "last", "a": "first"}), START),
+    )
+    store = StateStore(str(path))
+    store.load()
+    store.save(dataclasses.replace(realistic_state(), registered=registered))
+    store.close()
+
+    loaded, problem = reopen(path)
+    assert problem is None
+    assert loaded == dataclasses.replace(realistic_state(), registered=registered)
+    assert [m.id for m in loaded.registered] == ["r-20", "r-3", "r-100"]
+    assert list(loaded.registered[2].labels) == ["z", "a"]
+
+    store = StateStore(str(path))
+    store.load()
+    store.save(dataclasses.replace(realistic_state(), registered=registered[:0:-1]))
+    store.close()
+    loaded, _ = reopen(path)
+    assert loaded is not None
+    assert loaded.registered == (registered[2], registered[1])
+
+
+def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    _v1_file(path)
+    assert reopen(path) == (v1_state(), None)
+
+    conn = sqlite3.connect(path)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+    assert tables == {"sources", "messages", "totals", "registered"}
+    assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+    rows = conn.execute("SELECT source, count(*) FROM messages GROUP BY source").fetchall()
+    assert rows == [("bulk_status", 3)]
+    conn.close()
+    assert not list(tmp_path.glob("state.db.*"))  # migrated, not moved aside
+    assert reopen(path) == (v1_state(), None)  # now as version 2
+    assert reopen(path, SMS) == (None, None)  # version 1 held Mail Partner's only
+
+
+def test_rows_of_an_unknown_source_are_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    other = StateStore(str(path), source="fax_status")
+    other.load()
+    other.save(sms_state())
+    other.close()
+    with sqlite3.connect(path) as conn:  # rows of a source never saved: not read
+        conn.execute("INSERT INTO totals VALUES ('telex', 'delivered', 5)")
+    conn.close()
+
+    assert reopen(path) == (None, None)
+    store = StateStore(str(path))
+    store.load()
+    store.save(realistic_state())
+    store.close()
+    assert reopen(path) == (realistic_state(), None)
+    assert reopen(path, "fax_status") == (sms_state(), None)
 
 
 def test_moving_aside_twice_in_one_second_keeps_both(tmp_path: Path, clock: FakeClock) -> None:
