@@ -239,20 +239,73 @@ def test_error_codes(
     assert "wrong" not in response.text and KEY not in response.text
 
 
-def test_me_reports_the_balance_left_after_sends(
+def test_me_reports_credits_in_sms_partners_layout(
     world: World, server: SimulatorServer, session: requests.Session
 ) -> None:
-    world.send(1000, cost_per_recipient=0.0105)
-    world.send(200, cost_per_recipient=0.05)
-    body = get(session, server, "me", apiKey=KEY).json()
-    assert body["success"] is True and body["code"] == 200
-    assert body["user"] == {"username": "demo"}
-    assert body["credits"]["balance"] == pytest.approx(500 - 10.5 - 10)
-    assert isinstance(body["credits"]["mailCredits"], int)
+    world.send(1000)
+    response = get(session, server, "me", apiKey=KEY)
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.text == (
+        '{"success":true,"code":200,'
+        '"user":{"username":"demo","firstname":"Demo","lastname":"Simulator"},'
+        '"credits":{"creditMail":99000,"toSend":1000,"solde":"489.500","currency":"EUR",'
+        '"balance":"489.500"}}'
+    )
+    xml = get(session, server, "me", apiKey=KEY, _format="xml")
+    assert "<![CDATA[489.500]]>" in xml.text
+    assert xml_values(ET.fromstring(xml.content)) == [
+        "true",
+        "200",
+        ["demo", "Demo", "Simulator"],
+        ["99000", "1000", "489.500", "EUR", "489.500"],
+    ]
     assert get(session, server, "me").json()["code"] == 1
     assert get(session, server, "me", apiKey="wrong").json()["code"] == 10
-    xml = get(session, server, "me", apiKey=KEY, _format="xml")
-    assert xml_values(ET.fromstring(xml.content))[:3] == ["true", "200", ["demo"]]
+
+
+def test_me_credits_drop_by_exactly_what_a_new_send_uses(
+    world: World, server: SimulatorServer, session: requests.Session, clock: FakeClock
+) -> None:
+    world.send(1000, sent_at=T0 - HOURS_48, cost_per_recipient=0.05)
+    before = get(session, server, "me", apiKey=KEY).json()["credits"]
+    assert before == {
+        "creditMail": 99000,
+        "toSend": 0,
+        "solde": "450.000",
+        "currency": "EUR",
+        "balance": "450.000",
+    }
+    base = server.url.removesuffix("/v1")
+    assert session.post(f"{base}/sim/send", json={"recipients": 250}).ok
+
+    after = get(session, server, "me", apiKey=KEY).json()["credits"]
+    assert after["creditMail"] == 99000 - 250
+    assert after["solde"] == after["balance"] == "447.375"  # 250 x 0.0105 = 2.625 less
+    assert after["toSend"] == 250, "every new recipient waits for its report"
+
+
+def test_me_to_send_falls_as_reports_arrive(
+    world: World, server: SimulatorServer, session: requests.Session, clock: FakeClock
+) -> None:
+    sent = world.send(2000)
+    world.send(300, sent_at=T0 - 600)
+
+    def to_send() -> int:
+        credits = get(session, server, "me", apiKey=KEY).json()["credits"]
+        assert credits["creditMail"] == 100_000 - 2300, "arrivals never give credits back"
+        return int(credits["toSend"])
+
+    seen = [to_send()]
+    for step in (5, 60, 3600, HOURS_48):
+        clock.advance(step)
+        seen.append(to_send())
+        assert seen[-1] == world.waiting()
+        assert seen[-1] == sum(
+            r.status == "Waiting" for s in world.sends() for r in world.reports(s.message_id)
+        )
+    assert seen[0] > 2000 and seen == sorted(seen, reverse=True) and seen[-1] == 0
+    assert len(set(seen)) == len(seen), seen
+    assert tally(world.reports(sent.message_id))["Waiting"] == 0
 
 
 # --- rate limit and faults -----------------------------------------------------------------

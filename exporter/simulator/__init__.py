@@ -1,7 +1,8 @@
 """A simulated Mail Partner API: deterministic sends whose recipient reports evolve over time.
 
 ``World`` holds the sends, ``SimulatorServer`` serves them over HTTP like api.mailpartner.fr
-(with fault knobs), and ``DemoCampaign`` fills a world with sends of every age.
+(with fault knobs), and a second world's like its sister api.smspartner.fr under
+``/smspartner/v1``; ``DemoCampaign`` fills a world with sends of every age.
 """
 
 from exporter.simulator.control import Faults

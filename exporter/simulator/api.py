@@ -1,8 +1,17 @@
-"""What api.mailpartner.fr answers on ``/v1``, computed from a World (no sockets here)."""
+"""What the upstream APIs answer, computed from a World (no sockets here).
+
+``PartnerApi`` holds what Mail Partner and its sister SMS Partner (``sms.py``) share: the key
+check, the error envelope and codes, and their order.  Each flavour renders its own payloads.
+``/me`` uses SMS Partner's documented layout for both, since Mail Partner's is undocumented;
+its credits derive from the sends so that tests can predict them: a fixed starting allowance
+less one per recipient sent, a starting balance less every send's cost, and ``toSend`` the
+recipients still waiting for their report right now.
+"""
 
 from __future__ import annotations
 
 import hmac
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,8 +33,8 @@ ERROR_MESSAGES: Mapping[int, str] = {
     429: "Too many requests",
 }
 STARTING_BALANCE = 500.0
-# Price used to turn the euro balance into a count of e-mails the account can still send.
-MAIL_PRICE = 0.0105
+STARTING_MAIL_CREDITS = 100_000
+USER: Mapping[str, str] = {"username": "demo", "firstname": "Demo", "lastname": "Simulator"}
 
 Query = Mapping[str, str]
 
@@ -38,6 +47,29 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What an account's sends have used up so far."""
+
+    recipients: int
+    cost: float
+    waiting: int  # recipients whose report has not arrived yet
+
+    @classmethod
+    def of(cls, world: World) -> Usage:
+        sends = world.sends()
+        return cls(
+            recipients=sum(s.recipients for s in sends),
+            cost=sum(s.recipients * s.cost_per_recipient for s in sends),
+            waiting=world.waiting(),
+        )
+
+
+def money(amount: float) -> str:
+    """A euro amount as ``/me`` writes it: a string with three decimals."""
+    return f"{amount:.3f}"
+
+
 def wants_xml(query: Query) -> bool:
     return query.get("_format", "").lower() == "xml"
 
@@ -45,7 +77,7 @@ def wants_xml(query: Query) -> bool:
 def error_reply(
     code: int, query: Query, *, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Reply:
-    """The upstream error document; Mail Partner reports API errors with HTTP 200."""
+    """The upstream error document; both APIs report API errors with HTTP 200."""
     message = ERROR_MESSAGES.get(code, "Une erreur est survenue")
     extra = dict(headers or {})
     if wants_xml(query):
@@ -60,11 +92,11 @@ def _success(payload: Payload, query: Query) -> Reply:
     return Reply(200, JSON_CONTENT_TYPE, render_json(payload))
 
 
-class UpstreamApi:
+class PartnerApi(ABC):
     """The two endpoints the exporter uses, with upstream's error codes and their order."""
 
     def __init__(self, world: World, api_key: str) -> None:
-        self._world = world
+        self.world = world
         self._api_key = api_key.encode()
 
     def bulk_status(self, query: Query, *, reject_key: bool = False) -> Reply:
@@ -74,8 +106,47 @@ class UpstreamApi:
         message_id = query.get("messageId", "")
         if not message_id:
             return error_reply(3, query)
-        if self._world.get(message_id) is None:
+        if self.world.get(message_id) is None:
             return error_reply(4, query)
+        return _success(self.status_payload(message_id), query)
+
+    def me(self, query: Query, *, reject_key: bool = False) -> Reply:
+        key_error = self._key_error(query, reject_key)
+        if key_error is not None:
+            return error_reply(key_error, query)
+        payload = {
+            "success": True,
+            "code": 200,
+            "user": dict(USER),
+            "credits": self.credits(Usage.of(self.world)),
+        }
+        return _success(payload, query)
+
+    @abstractmethod
+    def status_payload(self, message_id: str) -> Payload:
+        """The bulk-status document of a message known to exist."""
+
+    @abstractmethod
+    def credits(self, usage: Usage) -> Payload:
+        """``/me``'s ``credits`` object once ``usage`` is spent."""
+
+    def _key_error(self, query: Query, reject_key: bool) -> int | None:
+        key = query.get("apiKey", "")
+        if not key:
+            return 1
+        if reject_key or not hmac.compare_digest(key.encode(), self._api_key):
+            return 10
+        return None
+
+
+class MailPartnerApi(PartnerApi):
+    """api.mailpartner.fr ``/v1``.
+
+    ``/me`` answers, e.g.: ``"credits": {"creditMail": 99000, "toSend": 0, "solde": "489.500",
+    "currency": "EUR", "balance": "489.500"}``.
+    """
+
+    def status_payload(self, message_id: str) -> Payload:
         reports = [
             {
                 "email": report.email,
@@ -85,34 +156,21 @@ class UpstreamApi:
                 "stopMail": report.stop_mail,
                 "date": str(report.date),
             }
-            for report in self._world.reports(message_id)
+            for report in self.world.reports(message_id)
         ]
-        payload = {
+        return {
             "success": True,
             "code": 200,
             "messageId": message_id,
             "StatutResponseList": reports,
         }
-        return _success(payload, query)
 
-    def me(self, query: Query, *, reject_key: bool = False) -> Reply:
-        key_error = self._key_error(query, reject_key)
-        if key_error is not None:
-            return error_reply(key_error, query)
-        spent = sum(s.recipients * s.cost_per_recipient for s in self._world.sends())
-        balance = round(STARTING_BALANCE - spent, 4)
-        payload = {
-            "success": True,
-            "code": 200,
-            "user": {"username": "demo"},
-            "credits": {"balance": balance, "mailCredits": max(0, int(balance / MAIL_PRICE))},
+    def credits(self, usage: Usage) -> Payload:
+        balance = money(STARTING_BALANCE - usage.cost)
+        return {
+            "creditMail": max(0, STARTING_MAIL_CREDITS - usage.recipients),
+            "toSend": usage.waiting,
+            "solde": balance,
+            "currency": "EUR",
+            "balance": balance,
         }
-        return _success(payload, query)
-
-    def _key_error(self, query: Query, reject_key: bool) -> int | None:
-        key = query.get("apiKey", "")
-        if not key:
-            return 1
-        if reject_key or not hmac.compare_digest(key.encode(), self._api_key):
-            return 10
-        return None

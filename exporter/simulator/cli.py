@@ -1,4 +1,5 @@
-"""``mailpartner-simulator``: serve a simulated api.mailpartner.fr until SIGINT or SIGTERM."""
+"""``mailpartner-simulator``: serve a simulated api.mailpartner.fr, and api.smspartner.fr beside
+it, until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
@@ -24,13 +25,19 @@ def _address(value: str) -> tuple[str, int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mailpartner-simulator",
-        description="Serve a simulated Mail Partner API (bulk-status, me) for demos and tests.",
+        description=(
+            "Serve a simulated Mail Partner API (bulk-status, me) for demos and tests,"
+            " and SMS Partner's under /smspartner/v1."
+        ),
     )
     parser.add_argument(
         "--listen", type=_address, default="127.0.0.1:10028", help="HOST:PORT to serve on"
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the simulated world")
     parser.add_argument("--api-key", default="demo-key", help="the only API key accepted")
+    parser.add_argument(
+        "--sms-api-key", default="demo-sms-key", help="the only key SMS Partner's API accepts"
+    )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to answers")
     parser.add_argument("--rate-limit-per-minute", type=int, default=2000, help="per client IP")
     parser.add_argument(
@@ -54,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             host=host,
             port=port,
             api_key=args.api_key,
+            sms_api_key=args.sms_api_key,
             rate_limit_per_minute=args.rate_limit_per_minute,
             faults=Faults(latency=args.latency),
         )
@@ -74,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     with server:
         ids = " ".join(sent.message_id for sent in sends) or "none yet (POST /sim/send)"
         print(f"mailpartner-simulator listening on {server.url}; message IDs: {ids}", flush=True)
+        print(
+            f'SMS Partner API on {server.sms_url}; sends: POST /sim/send "api": "sms"', flush=True
+        )
         while not stopping.wait(1.0):
             for sent in campaign.due() if campaign else []:
                 print(

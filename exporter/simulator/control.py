@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from typing import TypedDict, TypeVar, cast, get_args, get_type_hints
 
 RATE_LIMIT_STYLES = ("http", "json")
+MAIL, SMS = "mail", "sms"
+APIS = (MAIL, SMS)
 
 T = TypeVar("T")
 
 
 @dataclass
 class Faults:
-    """Mutable knobs, read afresh by every ``/v1`` request."""
+    """Mutable knobs, read afresh by every API request of the flavour they belong to."""
 
     latency: float = 0.0
     error_code: int | None = None
@@ -49,26 +51,43 @@ def _typed(name: str, value: object, hint: object) -> object:
     return value
 
 
-def apply_faults(faults: Faults, body: bytes) -> None:
-    """Set the knobs named in a JSON object; nothing changes if any of them is invalid."""
+def parse_api(value: object) -> str | None:
+    """The flavour an ``api`` field or parameter names (``mail`` or ``sms``); None if absent."""
+    if value is None:
+        return None
+    if value not in APIS:
+        raise ValueError(f"api must be one of {APIS}, got {value!r}")
+    return value
+
+
+def apply_faults(faults: Mapping[str, Faults], body: bytes) -> Faults:
+    """Set the knobs named in a JSON object on the flavour its ``api`` names, or on every
+    flavour without one; nothing changes if any of them is invalid.  Returns the knobs of
+    the flavour named, Mail Partner's without one."""
+    document = _json_object(body)
+    api = parse_api(document.pop("api", None))
     hints = get_type_hints(Faults)
     changes = {}
-    for name, value in _json_object(body).items():
+    for name, value in document.items():
         if name not in hints:
             raise ValueError(f"unknown fault {name!r}")
         changes[name] = _typed(name, value, hints[name])
     if changes.get("rate_limit_style", "http") not in RATE_LIMIT_STYLES:
         raise ValueError(f"rate_limit_style must be one of {RATE_LIMIT_STYLES}")
-    for name, value in changes.items():
-        setattr(faults, name, value)
+    for target in faults.values() if api is None else (faults[api],):
+        for name, value in changes.items():
+            setattr(target, name, value)
+    return faults[api or MAIL]
 
 
-def parse_send(body: bytes) -> tuple[int, SendOptions]:
-    """``{"recipients": N, "campaign"?, "sent_at"?, "messageId"?}`` as ``World.send`` arguments."""
+def parse_send(body: bytes) -> tuple[str, int, SendOptions]:
+    """``{"recipients": N, "campaign"?, "sent_at"?, "messageId"?, "api"?}`` as the flavour
+    to send on (Mail Partner without ``api``) and ``World.send`` arguments."""
     document = _json_object(body)
-    unknown = document.keys() - {"recipients", "campaign", "sent_at", "messageId"}
+    unknown = document.keys() - {"recipients", "campaign", "sent_at", "messageId", "api"}
     if unknown:
         raise ValueError(f"unknown fields {sorted(unknown)}")
+    api = parse_api(document.get("api")) or MAIL
     options = SendOptions()
     if "campaign" in document:
         options["campaign"] = _field(document, "campaign", str)
@@ -76,7 +95,7 @@ def parse_send(body: bytes) -> tuple[int, SendOptions]:
         options["sent_at"] = _field(document, "sent_at", float)
     if "messageId" in document:
         options["message_id"] = _field(document, "messageId", str)
-    return _field(document, "recipients", int), options
+    return api, _field(document, "recipients", int), options
 
 
 def _field(document: Mapping[str, object], name: str, kind: type[T]) -> T:

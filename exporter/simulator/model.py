@@ -1,4 +1,5 @@
-"""The simulated Mail Partner account: sends and how their recipient reports evolve.
+"""The simulated Mail Partner account: sends and how their recipient reports evolve.  An SMS
+Partner account is a World too, read in that API's words by ``sms.py``.
 
 Every recipient's fate (arrival delay, outcome, unsubscribe flag, token) is drawn once per
 message from ``random.Random(f"{seed}:{message_id}")``, so the same seed always replays the
@@ -100,9 +101,13 @@ def _draw_fates(seed: int, message_id: str, recipients: int) -> _Fates:
 class World:
     """All sends of the simulated account; thread-safe."""
 
-    def __init__(self, seed: int = 1, clock: Clock = time.time) -> None:
+    def __init__(
+        self, seed: int = 1, clock: Clock = time.time, *, cost_per_recipient: float = 0.0105
+    ) -> None:
         self.seed = seed
         self.clock = clock
+        # What a send costs per recipient unless it says otherwise: this account's price.
+        self.cost_per_recipient = cost_per_recipient
         self._lock = threading.Lock()
         self._sends: dict[str, SimulatedSend] = {}
         self._fates: dict[str, _Fates] = {}
@@ -115,11 +120,13 @@ class World:
         sent_at: float | None = None,
         message_id: str | None = None,
         campaign: str = "demo",
-        cost_per_recipient: float = 0.0105,
+        cost_per_recipient: float | None = None,
     ) -> SimulatedSend:
         if recipients < 0:
             raise ValueError(f"recipients must be >= 0, got {recipients}")
         when = self.clock() if sent_at is None else sent_at
+        if cost_per_recipient is None:
+            cost_per_recipient = self.cost_per_recipient
         with self._lock:
             if message_id is None:
                 message_id = next(i for i in map(str, self._next_id) if i not in self._sends)
@@ -156,6 +163,18 @@ class World:
                 stop_mail == 1,
                 int(sent.sent_at + delay) if arrived else sent_date,
             )
+
+    def waiting(self, at: float | None = None) -> int:
+        """How many recipients, over every send, still read ``Waiting`` at ``at``."""
+        now = self.clock() if at is None else at
+        total = 0
+        for sent in self.sends():
+            elapsed = now - sent.sent_at
+            if elapsed >= MAX_DELAY:
+                continue  # every report is in; no need to draw (or keep) its fates
+            _, fates = self._lookup(sent.message_id)
+            total += sum(1 for delay in fates.delays if delay > elapsed)
+        return total
 
     def truth(self, message_id: str, at: float | None = None) -> Truth:
         """What a correct consumer must compute from ``reports(message_id, at)``."""

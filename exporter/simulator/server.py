@@ -1,9 +1,22 @@
-"""The simulated api.mailpartner.fr on a loopback socket, with fault knobs and test controls.
+"""The simulated api.mailpartner.fr and api.smspartner.fr on one loopback socket, with fault
+knobs and test controls.
 
-A ``/v1`` request goes through, in order: ``latency`` sleep, forced ``http_status`` (an
+Mail Partner answers under ``/v1`` (``url``) and SMS Partner under ``/smspartner/v1``
+(``sms_url``).  Each flavour has its own world of sends (``world``, ``sms_world``), API key,
+fault knobs (``faults``, ``sms_faults``), per-IP sliding-window rate limit and stats
+(``stats()``, ``sms_stats()``).
+
+An API request goes through, in order: ``latency`` sleep, forced ``http_status`` (an
 HTML page, as a proxy in front of the API would send), the per-IP rate limit, forced
 ``error_code``, then the real answer; ``invalid_body`` finally truncates whatever JSON or XML
-body came out.  ``/sim/*`` control requests skip all of that and are not counted in stats.
+body came out.  ``/sim/*`` control requests skip all of that and are not counted in stats:
+
+- ``POST /sim/faults`` sets knobs from a JSON object, on both flavours, or only on one with
+  ``"api": "mail"`` or ``"api": "sms"``; it answers that flavour's knobs (Mail Partner's when
+  no ``api`` is given).
+- ``POST /sim/send`` creates a send from ``{"recipients": N, "campaign"?, "sent_at"?,
+  "messageId"?}`` and answers ``{"messageId": ...}``; with ``"api": "sms"`` an SMS Partner one.
+- ``GET /sim/stats`` answers Mail Partner's stats, ``GET /sim/stats?api=sms`` SMS Partner's.
 """
 
 from __future__ import annotations
@@ -19,15 +32,23 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from exporter.simulator.api import Query, Reply, UpstreamApi, error_reply
-from exporter.simulator.control import Faults, apply_faults, parse_send
+from exporter.simulator.api import MailPartnerApi, PartnerApi, Query, Reply, error_reply
+from exporter.simulator.control import MAIL, SMS, Faults, apply_faults, parse_api, parse_send
 from exporter.simulator.formats import JSON_CONTENT_TYPE
 from exporter.simulator.model import World
+from exporter.simulator.sms import SmsPartnerApi, sms_world_beside
 from exporter.simulator.traffic import SimulatorStats, SlidingWindowLimiter, TrafficRecorder
 
 __all__ = ["Faults", "SimulatorServer", "SimulatorStats"]
 
-_V1_ENDPOINTS = {"/v1/bulk-status": "bulk-status", "/v1/me": "me"}
+SMS_PREFIX = "/smspartner"
+# Path -> (flavour, endpoint name in stats).
+_ROUTES = {
+    "/v1/bulk-status": (MAIL, "bulk-status"),
+    "/v1/me": (MAIL, "me"),
+    f"{SMS_PREFIX}/v1/bulk-status": (SMS, "bulk-status"),
+    f"{SMS_PREFIX}/v1/me": (SMS, "me"),
+}
 
 
 def _html_reply(status: int) -> Reply:
@@ -43,6 +64,29 @@ def _json_reply(status: int, payload: object) -> Reply:
     return Reply(status, JSON_CONTENT_TYPE, json.dumps(payload).encode())
 
 
+@dataclasses.dataclass(frozen=True)
+class _Flavour:
+    """One upstream API on the socket, with its own rate limit and request bookkeeping."""
+
+    api: PartnerApi
+    limiter: SlidingWindowLimiter
+    traffic: TrafficRecorder = dataclasses.field(default_factory=TrafficRecorder)
+
+    def answer(
+        self, endpoint: str, query: Query, faults: Faults, *, client: str, now: float
+    ) -> Reply:
+        """The rate limit, a forced error code, then the API's own answer."""
+        if not self.limiter.admit(client, now):
+            headers = {} if faults.retry_after is None else {"Retry-After": str(faults.retry_after)}
+            status = 429 if faults.rate_limit_style == "http" else 200
+            return error_reply(429, query, status=status, headers=headers)
+        if faults.error_code is not None:
+            return error_reply(faults.error_code, query)
+        if endpoint == "me":
+            return self.api.me(query, reject_key=faults.reject_key)
+        return self.api.bulk_status(query, reject_key=faults.reject_key)
+
+
 class SimulatorServer:
     def __init__(
         self,
@@ -53,12 +97,23 @@ class SimulatorServer:
         api_key: str = "demo-key",
         rate_limit_per_minute: int = 2000,
         faults: Faults | None = None,
+        sms_world: World | None = None,
+        sms_api_key: str = "demo-sms-key",
     ) -> None:
         self.world = world
+        self.sms_world = sms_world if sms_world is not None else sms_world_beside(world)
         self.faults = faults if faults is not None else Faults()
-        self._api = UpstreamApi(world, api_key)
-        self._limiter = SlidingWindowLimiter(rate_limit_per_minute)
-        self._traffic = TrafficRecorder()
+        # A copy: the knobs given here (the CLI's --latency) start out on both flavours.
+        self.sms_faults = dataclasses.replace(self.faults)
+        self._flavours = {
+            MAIL: _Flavour(
+                MailPartnerApi(world, api_key), SlidingWindowLimiter(rate_limit_per_minute)
+            ),
+            SMS: _Flavour(
+                SmsPartnerApi(self.sms_world, sms_api_key),
+                SlidingWindowLimiter(rate_limit_per_minute),
+            ),
+        }
         self._host = host
         # Bound now, so that `url` is known before `start()`.
         self._httpd = _HTTPServer((host, port), self)
@@ -67,6 +122,10 @@ class SimulatorServer:
     @property
     def url(self) -> str:
         return f"http://{self._host}:{self._httpd.server_port}/v1"
+
+    @property
+    def sms_url(self) -> str:
+        return f"http://{self._host}:{self._httpd.server_port}{SMS_PREFIX}/v1"
 
     def start(self) -> SimulatorServer:
         self._thread = threading.Thread(
@@ -98,48 +157,50 @@ class SimulatorServer:
         self.stop()
 
     def stats(self) -> SimulatorStats:
-        return self._traffic.snapshot()
+        """Mail Partner's ``/v1`` requests."""
+        return self._flavours[MAIL].traffic.snapshot()
 
-    def answer_v1(self, endpoint: str, query: Query, client: str) -> Reply:
-        now = self.world.clock()
+    def sms_stats(self) -> SimulatorStats:
+        """SMS Partner's ``/smspartner/v1`` requests."""
+        return self._flavours[SMS].traffic.snapshot()
+
+    def faults_for(self, api: str) -> Faults:
+        """The knobs of the flavour ``api`` (``"mail"`` or ``"sms"``)."""
+        return self.sms_faults if api == SMS else self.faults
+
+    def answer_v1(self, endpoint: str, query: Query, client: str, *, api: str = MAIL) -> Reply:
+        flavour = self._flavours[api]
+        faults = self.faults_for(api)
+        now = flavour.api.world.clock()
         message_id = query.get("messageId") if endpoint == "bulk-status" else None
-        with self._traffic.serving(endpoint, now, message_id):
-            faults = self.faults
+        with flavour.traffic.serving(endpoint, now, message_id):
             if faults.latency > 0:
                 time.sleep(faults.latency)
             if faults.http_status is not None:
                 return _html_reply(faults.http_status)
-            reply = self._answer_api(endpoint, query, client, now)
+            reply = flavour.answer(endpoint, query, faults, client=client, now=now)
             if faults.invalid_body:
                 return Reply(200, reply.content_type, reply.body[: len(reply.body) // 2])
             return reply
 
-    def answer_control(self, method: str, path: str, body: bytes) -> Reply:
+    def answer_control(
+        self, method: str, path: str, body: bytes, query: Query | None = None
+    ) -> Reply:
         try:
             if (method, path) == ("GET", "/sim/stats"):
-                return _json_reply(200, dataclasses.asdict(self.stats()))
+                api = parse_api((query or {}).get("api")) or MAIL
+                stats = self._flavours[api].traffic.snapshot()
+                return _json_reply(200, dataclasses.asdict(stats))
             if (method, path) == ("POST", "/sim/faults"):
-                apply_faults(self.faults, body)
-                return _json_reply(200, dataclasses.asdict(self.faults))
+                knobs = apply_faults({MAIL: self.faults, SMS: self.sms_faults}, body)
+                return _json_reply(200, dataclasses.asdict(knobs))
             if (method, path) == ("POST", "/sim/send"):
-                recipients, options = parse_send(body)
-                sent = self.world.send(recipients, **options)
+                api, recipients, options = parse_send(body)
+                sent = self._flavours[api].api.world.send(recipients, **options)
                 return _json_reply(200, {"messageId": sent.message_id})
         except ValueError as err:  # includes malformed JSON and a duplicate messageId
             return _json_reply(400, {"error": str(err)})
         return _json_reply(404, {"error": "not found"})
-
-    def _answer_api(self, endpoint: str, query: Query, client: str, now: float) -> Reply:
-        faults = self.faults
-        if not self._limiter.admit(client, now):
-            headers = {} if faults.retry_after is None else {"Retry-After": str(faults.retry_after)}
-            status = 429 if faults.rate_limit_style == "http" else 200
-            return error_reply(429, query, status=status, headers=headers)
-        if faults.error_code is not None:
-            return error_reply(faults.error_code, query)
-        if endpoint == "me":
-            return self._api.me(query, reject_key=faults.reject_key)
-        return self._api.bulk_status(query, reject_key=faults.reject_key)
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -161,23 +222,25 @@ class _Handler(BaseHTTPRequestHandler):
         """Silent: request lines carry the API key in their query string."""
 
     def do_GET(self) -> None:
+        simulator = self.server.simulator
         url = urlsplit(self.path)
-        endpoint = _V1_ENDPOINTS.get(url.path)
-        if endpoint is None:
-            self._send(self.server.simulator.answer_control("GET", url.path, b""))
-            return
         query = dict(parse_qsl(url.query, keep_blank_values=True))
-        self._send(self.server.simulator.answer_v1(endpoint, query, self.client_address[0]))
+        route = _ROUTES.get(url.path)
+        if route is None:
+            self._send(simulator.answer_control("GET", url.path, b"", query), simulator.faults)
+            return
+        api, endpoint = route
+        reply = simulator.answer_v1(endpoint, query, self.client_address[0], api=api)
+        self._send(reply, simulator.faults_for(api))
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         path = urlsplit(self.path).path
-        self._send(self.server.simulator.answer_control("POST", path, body))
+        simulator = self.server.simulator
+        self._send(simulator.answer_control("POST", path, body), simulator.faults)
 
-    def _send(self, reply: Reply) -> None:
-        compress = self.server.simulator.faults.gzip and "gzip" in self.headers.get(
-            "Accept-Encoding", ""
-        )
+    def _send(self, reply: Reply, faults: Faults) -> None:
+        compress = faults.gzip and "gzip" in self.headers.get("Accept-Encoding", "")
         body = gzip.compress(reply.body) if compress else reply.body
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
