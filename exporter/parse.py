@@ -3,9 +3,12 @@
 Both parsers read the body incrementally and hand each recipient to the
 aggregator as soon as it is complete, so memory does not grow with the send.
 
+Mail Partner and SMS Partner write the same document under different names: a
+``ReportShape`` says which (``MAIL``, the default, or ``SMS``).
+
 JSON takes a fast path for the usual shape. The walker over yajl's events reads the
-envelope up to the report list; from there, reports in the documented shape (the six
-documented keys in order, plain values; compact, or with JSON whitespace) are matched a
+envelope up to the report list; from there, reports in the documented shape (the shape's
+report keys in order, plain values; compact, or with JSON whitespace) are matched a
 64 KiB chunk at a time by a regular expression and counted in bulk, with no object per
 report. At the first thing that is not such a report (the end of the list, or anything
 odd), a new yajl parser is put where the first one would be and the walker reads on, in
@@ -15,17 +18,20 @@ memory stays bounded by the chunk size.
 Coercions, so one odd field does not throw away a whole message:
 - ``status``: a string as received; missing or null is ``none``; numbers become text.
 - ``cost``: a number or numeric string; missing or null is 0; anything else is invalid.
-- ``stopMail``: true, or the strings ``true``/``1``, or the number 1; anything else is false.
+- the unsubscribe flag (``stopMail``, ``stopSMS``): true, or the strings ``true``/``1``, or
+  the number 1; anything else is false. Only the shape's own flag counts.
 - ``date``: epoch seconds as a string or number; anything else is ignored.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from itertools import islice, pairwise, repeat
 from typing import Any, Protocol
 
@@ -33,7 +39,6 @@ import ijson
 
 from exporter.aggregate import ReportAggregator
 
-_LIST = "StatutResponseList"
 _OPENERS = frozenset({"start_map", "start_array"})
 _CLOSERS = frozenset({"end_map", "end_array"})
 # Real documents are four levels deep; deeper values inside a report are ignored.
@@ -43,6 +48,54 @@ MAX_STATUS_LENGTH = 64
 _TOP_FIELDS = frozenset({"success", "code", "message", "messageId"})
 _NESTED = object()
 MISSING_STATUS = "none"
+
+
+@dataclass(frozen=True)
+class ReportShape:
+    """The names one API gives its bulk-status document: the report list's key, the
+    unsubscribe flag's key, and a report's keys in the order the API writes them, ``cost``
+    left out or not if ``cost_optional``. That order is what the JSON fast path matches
+    and where the keyless XML form puts each value; it holds ``status``, the flag and
+    ``date``, and may hold ``cost`` (neither first nor last)."""
+
+    list_key: str
+    stop_key: str
+    report_keys: tuple[str, ...]
+    cost_optional: bool = False
+
+    def __post_init__(self) -> None:
+        # The keys are written into the fast path's patterns as they are.
+        for name in (self.list_key, *self.report_keys):
+            if not name.isprintable() or not name or '"' in name or "\\" in name:
+                raise ValueError(f"unusable key {name!r}")
+        keys = self.report_keys
+        if len(set(keys)) != len(keys) or self.stop_key in ("status", "cost", "date"):
+            raise ValueError("report keys must be distinct")
+        if not {"status", self.stop_key, "date"} <= set(keys):
+            raise ValueError(f"report keys must hold status, {self.stop_key} and date")
+        if "cost" in (keys[0], keys[-1]):
+            raise ValueError("cost must be neither the first nor the last report key")
+        if self.cost_optional and "cost" not in keys:
+            raise ValueError("an optional cost must have its place among the report keys")
+
+    @property
+    def layouts(self) -> tuple[tuple[str, ...], ...]:
+        """The key orders a report comes in: all the keys, then without cost if optional."""
+        if not self.cost_optional:
+            return (self.report_keys,)
+        return self.report_keys, tuple(key for key in self.report_keys if key != "cost")
+
+
+MAIL = ReportShape(
+    "StatutResponseList", "stopMail", ("email", "token", "status", "cost", "stopMail", "date")
+)
+# SMS Partner's documented example has no cost; the simulator writes it where Mail's is.
+SMS = ReportShape(
+    "StatutResponse_List",
+    "stopSMS",
+    ("phoneNumber", "status", "cost", "stopSMS", "date"),
+    cost_optional=True,
+)
 
 
 class Body(Protocol):
@@ -64,17 +117,15 @@ class UpstreamError(Exception):
         super().__init__(f"code {code}: {message}" if message else f"code {code}")
 
 
-def parse_json(body: Body, aggregator: ReportAggregator) -> None:
-    """Stream a JSON bulk-status body into ``aggregator``; raise on errors."""
-    _FastJson(body, aggregator).run()
+def parse_json(body: Body, aggregator: ReportAggregator, shape: ReportShape = MAIL) -> None:
+    """Stream a JSON bulk-status body of ``shape`` into ``aggregator``; raise on errors."""
+    _FastJson(body, aggregator, shape).run()
 
 
-def _parse_exact(body: Body, aggregator: _Reports) -> None:
-    walk = _JsonWalk(aggregator)
+def _parse_exact(body: Body, aggregator: _Reports, shape: ReportShape) -> None:
+    walk = _JsonWalk(aggregator, shape)
     _walk(ijson.basic_parse(body, use_float=True), walk)
-    _check_envelope(
-        walk.top.get("success"), walk.top.get("code"), walk.top.get("message"), walk.saw_list
-    )
+    walk.check_envelope()
 
 
 def _walk(events: Iterable[tuple[str, Any]], walk: _JsonWalk) -> None:
@@ -104,8 +155,9 @@ class _JsonWalk:
     quadratic in the nesting of a hostile body.
     """
 
-    def __init__(self, aggregator: _Reports) -> None:
+    def __init__(self, aggregator: _Reports, shape: ReportShape) -> None:
         self.aggregator = aggregator
+        self.list_key, self.stop_key = shape.list_key, shape.stop_key
         self.top: dict[str, Any] = {}
         self.record: dict[str, Any] | None = None
         self.depth = 0
@@ -124,15 +176,15 @@ class _JsonWalk:
             raise InvalidResponse(f"JSON nested deeper than {MAX_DEPTH} levels")
         if self.depth == 1 and event != "start_map":
             raise InvalidResponse("body is not a JSON object")
-        if self.depth == 2 and self.top_key == _LIST:
+        if self.depth == 2 and self.top_key == self.list_key:
             if event != "start_array":
-                raise InvalidResponse(f"{_LIST} is not a list")
+                raise InvalidResponse(f"{self.list_key} is not a list")
             if self.saw_list:
-                raise InvalidResponse(f"{_LIST} appears twice")
+                raise InvalidResponse(f"{self.list_key} appears twice")
             self.in_list = self.saw_list = True
         elif self.depth == 3 and self.in_list:
             if event != "start_map":
-                raise InvalidResponse(f"{_LIST} holds an array, not a report object")
+                raise InvalidResponse(f"{self.list_key} holds an array, not a report object")
             self.record = {}
         elif self.depth == 4 and self.record is not None:
             self.record[self.field] = _NESTED
@@ -145,7 +197,7 @@ class _JsonWalk:
                 self.aggregator,
                 record.get("status"),
                 record.get("cost"),
-                record.get("stopMail"),
+                record.get(self.stop_key),
                 record.get("date"),
             )
             self.record = None
@@ -156,14 +208,21 @@ class _JsonWalk:
         if self.depth == 3 and self.record is not None:
             self.record[self.field] = value
         elif self.depth == 1:
-            if self.top_key == _LIST:
-                raise InvalidResponse(f"{_LIST} is not a list")
+            if self.top_key == self.list_key:
+                raise InvalidResponse(f"{self.list_key} is not a list")
             if self.top_key in _TOP_FIELDS:
                 self.top[self.top_key] = value
         elif self.depth == 2 and self.in_list:
-            raise InvalidResponse(f"{_LIST} holds a {event}, not a report object")
+            raise InvalidResponse(f"{self.list_key} holds a {event}, not a report object")
         elif self.depth == 0:
             raise InvalidResponse("body is not a JSON object")
+
+    def check_envelope(self) -> None:
+        """Raise unless the walked body was a successful document with a report list."""
+        top = self.top
+        _check_envelope(
+            top.get("success"), top.get("code"), top.get("message"), self.saw_list, self.list_key
+        )
 
 
 # ---------------------------------------------------------------- the JSON fast path
@@ -177,53 +236,95 @@ _MAX_CARRY = 16 * 1024
 _MAX_ENVELOPE = 1024 * 1024
 _WS = rb"[ \t\n\r]*+"
 _NUMBER = rb"-?(?:0|[1-9][0-9]{0,14})(?:\.[0-9]{1,17})?(?:[eE][-+]?[0-9]{1,2})?"
-# Group: digits without leading zeros, None for "" or null.
-_DATE = rb'(?:"(0|[1-9][0-9]{0,14}+)?"|null)'
-
-
-def _spaced(lead: bytes) -> re.Pattern[bytes]:
-    """A plain report with JSON whitespace between its tokens. Groups: status (with its
-    quotes, or null), cost, stopMail, date. Strings are those yajl reads as they are (no
-    unicode escapes, no control characters; no escapes at all in the status, whose bytes
-    are its text); numbers stay far from int64 and float overflow, so yajl reads the
-    value float() reads."""
-    text = rb'"[^"\\\x00-\x1f]*+(?:\\["\\/bfnrt][^"\\\x00-\x1f]*+)*+"'
-    members = [
-        (b"email", text),
-        (b"token", text),
-        (b"status", rb'("[^"\\\x00-\x1f]*+"|null)'),
-        (b"cost", b"(" + _NUMBER + b"|null)"),
-        (b"stopMail", rb"(true|false|null)"),
-        (b"date", _DATE),
-    ]
-    body = b",".join(_WS + b'"' + k + b'"' + _WS + b":" + _WS + v + _WS for k, v in members)
-    return re.compile(lead + _WS + rb"\{" + body + rb"\}")
-
-
-# A compact plain report, as the API and its simulator write them, in a chunk free of
+# A plain report's values by what they hold, with JSON whitespace between its tokens.
+# Strings are those yajl reads as they are (no unicode escapes, no control characters; no
+# escapes at all in the status, whose bytes are its text); numbers stay far from int64 and
+# float overflow, so yajl reads the value float() reads. Groups: status (with its quotes,
+# or null), cost, the unsubscribe flag, date (digits without leading zeros, None for ""
+# or null).
+_SPACED_VALUES = {
+    "text": rb'"[^"\\\x00-\x1f]*+(?:\\["\\/bfnrt][^"\\\x00-\x1f]*+)*+"',
+    "status": rb'("[^"\\\x00-\x1f]*+"|null)',
+    "cost": b"(" + _NUMBER + b"|null)",
+    "stop": rb"(true|false|null)",
+    "date": rb'(?:"(0|[1-9][0-9]{0,14}+)?"|null)',
+}
+# A compact plain report, as the APIs and the simulator write them, in a chunk free of
 # control characters and backslashes (checked beforehand with _NOT_COMPACT), its cost
-# and date loosely: all quicker than in the pattern. Groups: status, date (digits, None
-# for null). The costs and dates are checked, and stopMail counted, from the text.
-_COMPACT_REPORT = (
-    rb'\{"email":"[^"]*+","token":"[^"]*+","status":("[^"]*+"|null),"cost":[^,]{1,40}+,'
-    rb'"stopMail":(?:true|false|null),"date":(?:"([^"]*+)"|null)\}'
-)
+# and date loosely: all quicker than the spaced pattern. Groups: status, date (digits,
+# None for null). The costs and dates are checked, and the flag counted, from the text.
+_COMPACT_VALUES = {
+    "text": rb'"[^"]*+"',
+    "status": rb'("[^"]*+"|null)',
+    "cost": rb"[^,]{1,40}+",
+    "stop": rb"(?:true|false|null)",
+    "date": rb'(?:"([^"]*+)"|null)',
+}
 _NOT_COMPACT = bytes(int(byte < 0x20 or byte == 0x5C) for byte in range(256))
 _COST = re.compile(rb',"cost":([^,]*+),')
 _PLAIN_COST = re.compile(_NUMBER + b"|null")
 _MAX_DATE_DIGITS = 15  # well past any date, and within a float's exact integers
-# The first report, and each next one after its comma.
-_COMPACT = (re.compile(_COMPACT_REPORT), re.compile(b"," + _COMPACT_REPORT))
-_SPACED = (_spaced(b""), _spaced(b","))
-_EVENTS = 14  # yajl's events for a plain report: start, six keys and values, end
-_LIST_START = re.compile(rb'"' + _LIST.encode() + rb'"' + _WS + b":" + _WS + rb"\[")
-# What puts a new yajl parser in the report list, before its first value (three
-# events) or after one (five; the empty report is not the walker's to see).
-_INSIDE_LIST = b'{"' + _LIST.encode() + b'":['
 _BLANK = b" \t\n\r"
 _BOM = b"\xef\xbb\xbf"
 # Raw status literals remembered with their status, per body.
 _MAX_NAMES = 256
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """One way plain reports are written: the first report's pattern, the pattern of each
+    next one after its comma, and where each report's groups are in a split of it."""
+
+    first: re.Pattern[bytes]
+    following: re.Pattern[bytes]
+    compact: bool
+    at: Mapping[str, int]
+    costed: bool  # a compact report's cost is read with _COST
+    events: int  # yajl's events for a plain report: start, each key and value, end
+
+
+@dataclass(frozen=True)
+class _FastPatterns:
+    """A shape's fast path."""
+
+    plains: tuple[_Plain, ...]  # the compact ones first: they are the quicker
+    stopped: bytes  # a compact report's flag when it is true
+    list_start: re.Pattern[bytes]
+    # What puts a new yajl parser in the report list, before its first value (three
+    # events) or after one (five; the empty report is not the walker's to see).
+    inside_list: bytes
+
+
+@functools.cache
+def _fast_patterns(shape: ReportShape) -> _FastPatterns:
+    named = {"status": "status", "cost": "cost", shape.stop_key: "stop", "date": "date"}
+
+    def plain(keys: tuple[str, ...], compact: bool) -> _Plain:
+        members = [(re.escape(key.encode()), named.get(key, "text")) for key in keys]
+        values, space = (_COMPACT_VALUES, b"") if compact else (_SPACED_VALUES, _WS)
+        body = b",".join(
+            space + b'"' + key + b'"' + space + b":" + space + values[held] + space
+            for key, held in members
+        )
+        report = space + rb"\{" + body + rb"\}"
+        grouped = ("status", "date") if compact else ("status", "cost", "stop", "date")
+        held = [held for _, held in members if held in grouped]
+        return _Plain(
+            first=re.compile(report),
+            following=re.compile(b"," + report),
+            compact=compact,
+            at={name: number for number, name in enumerate(held, 1)},
+            costed="cost" in keys,
+            events=2 + 2 * len(keys),
+        )
+
+    list_key = shape.list_key.encode()
+    return _FastPatterns(
+        plains=tuple(plain(keys, compact) for compact in (True, False) for keys in shape.layouts),
+        stopped=b'"' + shape.stop_key.encode() + b'":true',
+        list_start=re.compile(rb'"' + re.escape(list_key) + rb'"' + _WS + b":" + _WS + rb"\["),
+        inside_list=b'{"' + list_key + b'":[',
+    )
 
 
 class _Unusual(Exception):
@@ -290,17 +391,19 @@ class _FastJson:
     it would have given alone.
     """
 
-    def __init__(self, body: Body, aggregator: ReportAggregator) -> None:
+    def __init__(self, body: Body, aggregator: ReportAggregator, shape: ReportShape) -> None:
         self._source = _Source(body)
         self._aggregator = aggregator
-        self._walk = _JsonWalk(_RefuseReports())
+        self._shape = shape
+        self._fast = _fast_patterns(shape)
+        self._walk = _JsonWalk(_RefuseReports(), shape)
         self._chunks: list[bytes] | None = []  # all read, until a report is counted
         self._starts: list[int] = []  # offsets where recent chunks start
         self._read = 0  # offset of the end of what was read
         self._at = 0  # offset of the data being matched
         self._last = b""  # the last plain report, which ends at ``_at``
         self._reports = 0
-        self._patterns = _COMPACT  # until the first report says otherwise
+        self._plain = self._fast.plains[0]  # until the first report says otherwise
         self._names: dict[bytes, str] = {}
 
     def run(self) -> None:
@@ -333,7 +436,7 @@ class _FastJson:
         """Walk the envelope up to the report list's ``[``; what follows it, or None if
         the walker alone has read the body."""
         head = b""
-        while (found := _LIST_START.search(head)) is None and len(head) <= _MAX_ENVELOPE:
+        while (found := self._fast.list_start.search(head)) is None and len(head) <= _MAX_ENVELOPE:
             chunk = self._next()
             if not chunk:
                 break
@@ -355,7 +458,7 @@ class _FastJson:
 
     def _from_start(self) -> None:
         assert self._chunks is not None  # kept until a report is counted
-        _parse_exact(_Chained(self._chunks, self._source), self._aggregator)
+        _parse_exact(_Chained(self._chunks, self._source), self._aggregator, self._shape)
 
     def _walk_on(self, data: bytes) -> None:
         """The walker reads from the end of the last plain report on."""
@@ -366,32 +469,29 @@ class _FastJson:
         at = self._at - len(self._last)
         cuts = [start - at for start in self._starts if at < start < at + len(stream)]
         pieces = [stream[a:b] for a, b in pairwise([0, *cuts, len(stream)])]
-        prefix = _INSIDE_LIST + b"{}" if self._reports > 1 else _INSIDE_LIST
-        skip = (5 if self._reports > 1 else 3) + _EVENTS
+        inside = self._fast.inside_list
+        prefix = inside + b"{}" if self._reports > 1 else inside
+        skip = (5 if self._reports > 1 else 3) + self._plain.events
         events = ijson.basic_parse(_Chained([prefix, *pieces], self._source), use_float=True)
         _walk(islice(events, skip, None), self._walk)
-        walk = self._walk
-        _check_envelope(
-            walk.top.get("success"), walk.top.get("code"), walk.top.get("message"), walk.saw_list
-        )
+        self._walk.check_envelope()
 
     def _plain_reports(self, data: bytes) -> bytes:
         """Count the plain reports ``data`` starts with; what follows them."""
         view = data
-        if self._patterns is _COMPACT or not self._reports:
+        if self._plain.compact or not self._reports:
             bad = data.translate(_NOT_COMPACT).find(1)
             view = data if bad < 0 else data[:bad]
         start, parts = 0, []
         if not self._reports:
-            self._patterns = _COMPACT
-            first = _COMPACT[0].match(view)
-            if first is None:
-                self._patterns, view = _SPACED, data
-                first = _SPACED[0].match(view)
-            if first is None:
+            found = self._first_report(data, view)
+            if found is None:
                 return data
+            self._plain, first = found
+            if not self._plain.compact:
+                view = data
             start, parts = first.end(), [b"", *first.groups()]
-        following = self._patterns[1]
+        following = self._plain.following
         work = view[start:] if start else view
         more = following.split(work)
         end = len(work) - len(more[-1])
@@ -422,25 +522,42 @@ class _FastJson:
         self._starts = [offset for offset in self._starts if offset > self._at - len(self._last)]
         return data[stop:]
 
+    def _first_report(self, data: bytes, view: bytes) -> tuple[_Plain, re.Match[bytes]] | None:
+        """How the first report is written, and its match; compact reports are looked for
+        in ``view``, ``data`` cut at its first control character or backslash."""
+        for plain in self._fast.plains:
+            first = plain.first.match(view if plain.compact else data)
+            if first is not None:
+                return plain, first
+        return None
+
     def _count(self, data: bytes, stop: int, parts: list[Any], period: int) -> bool:
         """Add the reports ``data[:stop]`` holds, whose groups are ``parts``; False, adding
         nothing, if a compact one's cost or date is not plain after all."""
-        statuses: list[bytes] = parts[1::period]
-        dates: list[bytes | None] = parts[period - 1 :: period]
+        plain = self._plain
+        at = plain.at
+        statuses: list[bytes] = parts[at["status"] :: period]
+        dates: list[bytes | None] = parts[at["date"] :: period]
         digits: list[bytes] = list(filter(None, dates))
-        if self._patterns is _COMPACT:
-            unsubscribed = data.count(b'"stopMail":true', 0, stop)
-            first = _COST.search(data, 0, stop)
-            assert first is not None
-            same = data.count(b',"cost":' + first[1] + b",", 0, stop) == len(statuses)
-            costs: list[bytes] = [first[1]] if same else _COST.findall(data, 0, stop)
-            if not all(map(_PLAIN_COST.fullmatch, set(costs))):
-                return False
+        costs: list[bytes] = []
+        same = False
+        if plain.compact:
+            # Only the flag's key can be followed by a colon and true: a compact report's
+            # strings hold no quotes.
+            unsubscribed = data.count(self._fast.stopped, 0, stop)
+            if plain.costed:
+                first = _COST.search(data, 0, stop)
+                assert first is not None
+                same = data.count(b',"cost":' + first[1] + b",", 0, stop) == len(statuses)
+                costs = [first[1]] if same else _COST.findall(data, 0, stop)
+                if not all(map(_PLAIN_COST.fullmatch, set(costs))):
+                    return False
             if digits and not b"".join(digits).isdigit():
                 return False
         else:
-            unsubscribed = parts[3::period].count(b"true")
-            costs, same = parts[2::period], False
+            unsubscribed = parts[at["stop"] :: period].count(b"true")
+            if plain.costed:
+                costs = parts[at["cost"] :: period]
         if b"null" in costs:  # 0: adding it changes nothing
             costs = [cost for cost in costs if cost != b"null"]
         values: Iterable[float] = map(float, costs)
@@ -481,13 +598,17 @@ class _FastJson:
         return named
 
 
-def parse_xml(body: Body, aggregator: ReportAggregator) -> None:
+def parse_xml(body: Body, aggregator: ReportAggregator, shape: ReportShape = MAIL) -> None:
     """Stream the keyless ``<result><entry>…`` form into ``aggregator``.
 
     Entries are positional: success, code, messageId (or the error message),
-    then a list entry holding one entry per recipient with six entries each:
-    email, token, status, cost, stopMail, date.
+    then a list entry holding one entry per recipient, which holds one entry per report
+    key of ``shape``, in order (Mail Partner: email, token, status, cost, stopMail, date).
+    Every element is an ``<entry>``: shapes differ only in the positions, and an optional
+    cost is told by the number of values.
     """
+    places = {len(keys): _places(keys, shape.stop_key) for keys in shape.layouts}
+    widths = " or ".join(map(_in_words, sorted(places)))
     top: list[str] = []
     reports: ET.Element | None = None
     depth = 0
@@ -507,9 +628,12 @@ def parse_xml(body: Body, aggregator: ReportAggregator) -> None:
             depth -= 1
             if depth == 2 and reports is not None:
                 fields = [(child.text or "").strip() for child in element]
-                if len(fields) != 6 or len(element.findall("./*/*")):
-                    raise InvalidResponse("an XML recipient entry does not hold six values")
-                _add(aggregator, fields[2] or None, fields[3] or None, fields[4], fields[5])
+                place = places.get(len(fields))
+                if place is None or len(element.findall("./*/*")):
+                    raise InvalidResponse(f"an XML recipient entry does not hold {widths} values")
+                status_at, cost_at, stop_at, date_at = place
+                cost = None if cost_at is None else fields[cost_at] or None
+                _add(aggregator, fields[status_at] or None, cost, fields[stop_at], fields[date_at])
                 reports.clear()  # done with it: the tree must not grow with the send
             elif depth == 1:
                 top.append((element.text or "").strip())
@@ -523,14 +647,27 @@ def parse_xml(body: Body, aggregator: ReportAggregator) -> None:
     success = {"true": True, "false": False}.get(top[0].lower(), top[0])
     code = top[1] if len(top) > 1 else None
     message = top[2] if len(top) > 2 and not success else None
-    _check_envelope(success, code, message, success is True and len(top) == 4)
+    _check_envelope(success, code, message, success is True and len(top) == 4, shape.list_key)
 
 
-def _check_envelope(success: object, code: object, message: object, saw_list: bool) -> None:
+def _places(keys: tuple[str, ...], stop_key: str) -> tuple[int, int | None, int, int]:
+    """Where status, cost (None if left out), the flag and date are among ``keys``."""
+    cost = keys.index("cost") if "cost" in keys else None
+    return keys.index("status"), cost, keys.index(stop_key), keys.index("date")
+
+
+def _in_words(number: int) -> str:
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    return words[number] if number < len(words) else str(number)
+
+
+def _check_envelope(
+    success: object, code: object, message: object, saw_list: bool, list_key: str
+) -> None:
     code_text = error_code(code)
     if success is True and code_text in (None, "200"):
         if not saw_list:
-            raise InvalidResponse(f"success without a {_LIST}")
+            raise InvalidResponse(f"success without a {list_key}")
         return
     if code_text is None or code_text == "200":
         raise InvalidResponse(f"success is {success!r} with code {code_text}")
@@ -548,13 +685,11 @@ def error_code(code: object) -> str | None:
     return text[:16] if text.isascii() and text.isdigit() else "invalid"
 
 
-def _add(
-    aggregator: _Reports, status: object, cost: object, stop_mail: object, date: object
-) -> None:
-    aggregator.add(_status(status), _cost(cost), _stop_mail(stop_mail), _date(date))
+def _add(aggregator: _Reports, status: object, cost: object, stop: object, date: object) -> None:
+    aggregator.add(_status(status), _cost(cost), _unsubscribes(stop), _date(date))
 
 
-def _stop_mail(value: object) -> bool:
+def _unsubscribes(value: object) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1")
     return value is True or (type(value) in (int, float) and value == 1)
