@@ -35,9 +35,9 @@ from exporter.config import (
     State,
     load_config,
 )
-from exporter.poller import Poller
 from exporter.simulator import World
 from exporter.simulator.model import WAITING
+from exporter.sources.bulk_status import book_poller
 from exporter.tracker import MessageBook
 
 HOUR = 3600.0
@@ -115,7 +115,7 @@ def simulate(
     config = Config(file="bench", api=ApiConfig(max_requests_per_minute=BUDGET), polling=polling)
     book = MessageBook(polling, jitter=lambda: 1.0)
     client = ReplayClient(world, config, clock)
-    poller = Poller(config, book, client, clock=clock, executor=InlineExecutor())  # type: ignore[arg-type]
+    poller = book_poller(config, book, client, clock=clock, executor=InlineExecutor())  # type: ignore[arg-type]
     gap, next_send, stop_sending = 86400.0 / per_day, 0.0, hours * HOUR
     end = stop_sending + polling.final_after + 2 * HOUR
     while clock.now < end:

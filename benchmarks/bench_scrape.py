@@ -44,7 +44,7 @@ from exporter.config import (
     StatusMap,
 )
 from exporter.config.holder import ConfigHolder
-from exporter.poller import Poller
+from exporter.sources.bulk_status import book_poller
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.web import create_app, serve
@@ -165,7 +165,7 @@ def polls_per_cpu_second(count: int, rounds: int = 5) -> float:
     book.sync(config.messages, NOW)
     client = PreparedClient({s.id: aggregate(rng, pending=True) for s in config.messages})
     clock = [NOW]
-    poller = Poller(config, book, client, clock=lambda: clock[0], executor=InlineExecutor())  # type: ignore[arg-type]
+    poller = book_poller(config, book, client, clock=lambda: clock[0], executor=InlineExecutor())  # type: ignore[arg-type]
     start = time.process_time()
     for _ in range(rounds):
         poller.run_pending()

@@ -7,24 +7,37 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 import requests
 import requests.adapters
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import __version__
-from exporter.client import BULK_STATUS, MailPartnerClient
-from exporter.collector import MailPartnerCollector
-from exporter.config import API_KEY_ENV, ApiConfig, Config, ConfigErrors, MessageSpec, load_config
+from exporter.client import BULK_STATUS, ME, MailPartnerClient
+from exporter.collector import ProcessCollector
+from exporter.config import (
+    API_KEY_ENV,
+    ApiConfig,
+    Config,
+    ConfigErrors,
+    MessageSpec,
+    SourceConfig,
+    load_config,
+)
 from exporter.config.errors import ConfigError, InvalidValueError, SecretError
 from exporter.config.holder import ConfigHolder
 from exporter.demo import Demo
-from exporter.poller import Poller
+from exporter.poller import Poller, Upstream
+from exporter.probe import probe_app
+from exporter.registration import PATH as MESSAGES_PATH
+from exporter.registration import messages_app
 from exporter.secret import Redactor, Secret
 from exporter.shard import NO_SHARD_FLAGS, ShardFlags, check_index, parse_count, parse_index
-from exporter.state import MEMORY, StateStore, StateStoreError
+from exporter.sources.base import Source, SourceContext
+from exporter.sources.bulk_status import BulkStatusSource
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.web import create_app, serve
@@ -49,9 +62,23 @@ def load_runnable(
     ``--shard.count`` / ``--shard.index``, when given, override the file's ``shard`` section.
     """
     config = load_config(path, environ)
-    if config.api.api_key is None and not demo:
-        raise ConfigErrors([_no_key(config.file)])
+    if not demo:
+        missing: list[ConfigError] = [_no_key(config.file)] if config.api.api_key is None else []
+        for source in enabled_sources(config):
+            api = source.settings.get("api")
+            if isinstance(api, ApiConfig) and api.api_key is None:
+                env = getattr(source.kind, "key_env", "")
+                missing.append(_no_key(config.file, f"sources.{source.name}.api", env))
+        if missing:
+            raise ConfigErrors(missing)
     return apply_shard_flags(config, shard_flags, environ)
+
+
+def enabled_sources(config: Config) -> tuple[SourceConfig, ...]:
+    """The sources to run: as configured, or bulk_status alone for a config built in code."""
+    if config.sources is None:
+        return (SourceConfig(BulkStatusSource.name, BulkStatusSource),)
+    return config.sources
 
 
 def apply_shard_flags(
@@ -93,23 +120,26 @@ def owned_messages(config: Config) -> tuple[MessageSpec, ...]:
 
 def tracking_fields(config: Config) -> dict[str, object]:
     """Log fields: how many messages are polled here, and the shard when sharded."""
-    fields: dict[str, object] = {"messages": len(owned_messages(config))}
+    fields: dict[str, object] = {
+        "messages": len(owned_messages(config)),
+        "sources": ",".join(source.name for source in enabled_sources(config)),
+    }
     if config.shard.sharded:
         fields["shard"] = str(config.shard)
         fields["configured"] = len(config.messages)
     return fields
 
 
-def _no_key(file: str) -> SecretError:
+def _no_key(file: str, key: str = "api", env: str = API_KEY_ENV) -> SecretError:
     return SecretError(
         file,
-        "api",
-        f"no API key: set api.api_key_file, api.api_key or the {API_KEY_ENV} environment variable",
+        key,
+        f"no API key: set {key}.api_key_file, {key}.api_key or the {env} environment variable",
     )
 
 
 class Exporter:
-    """client → poller → book → collector, rebuilt in place on reload."""
+    """Upstreams → sources → poller → collectors, rebuilt in place on reload."""
 
     def __init__(
         self,
@@ -129,29 +159,60 @@ class Exporter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reload_requested = False
-        self._saved_changes = -1
         config = demo.apply(config) if demo else config
         self.holder = ConfigHolder(config, now)
-        self.book = MessageBook(config.polling)
-        # The demo's simulated world starts afresh each run: it keeps no state.
-        self._store = StateStore(MEMORY if demo else config.state_path)
-        stored = self._store.load()
-        if self._store.problem:
-            log.warning(self._store.problem)
-        if stored is not None:
-            self.book.restore(stored)
-            log.info(
-                "state restored",
-                extra={"path": config.state_path, "messages": len(stored.messages)},
-            )
-        # Only this shard's messages are tracked, so only they are polled and exposed.
-        self.book.sync(owned_messages(config), now)
-        self.stats = RequestStats([BULK_STATUS])
-        self.poller = Poller(config, self.book, self._client(config.api))
+        self.stats = RequestStats([BULK_STATUS, ME])
+        self.mailpartner = Upstream(
+            config.api, self._client(config.api, self.stats), self.stats, now
+        )
+        self.sources = self._start_sources(config)
+        self._idle_book = MessageBook(config.polling)  # shown when bulk_status is off
+        self.poller = Poller(list(self.sources.values()))
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(MailPartnerCollector(self.book, self.stats, self.holder))
+        self.registry.register(_ExporterCollector(self, ProcessCollector(self.stats, self.holder)))
 
-    def _client(self, api: ApiConfig) -> MailPartnerClient:
+    def _start_sources(self, config: Config) -> dict[str, Source]:
+        """The enabled sources, built; ``ConfigErrors`` naming the one that cannot start."""
+        context = self._context(config)
+        sources: dict[str, Source] = {}
+        for spec in enabled_sources(config):
+            try:
+                sources[spec.name] = spec.kind(context, spec.settings)
+            except Exception as e:  # a plugin's bug: say which, as for a bad config
+                for source in sources.values():
+                    source.close()
+                problem = f"cannot start: {type(e).__name__}: {e}"
+                raise ConfigErrors(
+                    [ConfigError(config.file, f"sources.{spec.name}", problem)]
+                ) from e
+        return sources
+
+    @property
+    def book(self) -> MessageBook:
+        """Mail Partner's tracked messages (the status page's table)."""
+        source = self.sources.get(BulkStatusSource.name)
+        return source.book if isinstance(source, BulkStatusSource) else self._idle_book
+
+    def bulk_sources(self) -> dict[str, BulkStatusSource]:
+        """The sources that track messages by ID: probes and registrations go to them."""
+        return {n: s for n, s in self.sources.items() if isinstance(s, BulkStatusSource)}
+
+    def _context(self, config: Config) -> SourceContext:
+        return SourceContext(
+            config=config,
+            holder=self.holder,
+            mailpartner=self.mailpartner,
+            clock=time.time,
+            connect=self._connect,
+            # The demo's simulated world starts afresh each run: it keeps no state.
+            state_path=":memory:" if self._demo else config.state_path,
+            demo=self._demo is not None,
+        )
+
+    def _connect(self, api: ApiConfig, stats: RequestStats) -> Upstream:
+        return Upstream(api, self._client(api, stats), stats, time.time())
+
+    def _client(self, api: ApiConfig, stats: RequestStats) -> MailPartnerClient:
         # Every key ever loaded stays scrubbed from the logs, old ones included.
         self._secrets.append(api.api_key)
         self._on_secrets(Redactor(*self._secrets))
@@ -160,7 +221,7 @@ class Exporter:
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=api.concurrency)  # one per poll
         session.mount("https://", adapter)
         session.mount("http://", adapter)
-        return MailPartnerClient(api, session, self.stats, Redactor(api.api_key))
+        return MailPartnerClient(api, session, stats, Redactor(api.api_key))
 
     def reload(self) -> str | None:
         """Load the config file again and swap it in; on any error keep the old one.
@@ -173,22 +234,61 @@ class Exporter:
                     self._path, demo=self._demo is not None, shard_flags=self._shard_flags
                 )
             except ConfigErrors as e:
-                self.holder.failed()
-                log.error(
-                    "reload failed, keeping the previous configuration", extra={"err": str(e)}
-                )
-                return str(e)
+                return self._reload_failed(str(e))
             if self._demo is not None:
                 config = self._demo.apply(config)
-            same_api = config.api == self.holder.config.api
-            client = self.poller.client if same_api else self._client(config.api)
             now = time.time()
-            self.book.reconfigure(config.polling)
-            self.book.sync(owned_messages(config), now)
-            self.poller.reconfigure(config, client)
+            sources = self._sources_for(config, now)
+            if isinstance(sources, str):
+                return self._reload_failed(sources)
+            if config.api != self.holder.config.api:
+                client = self._client(config.api, self.stats)
+                self.mailpartner.reconfigure(config.api, client, now)
+            self.sources = sources
+            self.poller.reconfigure(list(sources.values()))
             self.holder.swap(config, now)
         log.info("configuration reloaded", extra=tracking_fields(config))
         return None
+
+    def _sources_for(self, config: Config, now: float) -> dict[str, Source] | str:
+        """The sources ``config`` enables, old ones reconfigured in place where they can be;
+        or why not (a plugin failed to start: then nothing has changed)."""
+        context = self._context(config)
+        wanted = enabled_sources(config)
+        built: dict[str, Source] = {}
+        for spec in wanted:
+            old = self.sources.get(spec.name)
+            if old is None or type(old) is not spec.kind:
+                try:
+                    built[spec.name] = spec.kind(context, spec.settings)
+                except Exception as e:
+                    for source in built.values():
+                        source.close()
+                    return f"sources.{spec.name}: cannot start: {type(e).__name__}: {e}"
+        sources: dict[str, Source] = {}
+        try:
+            for spec in wanted:
+                old = self.sources.get(spec.name)
+                if spec.name in built:
+                    sources[spec.name] = built[spec.name]
+                elif old is not None and old.reconfigure(context, spec.settings):
+                    sources[spec.name] = old
+                else:
+                    sources[spec.name] = spec.kind(context, spec.settings)
+        except Exception as e:  # a plugin's reconfigure or restart failed: keep what runs
+            for source in built.values():
+                source.close()
+            return f"sources.{spec.name}: cannot restart: {type(e).__name__}: {e}"
+        for name, old in self.sources.items():
+            if sources.get(name) is not old:
+                old.save(now)
+                old.close()
+        return sources
+
+    def _reload_failed(self, error: str) -> str:
+        self.holder.failed()
+        log.error("reload failed, keeping the previous configuration", extra={"err": error})
+        return error
 
     def request_reload(self) -> None:
         """Ask the main loop to reload (safe from a signal handler)."""
@@ -204,7 +304,14 @@ class Exporter:
         self, address: str, telemetry_path: str, web_config_path: str | None = None
     ) -> WSGIServer:
         app = create_app(
-            self.registry, self.book, telemetry_path=telemetry_path, reload=self.reload
+            self.registry,
+            self.book,
+            telemetry_path=telemetry_path,
+            reload=self.reload,
+            more={
+                "/probe": probe_app(self.bulk_sources),
+                MESSAGES_PATH: messages_app(self.bulk_sources),
+            },
         )
         return serve(app, address, web_config_path)
 
@@ -222,28 +329,57 @@ class Exporter:
                 self._reload_requested = False
                 self.reload()
             if self._demo is not None:
-                shard = self.holder.config.shard
+                source = self.sources.get(BulkStatusSource.name)
                 for spec in self._demo.new_messages():
-                    if shard.owns(spec.id):  # another shard polls the others
-                        self.book.add(spec, time.time())
+                    if isinstance(source, BulkStatusSource):
+                        source.add(spec)
                         log.info("demo send", extra={"message_id": spec.id})
                 self.poller.wake()
         if not self.poller.drain(_DRAIN_TIMEOUT):
             log.warning("polls still in flight at shutdown were abandoned")
         self.save()
-        self._store.close()
+        for source in self.sources.values():
+            source.close()
         server.shutdown()
         server.server_close()
         return 0
 
     def save(self) -> None:
-        """Write the state file if anything changed; a failure is logged, never raised."""
-        changes = self.book.changes
-        if changes == self._saved_changes:
-            return
-        try:
-            self._store.save(self.book.export(time.time()))
-        except StateStoreError as e:
-            log.error("cannot save state", extra={"err": str(e)})
-        else:
-            self._saved_changes = changes
+        """Write each source's state if anything changed; a failure is logged, never raised."""
+        now = time.time()
+        for source in self.sources.values():
+            source.save(now)
+
+
+class _ExporterCollector(Collector):
+    """Every enabled source's series as the sources are at each scrape, then the process's.
+
+    A family whose name was already yielded (a plugin reusing a built-in's name) is dropped
+    with a warning: a duplicate would make Prometheus refuse the whole scrape.
+    """
+
+    def __init__(self, exporter: Exporter, process: Collector) -> None:
+        self._exporter = exporter
+        self._process = process
+        self._warned: set[tuple[str, str]] = set()
+
+    def collect(self) -> Iterator[Metric]:
+        seen: set[str] = set()
+        for source in list(self._exporter.sources.values()):
+            try:
+                yield from self._unique(source.name, source.collect(), seen)
+            except Exception:  # one plugin's bug must not fail the scrape
+                log.exception("a source failed to collect", extra={"source": source.name})
+        yield from self._unique("process", self._process.collect(), seen)
+
+    def _unique(self, owner: str, metrics: Iterable[Metric], seen: set[str]) -> Iterator[Metric]:
+        for metric in metrics:
+            if metric.name not in seen:
+                seen.add(metric.name)
+                yield metric
+            elif (owner, metric.name) not in self._warned:
+                self._warned.add((owner, metric.name))
+                log.warning(
+                    "a source's series repeat a name already exposed; dropped",
+                    extra={"source": owner, "metric": metric.name},
+                )

@@ -11,7 +11,13 @@ from types import FrameType
 from prometheus_client import generate_latest
 
 from exporter import __version__
-from exporter.app import Exporter, load_runnable, owned_messages, tracking_fields
+from exporter.app import (
+    Exporter,
+    enabled_sources,
+    load_runnable,
+    owned_messages,
+    tracking_fields,
+)
 from exporter.config import Config, ConfigErrors
 from exporter.demo import Demo
 from exporter.logs import LEVELS, setup_logging
@@ -129,28 +135,38 @@ def main(argv: list[str] | None = None) -> int:
     if demo is not None:
         demo.start()
     try:
+        return _run(config, args, demo, shard_flags)
+    finally:
+        if demo is not None:
+            demo.stop()
+
+
+def _run(config: Config, args: argparse.Namespace, demo: Demo | None, flags: ShardFlags) -> int:
+    """Start the exporter, then poll once (``--once``) or serve until told to stop."""
+    try:
         # From here on keys exist in memory: every log line is scrubbed of them.
         exporter = Exporter(
             config,
             args.config_file,
             demo,
-            on_secrets=lambda redactor: setup_logging(args.log_level, args.log_format, redactor),
-            shard_flags=shard_flags,
+            on_secrets=lambda r: setup_logging(args.log_level, args.log_format, r),
+            shard_flags=flags,
         )
-        if demo is not None:
-            log.info(
-                "demo mode: polling the embedded simulator",
-                extra={"url": exporter.holder.config.api.base_url},
-            )
-        if args.once:
-            ok = exporter.poller.poll_all()
-            exporter.save()
-            sys.stdout.write(generate_latest(exporter.registry).decode())
-            return 0 if ok else 1
-        return _serve(exporter, args)
-    finally:
-        if demo is not None:
-            demo.stop()
+    except ConfigErrors as e:  # a source plugin failed to start
+        for error in e.errors:
+            log.error("cannot start", extra={"err": str(error)})
+        return 1
+    if demo is not None:
+        log.info(
+            "demo mode: polling the embedded simulator",
+            extra={"url": exporter.holder.config.api.base_url},
+        )
+    if args.once:
+        ok = exporter.poller.poll_all()
+        exporter.save()
+        sys.stdout.write(generate_latest(exporter.registry).decode())
+        return 0 if ok else 1
+    return _serve(exporter, args)
 
 
 def _check_summary(config: Config) -> str:
@@ -159,7 +175,7 @@ def _check_summary(config: Config) -> str:
     if config.shard.sharded:
         owned = len(owned_messages(config))
         summary += f", {owned} in shard {config.shard_index} of 0..{config.shard_count - 1}"
-    return summary
+    return summary + f", sources: {', '.join(s.name for s in enabled_sources(config))}"
 
 
 def _serve(exporter: Exporter, args: argparse.Namespace) -> int:

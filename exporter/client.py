@@ -12,7 +12,8 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import requests
 import urllib3.exceptions
@@ -20,8 +21,10 @@ import urllib3.exceptions
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.config import ApiConfig
 from exporter.parse import (
+    MAIL,
     Body,
     InvalidResponse,
+    ReportShape,
     UpstreamError,
     error_code,
     parse_json,
@@ -81,26 +84,77 @@ class MailPartnerClient:
         self._redact = redact
         self._clock = clock
 
-    def bulk_status(self, message_id: str, aggregator: ReportAggregator) -> MessageAggregate:
-        """Fetch one message's reports into ``aggregator``; raise ``PollError``."""
+    @property
+    def config(self) -> ApiConfig:
+        return self._config
+
+    @property
+    def stats(self) -> RequestStats:
+        return self._stats
+
+    def bulk_status(
+        self,
+        message_id: str,
+        aggregator: ReportAggregator,
+        shape: ReportShape = MAIL,
+        timeout: float | None = None,
+    ) -> MessageAggregate:
+        """Fetch one message's reports into ``aggregator``; raise ``PollError``.
+
+        ``timeout`` shortens ``api.timeout`` for this request (a probe within a scrape).
+        """
         parse = parse_xml if self._config.format == "xml" else parse_json
         params = {"messageId": message_id}
         if self._config.format == "xml":
             params["_format"] = "xml"
-        self._request(BULK_STATUS, params, lambda body: parse(body, aggregator))
+        self._request(BULK_STATUS, params, lambda body: parse(body, aggregator, shape), timeout)
         return aggregator.result()
 
-    def _request(self, endpoint: str, params: dict[str, str], read: Callable[[Body], None]) -> None:
+    def get_json(self, endpoint: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """``GET base_url/endpoint`` as JSON: the answer's object, or ``PollError``.
+
+        An answer with ``"success": false`` raises ``ApiError`` with its code, and is
+        counted like bulk-status errors (``endpoint`` is the metric label: keep it fixed).
+        """
+        documents: list[dict[str, Any]] = []
+
+        def read(body: Body) -> None:
+            try:
+                document = json.loads(body.read(-1))
+            except (ValueError, RecursionError):
+                raise InvalidResponse("malformed JSON") from None
+            if not isinstance(document, dict):
+                raise InvalidResponse("body is not a JSON object")
+            code = error_code(document.get("code"))
+            if document.get("success") is False or code not in (None, "200"):
+                message = document.get("message")
+                raise UpstreamError(
+                    code or "invalid",
+                    message[:200] if isinstance(message, str) else "",
+                )
+            documents.append(document)
+
+        self._request(endpoint, dict(params or {}), read)
+        return documents[0]
+
+    def _request(
+        self,
+        endpoint: str,
+        params: dict[str, str],
+        read: Callable[[Body], None],
+        timeout: float | None = None,
+    ) -> None:
         key = self._config.api_key.reveal() if self._config.api_key else ""
+        timeout = self._config.timeout if timeout is None else min(timeout, self._config.timeout)
         started = self._clock()
-        deadline = started + self._config.timeout
+        deadline = started + timeout
         self._stats.request_started(endpoint)
         retry_after = None
         try:
             with self._session.get(
                 f"{self._config.base_url}/{endpoint}",
                 params={"apiKey": key, **params},
-                timeout=self._config.timeout,
+                timeout=timeout,
                 stream=True,
             ) as response:
                 retry_after = _seconds(response.headers.get("Retry-After"))
@@ -117,7 +171,7 @@ class MailPartnerClient:
         except PollError as e:  # raised here, from no upstream text
             error = e
         except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
-            error = TransportError("timeout", f"no answer within {self._config.timeout:g}s")
+            error = TransportError("timeout", f"no answer within {timeout:g}s")
         except (requests.ConnectionError, urllib3.exceptions.ProtocolError, OSError) as e:
             error = TransportError("connection", self._redact(_describe(e)))
         except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as e:

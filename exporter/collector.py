@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.aggregate import MessageAggregate
-from exporter.config import MessageSpec, State
+from exporter.config import ApiConfig, MessageSpec, State
 from exporter.config.holder import ConfigHolder
 from exporter.exposition import MessageLines, Samples
 from exporter.stats import DURATION_BUCKETS, RequestStats
@@ -35,18 +35,32 @@ _PHASE = operator.attrgetter("phase")
 
 
 class MailPartnerCollector(Collector):
+    """A bulk-status source's series, its API's, and (for Mail Partner) the process's.
+
+    SMS Partner's source uses the same with ``prefix="smspartner"``: every name below
+    then starts with ``smspartner_``, its budget comes from ``api``, and the process-wide
+    series (build info, config reloads, shards) are left to the Mail Partner one.
+    """
+
     def __init__(
         self,
         book: MessageBook,
-        stats: RequestStats,
+        stats: RequestStats | None,
         holder: ConfigHolder,
         clock: Callable[[], float] = time.time,
+        *,
+        prefix: str = "mailpartner",
+        api: Callable[[], ApiConfig] | None = None,
+        process: bool = True,
     ) -> None:
         self._book = book
-        self._stats = stats
+        self._stats = stats  # None: the API's series come from another collector
         self._holder = holder
         self._clock = clock
-        self._lines = MessageLines(MESSAGE_FAMILIES, message_view, message_samples)
+        self._p = prefix
+        self._process = process
+        self._api = api or (lambda: holder.config.api)
+        self._lines = MessageLines(message_families(prefix), message_view, message_samples)
         self._summary = _summarize(())
 
     def collect(self) -> Iterator[Metric]:
@@ -58,137 +72,159 @@ class MailPartnerCollector(Collector):
         yield from self._lines.metrics(summary.by_id)
 
         recipients = Metric(
-            "mailpartner_recipients",
+            f"{self._p}_recipients",
             "Recipients observed reaching each state over the exporter's life.",
             "counter",
         )
         for state in State:
             recipients.add_sample(
-                "mailpartner_recipients_total", {"state": state}, totals.recipients[state]
+                f"{self._p}_recipients_total", {"state": state}, totals.recipients[state]
             )
         yield recipients
-        cost = Metric("mailpartner_cost", "Cost observed over the exporter's life.", "counter")
-        cost.add_sample("mailpartner_cost_total", {}, totals.cost)
+        cost = Metric(f"{self._p}_cost", "Cost observed over the exporter's life.", "counter")
+        cost.add_sample(f"{self._p}_cost_total", {}, totals.cost)
         yield cost
 
-        yield from self._api_metrics()
+        if self._stats is not None:
+            yield from api_metrics(self._stats, self._p)
         yield from self._exporter_metrics(summary)
 
-    def _api_metrics(self) -> Iterator[Metric]:
-        stats = self._stats.snapshot()
-        requests = Metric(
-            "mailpartner_api_requests", "Requests sent to the Mail Partner API.", "counter"
-        )
-        for endpoint, count in sorted(stats.requests.items()):
-            requests.add_sample("mailpartner_api_requests_total", {"endpoint": endpoint}, count)
-        yield requests
-        errors = Metric(
-            "mailpartner_api_errors", "API error responses by upstream code.", "counter"
-        )
-        for (endpoint, code), count in sorted(stats.errors.items(), key=_code_order):
-            errors.add_sample(
-                "mailpartner_api_errors_total", {"endpoint": endpoint, "code": code}, count
-            )
-        yield errors
-        failures = Metric(
-            "mailpartner_api_request_failures",
-            "Requests that got no usable answer, by reason.",
-            "counter",
-        )
-        for (endpoint, reason), count in sorted(stats.failures.items()):
-            failures.add_sample(
-                "mailpartner_api_request_failures_total",
-                {"endpoint": endpoint, "reason": reason},
-                count,
-            )
-        yield failures
-        duration = Metric(
-            "mailpartner_api_request_duration_seconds",
-            "Time from sending a request to the end of its response body.",
-            "histogram",
-        )
-        for endpoint, histogram in sorted(stats.durations.items()):
-            cumulative = 0
-            for bound, count in zip(
-                (*DURATION_BUCKETS, float("inf")), histogram.buckets, strict=True
-            ):
-                cumulative += count
-                duration.add_sample(
-                    "mailpartner_api_request_duration_seconds_bucket",
-                    {"endpoint": endpoint, "le": _le(bound)},
-                    cumulative,
-                )
-            duration.add_sample(
-                "mailpartner_api_request_duration_seconds_count", {"endpoint": endpoint}, cumulative
-            )
-            duration.add_sample(
-                "mailpartner_api_request_duration_seconds_sum",
-                {"endpoint": endpoint},
-                histogram.total,
-            )
-        yield duration
-        yield _gauge(
-            "mailpartner_up",
-            "1 if the most recent API request succeeded (a message-"
-            "level error such as code 4 still counts as the API answering).",
-            1 if stats.up else 0,
-        )
-
     def _exporter_metrics(self, summary: _Summary) -> Iterator[Metric]:
-        config = self._holder.config
-        load = self._holder.status
         now = self._clock()
-        info = Metric("mailpartner_exporter_build_info", "Exporter version.", "gauge")
-        info.add_sample("mailpartner_exporter_build_info", {"version": __version__}, 1)
-        yield info
-        phases = Metric("mailpartner_exporter_messages", "Tracked messages by phase.", "gauge")
+        if self._process:
+            yield from _process_metrics(self._holder)
+        phases = Metric(f"{self._p}_exporter_messages", "Tracked messages by phase.", "gauge")
         for phase in Phase:
             phases.add_sample(
-                "mailpartner_exporter_messages", {"phase": phase}, summary.phases[phase]
+                f"{self._p}_exporter_messages", {"phase": phase}, summary.phases[phase]
             )
         yield phases
-        yield _gauge(
-            "mailpartner_exporter_config_last_reload_successful",
-            "1 if the last configuration load succeeded.",
-            1 if load.successful else 0,
-        )
-        yield _gauge(
-            "mailpartner_exporter_config_last_reload_success_timestamp_seconds",
-            "When the configuration was last loaded successfully.",
-            load.last_success,
-        )
         waiting = summary.waiting
         yield _gauge(
-            "mailpartner_exporter_shards",
-            "How many exporters share the messages (--shard.count).",
-            config.shard_count,
-        )
-        yield _gauge(
-            "mailpartner_exporter_shard_index",
-            "Which share this exporter polls (--shard.index).",
-            config.shard_index,
-        )
-        yield _gauge(
-            "mailpartner_exporter_request_budget_per_minute",
+            f"{self._p}_exporter_request_budget_per_minute",
             "Requests per minute this exporter allows itself (api.max_requests_per_minute).",
-            config.api.max_requests_per_minute,
+            self._api().max_requests_per_minute,
         )
         yield _gauge(
-            "mailpartner_exporter_scheduled_requests_per_minute",
+            f"{self._p}_exporter_scheduled_requests_per_minute",
             "Requests per minute the poll schedule asks for right now; above the "
             "budget, polls fall behind.",
             summary.per_minute,
         )
         yield _gauge(
-            "mailpartner_exporter_overdue_messages",
+            f"{self._p}_exporter_overdue_messages",
             f"Messages whose poll was due more than {OVERDUE_AFTER:g}s ago and has not started.",
             bisect.bisect_left(waiting, now - OVERDUE_AFTER),
         )
         yield _gauge(
-            "mailpartner_exporter_poll_delay_seconds",
+            f"{self._p}_exporter_poll_delay_seconds",
             "How far behind schedule the most overdue message is.",
             max(0.0, now - waiting[0]) if waiting else 0.0,
         )
+
+
+class ProcessCollector(Collector):
+    """Mail Partner's API series (shared by its sources) and the process's own.
+
+    Sample exposition::
+
+        mailpartner_api_requests_total{endpoint="me"} 3.0
+        mailpartner_exporter_build_info{version="0.1.0"} 1.0
+    """
+
+    def __init__(self, stats: RequestStats, holder: ConfigHolder) -> None:
+        self._stats = stats
+        self._holder = holder
+
+    def collect(self) -> Iterator[Metric]:
+        yield from api_metrics(self._stats, "mailpartner")
+        yield from _process_metrics(self._holder)
+
+
+def api_metrics(request_stats: RequestStats, prefix: str) -> Iterator[Metric]:
+    """Requests, errors, failures and durations per endpoint, and ``up``."""
+    stats = request_stats.snapshot()
+    api = _API_NAMES.get(prefix, prefix)
+    requests = Metric(f"{prefix}_api_requests", f"Requests sent to the {api} API.", "counter")
+    for endpoint, count in sorted(stats.requests.items()):
+        requests.add_sample(f"{prefix}_api_requests_total", {"endpoint": endpoint}, count)
+    yield requests
+    errors = Metric(f"{prefix}_api_errors", "API error responses by upstream code.", "counter")
+    for (endpoint, code), count in sorted(stats.errors.items(), key=_code_order):
+        errors.add_sample(f"{prefix}_api_errors_total", {"endpoint": endpoint, "code": code}, count)
+    yield errors
+    failures = Metric(
+        f"{prefix}_api_request_failures",
+        "Requests that got no usable answer, by reason.",
+        "counter",
+    )
+    for (endpoint, reason), count in sorted(stats.failures.items()):
+        failures.add_sample(
+            f"{prefix}_api_request_failures_total",
+            {"endpoint": endpoint, "reason": reason},
+            count,
+        )
+    yield failures
+    duration = Metric(
+        f"{prefix}_api_request_duration_seconds",
+        "Time from sending a request to the end of its response body.",
+        "histogram",
+    )
+    for endpoint, histogram in sorted(stats.durations.items()):
+        cumulative = 0
+        for bound, count in zip((*DURATION_BUCKETS, float("inf")), histogram.buckets, strict=True):
+            cumulative += count
+            duration.add_sample(
+                f"{prefix}_api_request_duration_seconds_bucket",
+                {"endpoint": endpoint, "le": _le(bound)},
+                cumulative,
+            )
+        duration.add_sample(
+            f"{prefix}_api_request_duration_seconds_count", {"endpoint": endpoint}, cumulative
+        )
+        duration.add_sample(
+            f"{prefix}_api_request_duration_seconds_sum",
+            {"endpoint": endpoint},
+            histogram.total,
+        )
+    yield duration
+    yield _gauge(
+        f"{prefix}_up",
+        "1 if the most recent API request succeeded (a message-"
+        "level error such as code 4 still counts as the API answering).",
+        1 if stats.up else 0,
+    )
+
+
+_API_NAMES = {"mailpartner": "Mail Partner", "smspartner": "SMS Partner"}
+
+
+def _process_metrics(holder: ConfigHolder) -> Iterator[Metric]:
+    config = holder.config
+    load = holder.status
+    info = Metric("mailpartner_exporter_build_info", "Exporter version.", "gauge")
+    info.add_sample("mailpartner_exporter_build_info", {"version": __version__}, 1)
+    yield info
+    yield _gauge(
+        "mailpartner_exporter_config_last_reload_successful",
+        "1 if the last configuration load succeeded.",
+        1 if load.successful else 0,
+    )
+    yield _gauge(
+        "mailpartner_exporter_config_last_reload_success_timestamp_seconds",
+        "When the configuration was last loaded successfully.",
+        load.last_success,
+    )
+    yield _gauge(
+        "mailpartner_exporter_shards",
+        "How many exporters share the messages (--shard.count).",
+        config.shard_count,
+    )
+    yield _gauge(
+        "mailpartner_exporter_shard_index",
+        "Which share this exporter polls (--shard.index).",
+        config.shard_index,
+    )
 
 
 class _Summary(NamedTuple):
@@ -212,34 +248,45 @@ def _summarize(messages: tuple[TrackedMessage, ...]) -> _Summary:
     )
 
 
-# Per tracked message, labelled message_id plus the message's own labels; all gauges.
-MESSAGE_FAMILIES = (
-    ("mailpartner_message_recipients", "Recipients per state."),
+def message_families(prefix: str) -> tuple[tuple[str, str], ...]:
+    """(name, help) of the per-message gauges, labelled message_id plus the message's labels."""
+    flag = "stopSMS" if prefix == "smspartner" else "stopMail"
+    return tuple(
+        (f"{prefix}_{name}", help.replace("stopMail", flag)) for name, help in _MESSAGE_FAMILIES
+    )
+
+
+_MESSAGE_FAMILIES = (
+    ("message_recipients", "Recipients per state."),
     (
-        "mailpartner_message_recipients_by_status",
+        "message_recipients_by_status",
         "Recipients per raw upstream status, lower-cased.",
     ),
-    ("mailpartner_message_cost", "Sum of cost over recipients."),
-    ("mailpartner_message_unsubscribed_recipients", "Recipients with stopMail true."),
+    ("message_cost", "Sum of cost over recipients."),
     (
-        "mailpartner_message_last_report_timestamp_seconds",
+        "message_unsubscribed_recipients",
+        "Recipients with stopMail true.",
+    ),
+    (
+        "message_last_report_timestamp_seconds",
         "Newest report date among the recipients.",
     ),
     (
-        "mailpartner_message_sent_timestamp_seconds",
+        "message_sent_timestamp_seconds",
         "When the message was sent (sent_at, or first seen).",
     ),
-    ("mailpartner_message_final", "1 once the message is final and no longer polled."),
-    ("mailpartner_message_poll_success", "1 if the last poll of this message succeeded."),
+    ("message_final", "1 once the message is final and no longer polled."),
+    ("message_poll_success", "1 if the last poll of this message succeeded."),
     (
-        "mailpartner_message_last_poll_success_timestamp_seconds",
+        "message_last_poll_success_timestamp_seconds",
         "When this message was last polled successfully.",
     ),
     (
-        "mailpartner_message_next_poll_timestamp_seconds",
+        "message_next_poll_timestamp_seconds",
         "When the schedule polls this message next (absent once final).",
     ),
 )
+MESSAGE_FAMILIES = message_families("mailpartner")
 
 
 class MessageView(NamedTuple):
@@ -247,7 +294,7 @@ class MessageView(NamedTuple):
 
     spec: MessageSpec
     aggregate: MessageAggregate | None
-    sent_at: float
+    sent_at: float | None
     final: bool
     poll_ok: bool
     last_success: float | None

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Iterable
 from types import MappingProxyType
 
-from exporter.config import Config, MessageSpec
+from exporter.config import ApiConfig, Config, MessageSpec, SourceConfig
 from exporter.secret import Secret
 from exporter.simulator import DemoCampaign, SimulatedSend, SimulatorServer, World
 
 DEMO_KEY = "demo-key"
+DEMO_SMS_KEY = "demo-sms-key"
 
 
 class Demo:
@@ -18,7 +20,7 @@ class Demo:
 
     def __init__(self, seed: int = 1) -> None:
         self._world = World(seed=seed)
-        self._server = SimulatorServer(self._world, api_key=DEMO_KEY)
+        self._server = SimulatorServer(self._world, api_key=DEMO_KEY, sms_api_key=DEMO_SMS_KEY)
         self._campaign = DemoCampaign(self._world)
         self._sends: list[MessageSpec] = []
 
@@ -30,23 +32,27 @@ class Demo:
         """``config`` pointed at the simulator, with every demo send added.
 
         The configured messages are sent by the simulator too (sizes derived
-        from their IDs), so the shipped ``config.yaml`` shows data as-is.
+        from their IDs), so the shipped ``config.yaml`` shows data as-is; so are
+        SMS Partner's, when its source is on.
         """
-        for spec in config.messages:
-            if self._world.get(spec.id) is None:
-                self._world.send(
-                    500 + zlib.crc32(spec.id.encode()) % 4500,
-                    message_id=spec.id,
-                    sent_at=spec.sent_at,
-                    campaign=spec.labels.get("campaign", "demo"),
-                )
+        _send_all(self._world, config.messages)
         return dataclasses.replace(
             config,
             api=dataclasses.replace(
                 config.api, base_url=self._server.url, api_key=Secret(DEMO_KEY)
             ),
             messages=(*config.messages, *self._sends),
+            sources=None if config.sources is None else tuple(map(self._sms, config.sources)),
         )
+
+    def _sms(self, source: SourceConfig) -> SourceConfig:
+        api = source.settings.get("api")
+        if not isinstance(api, ApiConfig):
+            return source
+        _send_all(self._server.sms_world, source.settings.get("messages", ()))
+        api = dataclasses.replace(api, base_url=self._server.sms_url, api_key=Secret(DEMO_SMS_KEY))
+        settings = MappingProxyType({**source.settings, "api": api})
+        return dataclasses.replace(source, settings=settings)
 
     def new_messages(self) -> list[MessageSpec]:
         """Sends the simulator made since the last call."""
@@ -56,6 +62,17 @@ class Demo:
 
     def stop(self) -> None:
         self._server.stop()
+
+
+def _send_all(world: World, messages: Iterable[MessageSpec]) -> None:
+    for spec in messages:
+        if world.get(spec.id) is None:
+            world.send(
+                500 + zlib.crc32(spec.id.encode()) % 4500,
+                message_id=spec.id,
+                sent_at=spec.sent_at,
+                campaign=spec.labels.get("campaign", "demo"),
+            )
 
 
 def _spec(send: SimulatedSend) -> MessageSpec:

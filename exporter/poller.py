@@ -1,17 +1,25 @@
-"""The background loop: poll due messages within the request budget and concurrency."""
+"""The background loop: run every source's due polls within its API's budget and concurrency.
+
+Each API the exporter talks to is an ``Upstream`` (Mail Partner, and SMS Partner when its
+source is on): its client, its token bucket (``max_requests_per_minute``), its concurrency
+and its 429 pause. Sources say what is due; the poller decides what runs now.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-from exporter.aggregate import ReportAggregator
 from exporter.client import MailPartnerClient, PollError
-from exporter.config import Config
-from exporter.tracker import MessageBook, Phase, TrackedMessage
+from exporter.config import ApiConfig
+from exporter.stats import RequestStats
+
+if TYPE_CHECKING:
+    from exporter.sources.base import Poll, Source
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
@@ -65,49 +73,92 @@ class TokenBucket:
         return max(0.0, (1.0 - self._tokens) / self.rate, self._held_until - now)
 
 
+class Upstream:
+    """One API as the poller sees it: its client, request budget, concurrency and 429 pause.
+
+    ``lock`` guards ``in_flight`` and the bucket; sources read ``client`` and ``api``.
+    """
+
+    def __init__(
+        self, api: ApiConfig, client: MailPartnerClient, stats: RequestStats, now: float
+    ) -> None:
+        self.api = api
+        self.client = client
+        self.stats = stats  # what the client counts: the API's series
+        self.bucket = _bucket(api, now)
+        self.in_flight = 0
+        self.rate_limited = 0  # consecutive 429s
+        self.lock = threading.Lock()
+        self._budget = threading.Condition(self.lock)
+
+    def take(self, deadline: float, clock: Clock = time.time) -> bool:
+        """Wait until the budget allows one request, or ``deadline``; True if it did.
+
+        For requests made outside the poll loop (``/probe``): they spend the same budget.
+        """
+        with self._budget:
+            while True:
+                now = clock()
+                if self.bucket.try_take(now):
+                    return True
+                wait = self.bucket.wait_time(now)
+                if now + wait > deadline:
+                    return False
+                self._budget.wait(wait)
+
+    def back_off(self, retry_after: float | None, now: float) -> None:
+        """A 429 pauses every request to this API, not just one poll: the limit is per IP."""
+        with self.lock:
+            self.rate_limited += 1
+            if retry_after is None:
+                retry_after = RATE_LIMIT_PAUSE * 2 ** min(self.rate_limited - 1, 8)
+            pause = min(retry_after, MAX_RATE_LIMIT_PAUSE)
+            self.bucket.hold(now + pause)
+        log.warning("rate limited: pausing all polls", extra={"seconds": round(pause, 1)})
+
+    def reconfigure(self, api: ApiConfig, client: MailPartnerClient, now: float) -> None:
+        with self.lock:
+            old, self.api, self.client = self.api, api, client
+            if (old.max_requests_per_minute, old.concurrency) != (
+                api.max_requests_per_minute,
+                api.concurrency,
+            ):
+                self.bucket = _bucket(api, now)
+
+
 class Poller:
     """Dispatches due polls; ``run_pending`` is one step, ``run`` loops until stopped."""
 
     def __init__(
         self,
-        config: Config,
-        book: MessageBook,
-        client: MailPartnerClient,
+        sources: Sequence[Source],
         clock: Clock = time.time,
         executor: Executor | None = None,
     ) -> None:
-        self._config = config
-        self._book = book
-        self._client = client
+        self._sources = tuple(sources)
         self._clock = clock
         self._owns_executor = executor is None
-        self._executor = executor or _pool(config.api.concurrency)
-        self._bucket = _bucket(config, clock())
+        self._workers = _workers(self._sources)
+        self._executor = executor or _pool(self._workers)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified as each poll ends
         self._in_flight = 0
-        self._rate_limited = 0  # consecutive 429s
         self._wake = threading.Event()
 
-    def reconfigure(self, config: Config, client: MailPartnerClient) -> None:
-        """Poll with ``config`` and ``client`` from now on; polls in flight finish as they are."""
-        with self._lock:
-            old = self._config.api
-            self._config, self._client = config, client
-            new = config.api
-            if (old.max_requests_per_minute, old.concurrency) != (
-                new.max_requests_per_minute,
-                new.concurrency,
-            ):
-                self._bucket = _bucket(config, self._clock())
-            if self._owns_executor and new.concurrency > old.concurrency:
-                self._executor.shutdown(wait=False)
-                self._executor = _pool(new.concurrency)
-        self._wake.set()
-
     @property
-    def client(self) -> MailPartnerClient:
-        return self._client
+    def sources(self) -> tuple[Source, ...]:
+        return self._sources
+
+    def reconfigure(self, sources: Sequence[Source]) -> None:
+        """Poll ``sources`` from now on; polls in flight finish as they are."""
+        with self._lock:
+            self._sources = tuple(sources)
+            workers = _workers(self._sources)
+            if self._owns_executor and workers > self._workers:
+                self._executor.shutdown(wait=False)
+                self._executor = _pool(workers)
+                self._workers = workers
+        self._wake.set()
 
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for polls in flight to end; True if they all did."""
@@ -115,29 +166,44 @@ class Poller:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
     def run_pending(self) -> float:
-        """Start every due poll that the budget and concurrency allow.
+        """Start every due poll that the budgets and concurrency allow.
 
         Returns how long to wait before there may be more to do.
         """
         now = self._clock()
-        for message_id in self._book.expire(now):
-            log.info("message past retention, no longer exposed", extra={"message_id": message_id})
-        with self._lock:
-            room = min(self._config.api.concurrency - self._in_flight, self._bucket.available(now))
-        due = self._book.due(now, max(0, room))
-        for started, message in enumerate(due):
-            wait = self._dispatch(message, now)
-            if wait is not None:  # a 429 during this batch paused everything
-                self._book.requeue(due[started:])
-                return wait
-        upcoming = self._book.next_poll()
+        sources = self._sources
+        for source in sources:
+            source.tick(now)
+        wait = _IDLE_WAIT
+        for upstream, group in _by_upstream(sources).items():
+            wait = min(wait, self._run_upstream(upstream, group, now))
+        return wait
+
+    def _run_upstream(self, upstream: Upstream, sources: list[Source], now: float) -> float:
+        with upstream.lock:
+            room = min(
+                upstream.api.concurrency - upstream.in_flight, upstream.bucket.available(now)
+            )
+        # The most overdue source first; within one, its most overdue polls.
+        for source in sorted(sources, key=_due_key):
+            upcoming = source.next_due()
+            if room < 1 or upcoming is None or upcoming > now:
+                break
+            due = source.due(now, room)
+            for started, poll in enumerate(due):
+                wait = self._dispatch(upstream, poll, now)
+                if wait is not None:  # a 429 paused everything, or a poll took the room
+                    source.requeue(due[started:])
+                    return wait
+            room -= len(due)
+        upcoming = min((t for s in sources if (t := s.next_due()) is not None), default=None)
         if upcoming is None:
             return _IDLE_WAIT
         if upcoming <= now:  # more is due than can start now
-            with self._lock:
-                if self._in_flight >= self._config.api.concurrency:
+            with upstream.lock:
+                if upstream.in_flight >= upstream.api.concurrency:
                     return _IDLE_WAIT  # a finishing poll wakes the loop sooner
-                return self._bucket.wait_time(now)
+                return upstream.bucket.wait_time(now)
         return min(_IDLE_WAIT, upcoming - now)
 
     def run(self, stop: threading.Event) -> None:
@@ -155,79 +221,80 @@ class Poller:
         self._wake.set()
 
     def poll_all(self) -> bool:
-        """Poll every message not yet final once (``--once``); True if all succeeded."""
-        messages, _ = self._book.snapshot()
-        wanted = {m.spec.id for m in messages if m.phase != Phase.FINAL}
-        for message in messages:
-            if message.spec.id not in wanted:
-                continue
-            while (wait := self._dispatch(message, self._clock())) is not None:
-                with self._idle:
-                    self._idle.wait(wait)
+        """Poll everything every source would poll, once (``--once``); True if all succeeded."""
+        outcomes: list[bool] = []
+        for source in self._sources:
+            for poll in source.everything(self._clock()):
+                while (
+                    wait := self._dispatch(source.upstream, poll, self._clock(), outcomes)
+                ) is not None:
+                    with self._idle:
+                        self._idle.wait(wait)
         with self._idle:
             self._idle.wait_for(lambda: self._in_flight == 0)
-        polled, _ = self._book.snapshot()
-        return all(m.poll_ok for m in polled if m.spec.id in wanted)
+        return all(outcomes)
 
-    def _dispatch(self, message: TrackedMessage, now: float) -> float | None:
-        """Start polling ``message`` if concurrency and budget allow; else how long to wait."""
-        with self._lock:
-            if self._in_flight >= self._config.api.concurrency:
+    def _dispatch(
+        self, upstream: Upstream, poll: Poll, now: float, outcomes: list[bool] | None = None
+    ) -> float | None:
+        """Start ``poll`` if concurrency and budget allow; else how long to wait."""
+        with upstream.lock:
+            if upstream.in_flight >= upstream.api.concurrency:
                 return _IDLE_WAIT  # a finishing poll wakes the loop sooner
-            if not self._bucket.try_take(now):
-                return self._bucket.wait_time(now)
-            started = self._book.start_poll(message.spec.id, now)
+            if not upstream.bucket.try_take(now):
+                return upstream.bucket.wait_time(now)
+            started = poll.start(now)
             if started:
-                self._in_flight += 1
+                upstream.in_flight += 1
         if started:
-            self._executor.submit(self._poll, message)
+            with self._lock:
+                self._in_flight += 1
+            self._executor.submit(self._run, upstream, poll, outcomes)
         return None
 
-    def _back_off(self, retry_after: float | None) -> None:
-        """A 429 pauses every poll, not just this message's: the limit is per IP."""
-        with self._lock:
-            self._rate_limited += 1
-            if retry_after is None:
-                retry_after = RATE_LIMIT_PAUSE * 2 ** min(self._rate_limited - 1, 8)
-            pause = min(retry_after, MAX_RATE_LIMIT_PAUSE)
-            self._bucket.hold(self._clock() + pause)
-        log.warning("rate limited: pausing all polls", extra={"seconds": round(pause, 1)})
-
-    def _poll(self, message: TrackedMessage) -> bool:
-        message_id = message.spec.id
+    def _run(self, upstream: Upstream, poll: Poll, outcomes: list[bool] | None) -> None:
+        ok = False
         try:
-            aggregate = self._client.bulk_status(
-                message_id, ReportAggregator(self._config.status_map)
-            )
+            poll.run()
         except PollError as e:
             if e.rate_limited:
-                self._back_off(e.retry_after)
-            self._book.record_failure(message_id, str(e), self._clock())
-            level = logging.DEBUG if message.last_error else logging.WARNING
-            log.log(level, "poll failed", extra={"message_id": message_id, "err": str(e)})
-            return False
+                upstream.back_off(e.retry_after, self._clock())
         except Exception as e:  # a bug must cost one poll, not the loop
-            log.exception("poll crashed", extra={"message_id": message_id})
-            self._book.record_failure(
-                message_id, f"internal error: {type(e).__name__}", self._clock()
-            )
-            return False
+            log.exception("poll crashed", extra={"subject": poll.subject})
+            poll.crashed(e)
         else:
-            self._rate_limited = 0
-            self._book.record_success(message_id, aggregate, self._clock())
-            if message.last_error:
-                log.info("poll recovered", extra={"message_id": message_id})
-            return True
+            ok = True
+            upstream.rate_limited = 0
         finally:
+            with upstream.lock:
+                upstream.in_flight -= 1
             with self._idle:
                 self._in_flight -= 1
+                if outcomes is not None:
+                    outcomes.append(ok)
                 self._idle.notify_all()
             self._wake.set()
 
 
-def _pool(concurrency: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(concurrency, thread_name_prefix="poll")
+def _due_key(source: Source) -> float:
+    due = source.next_due()
+    return float("inf") if due is None else due
 
 
-def _bucket(config: Config, now: float) -> TokenBucket:
-    return TokenBucket(config.api.max_requests_per_minute, config.api.concurrency, now)
+def _by_upstream(sources: Sequence[Source]) -> dict[Upstream, list[Source]]:
+    groups: dict[Upstream, list[Source]] = {}
+    for source in sources:
+        groups.setdefault(source.upstream, []).append(source)
+    return groups
+
+
+def _workers(sources: Sequence[Source]) -> int:
+    return sum(u.api.concurrency for u in _by_upstream(sources)) or 1
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="poll")
+
+
+def _bucket(api: ApiConfig, now: float) -> TokenBucket:
+    return TokenBucket(api.max_requests_per_minute, api.concurrency, now)

@@ -38,7 +38,7 @@ class RequestStats:
         self._failures = {(e, r): 0 for e in endpoints for r in KNOWN_REASONS}
         self._buckets = {e: [0] * (len(DURATION_BUCKETS) + 1) for e in endpoints}
         self._seconds = dict.fromkeys(endpoints, 0.0)
-        self._up = False
+        self._up: dict[str, bool] = {}  # each endpoint's last request went through
 
     def request_started(self, endpoint: str) -> None:
         with self._lock:
@@ -54,7 +54,7 @@ class RequestStats:
             if error is not None:
                 tally = self._errors if api_error else self._failures
                 tally[(endpoint, error)] = tally.get((endpoint, error), 0) + 1
-            self._up = up
+            self._up[endpoint] = up
 
     def snapshot(self) -> RequestStatsSnapshot:
         with self._lock:
@@ -65,5 +65,7 @@ class RequestStats:
                 durations={
                     e: Histogram(tuple(b), self._seconds[e]) for e, b in self._buckets.items()
                 },
-                up=self._up,
+                # Every endpoint's last request: /v1/me answering every few minutes must
+                # not hide bulk-status failing (or the other way round).
+                up=bool(self._up) and all(self._up.values()),
             )

@@ -140,6 +140,10 @@ class MessageBook:
                 )
             )
 
+    def get(self, message_id: str) -> TrackedMessage | None:
+        with self._lock:
+            return self._messages.get(message_id)
+
     def due(self, now: float, limit: int) -> list[TrackedMessage]:
         """Up to ``limit`` messages to poll now, most overdue first."""
         with self._lock:

@@ -44,10 +44,12 @@ def create_app(
     ready: Callable[[], bool] = lambda: True,
     reload: Callable[[], str | None] | None = None,
     clock: Callable[[], float] = time.time,
+    more: Mapping[str, WSGIApp] | None = None,
 ) -> WSGIApp:
     """The exporter's routes: telemetry, landing page, health, readiness and reload.
 
-    ``reload`` returns None on success or the errors that kept the old config.
+    ``reload`` returns None on success or the errors that kept the old config. ``more``
+    adds routes; one serves its path and everything under ``path/`` too.
     """
     metrics_app = _metrics_app(registry)
 
@@ -79,9 +81,14 @@ def create_app(
     }
     if reload is not None:
         routes["/-/reload"] = reloading
+    routes.update(more or {})
+    subtrees = [(f"{path}/", route) for path, route in (more or {}).items()]
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        route = routes.get(environ.get("PATH_INFO") or "/")
+        path = environ.get("PATH_INFO") or "/"
+        route = routes.get(path)
+        if route is None:
+            route = next((r for prefix, r in subtrees if path.startswith(prefix)), None)
         if route is None:
             return _respond(start_response, "404 Not Found", "Not found\n")
         return route(environ, start_response)

@@ -19,6 +19,7 @@ from exporter.config import Config, MessageSpec, StatusMap
 from exporter.config.holder import ConfigHolder
 from exporter.parse import parse_json
 from exporter.poller import Poller
+from exporter.sources.bulk_status import book_poller
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.web import create_app, serve
@@ -114,7 +115,7 @@ def running(config: Config, clock: FakeClock) -> Iterator[Running]:
     book = MessageBook(config.polling, jitter=lambda: 1.0)
     book.sync(config.messages, clock())
     stats = RequestStats([BULK_STATUS])
-    poller = Poller(
+    poller = book_poller(
         config, book, make_client(config, stats), clock=clock, executor=InlineExecutor()
     )
     registry = CollectorRegistry()

@@ -22,7 +22,33 @@ CASES = {
         "unknown key (did you mean max_requests_per_minute?)",
     ),
     "unknown_top_key": (e.UnknownKeyError, "mesages", "unknown key (did you mean messages?)"),
-    "later_feature": (e.UnknownKeyError, "sources", "not supported by this version yet"),
+    "unknown_source": (
+        e.UnknownKeyError,
+        "sources.acount",
+        "unknown source (did you mean account? installed: account, bulk_status,"
+        " smspartner_bulk_status)",
+    ),
+    "bad_source_option": (
+        e.InvalidDurationError,
+        "sources.account.every",
+        "'soon' is not a duration (use e.g. 30s, 2m, 1h30m, 7d)",
+    ),
+    "unknown_source_option": (
+        e.UnknownKeyError,
+        "sources.account.evry",
+        "unknown key (did you mean every?)",
+    ),
+    "bad_threshold": (
+        e.InvalidValueError,
+        "sources.account.low_credits.creditMail",
+        "must be a number, not a string",
+    ),
+    "bad_message_files": (e.InvalidTypeError, "message_files", "must be a list of file globs"),
+    "bad_sms_api": (
+        e.InvalidValueError,
+        "sources.smspartner_bulk_status.api.base_url",
+        "must be an http:// or https:// URL",
+    ),
     "bad_state_path": (
         e.InvalidValueError,
         "state.path",
@@ -153,7 +179,10 @@ def test_config_check_passes_the_shipped_example(
 ) -> None:
     monkeypatch.setenv("MAILPARTNER_API_KEY", "example-key")
     assert main(["--config.check", "--config.file", str(REPO / "config.yaml")]) == 0
-    assert capsys.readouterr().out == f"{REPO / 'config.yaml'}: OK, 2 messages\n"
+    assert (
+        capsys.readouterr().out
+        == f"{REPO / 'config.yaml'}: OK, 2 messages, sources: bulk_status, account\n"
+    )
 
 
 def test_config_check_without_any_key_fails(

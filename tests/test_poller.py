@@ -16,6 +16,7 @@ from exporter.client import BULK_STATUS
 from exporter.config import Config, MessageSpec, State, StatusMap
 from exporter.poller import Poller, TokenBucket
 from exporter.simulator import SimulatorServer
+from exporter.sources.bulk_status import book_poller
 from exporter.stats import RequestStats
 from exporter.tracker import RETRY_AFTER, MessageBook, Phase, TrackedMessage
 from tests.conftest import FakeClock, InlineExecutor, make_client, make_config, with_polling
@@ -40,7 +41,7 @@ def build(
 ) -> tuple[MessageBook, Poller]:
     book = MessageBook(config.polling, jitter=lambda: 1.0)
     book.sync(config.messages, clock())
-    poller = Poller(
+    poller = book_poller(
         config, book, make_client(config, stats), clock=clock, executor=InlineExecutor()
     )
     return book, poller
@@ -192,7 +193,7 @@ def test_at_most_concurrency_requests_at_once(simulator: SimulatorServer) -> Non
     config = make_config(simulator.url, *specs, concurrency=3)
     book = MessageBook(config.polling)
     book.sync(config.messages, time.time())
-    poller = Poller(config, book, make_client(config), executor=ThreadPoolExecutor(8))
+    poller = book_poller(config, book, make_client(config), executor=ThreadPoolExecutor(8))
     stop = threading.Event()
     loop = threading.Thread(target=poller.run, args=(stop,))
     loop.start()
@@ -242,13 +243,15 @@ def test_a_failing_poll_keeps_the_last_values_and_the_loop_goes_on(
 
 def test_an_unexpected_exception_costs_one_poll_not_the_loop(clock: FakeClock) -> None:
     class BrokenClient:
-        def bulk_status(self, message_id: str, aggregator: object) -> None:
+        stats = RequestStats([BULK_STATUS])
+
+        def bulk_status(self, message_id: str, *args: object) -> None:
             raise RuntimeError("bug")
 
     config = make_config("http://127.0.0.1:9", MessageSpec("1"), MessageSpec("2"))
     book = MessageBook(config.polling)
     book.sync(config.messages, clock())
-    poller = Poller(
+    poller = book_poller(
         config,
         book,
         BrokenClient(),

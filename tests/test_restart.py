@@ -17,6 +17,7 @@ from exporter.client import BULK_STATUS
 from exporter.config import MessageSpec, State
 from exporter.poller import Poller
 from exporter.simulator import Faults, SimulatorServer, World
+from exporter.sources.bulk_status import book_poller
 from exporter.state import StateStore
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
@@ -173,7 +174,7 @@ def test_soak_with_faults_and_a_restart_loses_and_doubles_nothing(tmp_path: Path
             if stored is not None:
                 book.restore(stored)
             book.sync(config.messages, clock())
-            poller = Poller(
+            poller = book_poller(
                 config,
                 book,
                 make_client(config, RequestStats([BULK_STATUS])),

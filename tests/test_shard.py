@@ -337,7 +337,10 @@ def test_config_check_with_index_auto_from_the_pod_name(
     flags = ["--shard.count=3", "--shard.index=auto"]
     assert main(["--config.check", "--config.file", str(path), *flags]) == 0
     owned = sum(1 for i in IDS if Shard(3, 2).owns(i))
-    assert capsys.readouterr().out == f"{path}: OK, 30 messages, {owned} in shard 2 of 0..2\n"
+    assert (
+        capsys.readouterr().out
+        == f"{path}: OK, 30 messages, {owned} in shard 2 of 0..2, sources: bulk_status\n"
+    )
 
 
 # --- the exporter tracks only its shard --------------------------------------------------------
@@ -518,8 +521,8 @@ def test_three_shards_poll_each_message_once_and_add_up_to_one_exporter(
     assert simulator.stats().polls == dict.fromkeys(IDS, 4)
     requests_total = "mailpartner_api_requests_total"
     for shard, part in zip(shards, parts, strict=True):
-        assert one(part, requests_total) == 2 * len(owned_ids(shard))
-    assert one(whole, requests_total) == 2 * len(IDS)
+        assert one(part, requests_total, endpoint="bulk-status") == 2 * len(owned_ids(shard))
+    assert one(whole, requests_total, endpoint="bulk-status") == 2 * len(IDS)
 
     # The union of the shards' per-message series is the unsharded exporter's, value for value.
     def per_message(series: list[Series]) -> list[Series]:

@@ -23,6 +23,7 @@ from exporter.config.model import (
     MessageSpec,
     PollingConfig,
     ScheduleStep,
+    SourceConfig,
     State,
     StatusMap,
 )
@@ -53,8 +54,9 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MESSAGE_ID = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
 # Parts of SPEC §4 that later releases bring; named so the error says so.
-_NOT_YET = frozenset({"message_files", "sources"})
-_TOP_KEYS = frozenset({"api", "polling", "status_map", "messages", "state", "shard"})
+_TOP_KEYS = frozenset(
+    {"api", "polling", "status_map", "messages", "message_files", "state", "shard", "sources"}
+)
 
 T = TypeVar("T")
 
@@ -108,6 +110,33 @@ def parse_config(text: str, file: str, environ: Mapping[str, str]) -> Config:
     return config
 
 
+def parse_messages(document: object, file: str, key: str = "messages") -> tuple[MessageSpec, ...]:
+    """A ``messages`` list (as in the config) read from ``document``; ``ConfigErrors`` naming
+    ``file`` and the entry's key path (``messages[2].labels.x``) for anything wrong.
+
+    Used for discovered message files and for registrations over HTTP, which are checked
+    exactly like the config's own ``messages``.
+    """
+    reader = _Reader(file, {})
+    specs = reader.messages(document, key)
+    if reader.errors:
+        raise errors.ConfigErrors(reader.errors)
+    return specs
+
+
+def parse_message(
+    document: object, where: str, extra: frozenset[str] = frozenset()
+) -> tuple[MessageSpec, dict[str, Any]]:
+    """One ``{id, labels, sent_at}`` object (a registration), checked like the config's
+    ``messages`` entries, and the ``extra`` keys it had; ``ConfigErrors`` naming ``where``."""
+    reader = _Reader(where, {})
+    spec = reader.message(document, "", extra)
+    if spec is None or reader.errors:
+        raise errors.ConfigErrors(reader.errors or [errors.ConfigError(where, "", "not valid")])
+    assert isinstance(document, dict)
+    return spec, {k: v for k, v in document.items() if k in extra}
+
+
 class _Reader:
     def __init__(self, file: str, environ: Mapping[str, str]) -> None:
         self.file = file
@@ -155,6 +184,8 @@ class _Reader:
         polling = self.polling(top.get("polling"))
         status_map = self.status_map(top.get("status_map"))
         messages = self.messages(top.get("messages"))
+        message_files = self.globs(top.get("message_files"), "message_files")
+        sources = self.sources(top.get("sources"))
         state = self.mapping(top.get("state"), "state", frozenset({"path"}))
         state_path = self.field(state, "path", "state", DEFAULT_STATE_PATH, _path)
         shard_count, shard_index = self.shard(top.get("shard"))
@@ -168,9 +199,19 @@ class _Reader:
             state_path,
             shard_count,
             shard_index,
+            message_files,
+            sources,
         )
 
-    def api(self, value: object) -> ApiConfig:
+    def api(
+        self,
+        value: object,
+        key: str = "api",
+        d: ApiConfig = ApiConfig(),  # noqa: B008 - frozen
+        env: str = API_KEY_ENV,
+        upstream: str = "Mail Partner",
+    ) -> ApiConfig:
+        """An ``api`` section: Mail Partner's at the top, or a source's for another API."""
         keys = frozenset(
             {
                 "base_url",
@@ -183,69 +224,68 @@ class _Reader:
                 "max_response_size",
             }
         )
-        section = self.mapping(value, "api", keys)
-        d = ApiConfig()
+        section = self.mapping(value, key, keys)
         rate = self.field(
-            section, "max_requests_per_minute", "api", d.max_requests_per_minute, _positive_int
+            section, "max_requests_per_minute", key, d.max_requests_per_minute, _positive_int
         )
         if rate > UPSTREAM_RATE_LIMIT:
             self.warnings.append(
-                f"{self.file}: api.max_requests_per_minute: {rate} is above Mail Partner's limit of"
-                f" {UPSTREAM_RATE_LIMIT} requests per minute per IP; expect HTTP 429"
+                f"{self.file}: {key}.max_requests_per_minute: {rate} is above {upstream}'s limit"
+                f" of {UPSTREAM_RATE_LIMIT} requests per minute per IP; expect HTTP 429"
             )
         return ApiConfig(
-            base_url=self.field(section, "base_url", "api", d.base_url, _base_url),
-            api_key=self.api_key(section),
-            timeout=self.field(section, "timeout", "api", d.timeout, _positive_duration),
+            base_url=self.field(section, "base_url", key, d.base_url, _base_url),
+            api_key=self.api_key(section, key, env),
+            timeout=self.field(section, "timeout", key, d.timeout, _positive_duration),
             max_requests_per_minute=rate,
-            concurrency=self.field(section, "concurrency", "api", d.concurrency, _positive_int),
-            format=self.field(section, "format", "api", d.format, _choice("json", "xml")),
+            concurrency=self.field(section, "concurrency", key, d.concurrency, _positive_int),
+            format=self.field(section, "format", key, d.format, _choice("json", "xml")),
             max_response_bytes=self.field(
-                section, "max_response_size", "api", d.max_response_bytes, _byte_size
+                section, "max_response_size", key, d.max_response_bytes, _byte_size
             ),
         )
 
-    def api_key(self, section: Mapping[str, Any]) -> Secret | None:
+    def api_key(
+        self, section: Mapping[str, Any], key: str = "api", env: str = API_KEY_ENV
+    ) -> Secret | None:
         if "api_key" in section and "api_key_file" in section:
             self.fail(
                 errors.InvalidValueError,
-                "api.api_key",
-                "set either api.api_key or api.api_key_file, not both",
+                f"{key}.api_key",
+                f"set either {key}.api_key or {key}.api_key_file, not both",
             )
             return None
         if "api_key_file" in section:
-            return self.api_key_file(section["api_key_file"])
+            return self.api_key_file(section["api_key_file"], f"{key}.api_key_file")
         if "api_key" in section:
-            return self.api_key_value(section["api_key"])
-        if self.environ.get(API_KEY_ENV):
-            return Secret(self.environ[API_KEY_ENV].strip())
+            return self.api_key_value(section["api_key"], f"{key}.api_key")
+        if self.environ.get(env):
+            return Secret(self.environ[env].strip())
         return None
 
-    def api_key_value(self, raw: object) -> Secret | None:
+    def api_key_value(self, raw: object, key: str) -> Secret | None:
         """``api.api_key``, with each ``${VAR}`` replaced from the environment."""
         if not isinstance(raw, str):
-            self.fail(errors.InvalidTypeError, "api.api_key", f"must be a string, not {_kind(raw)}")
+            self.fail(errors.InvalidTypeError, key, f"must be a string, not {_kind(raw)}")
             return None
         unset = [name for name in _ENV_REF.findall(raw) if name not in self.environ]
         if unset:
-            self.fail(
-                errors.SecretError, "api.api_key", f"environment variable {unset[0]} is not set"
-            )
+            self.fail(errors.SecretError, key, f"environment variable {unset[0]} is not set")
             return None
-        return self.non_empty_key(_ENV_REF.sub(lambda m: self.environ[m[1]], raw), "api.api_key")
+        return self.non_empty_key(_ENV_REF.sub(lambda m: self.environ[m[1]], raw), key)
 
-    def api_key_file(self, raw: object) -> Secret | None:
+    def api_key_file(self, raw: object, key: str) -> Secret | None:
         if not isinstance(raw, str) or not raw:
-            self.fail(errors.InvalidTypeError, "api.api_key_file", "must be a file path")
+            self.fail(errors.InvalidTypeError, key, "must be a file path")
             return None
         # Like Prometheus, a relative path is relative to the config file.
         path = Path(self.file).parent / raw
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as e:
-            self.fail(errors.SecretError, "api.api_key_file", f"cannot read {raw}: {e.strerror}")
+            self.fail(errors.SecretError, key, f"cannot read {raw}: {e.strerror}")
             return None
-        return self.non_empty_key(text.strip(), "api.api_key_file")
+        return self.non_empty_key(text.strip(), key)
 
     def non_empty_key(self, value: str, key: str) -> Secret | None:
         if not value.strip():
@@ -357,39 +397,102 @@ class _Reader:
                     )
         return StatusMap.from_lists(lists)
 
-    def messages(self, value: object) -> tuple[MessageSpec, ...]:
+    def messages(self, value: object, name: str = "messages") -> tuple[MessageSpec, ...]:
         if value is None:
             return ()
         if not isinstance(value, list):
-            self.fail(errors.InvalidTypeError, "messages", f"must be a list, not {_kind(value)}")
+            self.fail(errors.InvalidTypeError, name, f"must be a list, not {_kind(value)}")
             return ()
         specs: list[MessageSpec] = []
         seen: dict[str, int] = {}
         for i, item in enumerate(value):
-            key = f"messages[{i}]"
-            entry = self.mapping(item, key, frozenset({"id", "labels", "sent_at"}))
-            if "id" not in entry:
-                if isinstance(item, dict):
-                    self.fail(errors.MissingKeyError, _join(key, "id"), "is required")
+            key = f"{name}[{i}]"
+            spec = self.message(item, key)
+            if spec is None:
                 continue
-            message_id = self.field(entry, "id", key, "", _message_id)
-            if message_id in seen:
+            if spec.id in seen:
                 self.fail(
                     errors.DuplicateMessageError,
                     _join(key, "id"),
-                    f"message {message_id!r} is already listed at messages[{seen[message_id]}]",
+                    f"message {spec.id!r} is already listed at {name}[{seen[spec.id]}]",
                 )
                 continue
-            if message_id:
-                seen[message_id] = i
-                specs.append(
-                    MessageSpec(
-                        id=message_id,
-                        labels=self.labels(entry.get("labels"), _join(key, "labels")),
-                        sent_at=self.field(entry, "sent_at", key, None, _timestamp),
-                    )
-                )
+            seen[spec.id] = i
+            specs.append(spec)
         return tuple(specs)
+
+    def message(
+        self, item: object, key: str, extra: frozenset[str] = frozenset()
+    ) -> MessageSpec | None:
+        """One ``{id, labels, sent_at}`` entry; None if it has no valid ID (errors say why;
+        one with a valid ID and a bad label comes back without that label, and an error)."""
+        entry = self.mapping(item, key, frozenset({"id", "labels", "sent_at"}) | extra)
+        if "id" not in entry:
+            if isinstance(item, dict):
+                self.fail(errors.MissingKeyError, _join(key, "id"), "is required")
+            return None
+        message_id = self.field(entry, "id", key, "", _message_id)
+        labels = self.labels(entry.get("labels"), _join(key, "labels"))
+        sent_at = self.field(entry, "sent_at", key, None, _timestamp)
+        if not message_id:
+            return None
+        return MessageSpec(id=message_id, labels=labels, sent_at=sent_at)
+
+    def globs(self, value: object, key: str) -> tuple[str, ...]:
+        """File globs (``message_files``); relative ones from the config file's folder."""
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.fail(errors.InvalidTypeError, key, "must be a list of file globs")
+            return ()
+        folder = os.path.dirname(os.path.abspath(self.file))
+        return tuple(os.path.join(folder, pattern) for pattern in value)
+
+    def sources(self, value: object) -> tuple[SourceConfig, ...]:
+        """``sources``: each enabled source's class and checked settings; bulk_status is on
+        unless ``enabled: false``."""
+        from exporter.config.options import Options  # noqa: PLC0415 - options reads this module
+        from exporter.sources.registry import available  # noqa: PLC0415 - sources read config
+
+        if value is not None and not isinstance(value, dict):
+            self.fail(errors.InvalidTypeError, "sources", f"must be a mapping, not {_kind(value)}")
+            value = None
+        section: dict[Any, Any] = {"bulk_status": {}, **(value or {})}
+        kinds = available()
+        enabled: list[SourceConfig] = []
+        for name, raw in section.items():
+            key = _join("sources", str(name))
+            kind = kinds.get(str(name))
+            if kind is None:
+                close = difflib.get_close_matches(str(name), sorted(kinds), n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                self.fail(
+                    errors.UnknownKeyError,
+                    key,
+                    f"unknown source ({hint}installed: {', '.join(sorted(kinds))})",
+                )
+                continue
+            if isinstance(kind, Exception):
+                self.fail(errors.InvalidValueError, key, f"its plugin cannot be loaded: {kind}")
+                continue
+            if raw is not None and not isinstance(raw, dict):
+                self.fail(errors.InvalidTypeError, key, f"must be a mapping, not {_kind(raw)}")
+                continue
+            options = dict(raw or {})
+            on = self.field(options, "enabled", key, True, _boolean)
+            options.pop("enabled", None)
+            reader = Options(self, key, options)
+            try:
+                settings = kind.configure(reader)
+            except Exception as e:  # a plugin's bug is a config error, not a crash
+                self.fail(errors.InvalidValueError, key, f"its plugin failed: {_describe(e)}")
+                continue
+            reader.finish()
+            if on:
+                enabled.append(SourceConfig(str(name), kind, MappingProxyType(dict(settings))))
+        return tuple(enabled)
 
     def labels(self, value: object, key: str) -> Mapping[str, str]:
         if value is None:
@@ -439,10 +542,18 @@ class _NotADuration(ValueError):
 
 
 def _unknown(name: object, allowed: frozenset[str]) -> str:
-    if name in _NOT_YET:
-        return "not supported by this version yet"
     close = difflib.get_close_matches(str(name), sorted(allowed), n=1)
     return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"must be true or false, not {_kind(value)}")
+    return value
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:300]
 
 
 def _duration(value: object) -> float:

@@ -6,6 +6,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from exporter.secret import Secret
 from exporter.shard import Shard
@@ -108,6 +109,15 @@ class MessageSpec:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """An enabled source: its name under ``sources:``, its class and its checked settings."""
+
+    name: str
+    kind: Any  # a subclass of exporter.sources.Source (not imported: sources import config)
+    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
 class Config:
     file: str
     api: ApiConfig = ApiConfig()
@@ -122,6 +132,12 @@ class Config:
     # (see exporter/shard.py); 1 and 0 poll them all.
     shard_count: int = 1
     shard_index: int = 0
+    # Globs of files listing more messages (absolute; relative ones resolved from the file's
+    # folder by the loader), re-read when they change.
+    message_files: tuple[str, ...] = ()
+    # The enabled sources in the order configured; None (objects built in code) is the
+    # default: bulk_status alone.
+    sources: tuple[SourceConfig, ...] | None = None
 
     @property
     def shard(self) -> Shard:

@@ -1,0 +1,143 @@
+"""``/api/v1/messages``: a sending application registers each message right after sending.
+
+``POST /api/v1/messages`` with ``{"id": "300", "labels": {"campaign": "x"}, "sent_at":
+"2026-11-26T10:00:00Z"}`` (``source`` picks another bulk-status source, such as
+``smspartner_bulk_status``) answers 201 when the message is new or changed, 200 when it
+was registered as is, 400 with the problems (checked like the config's ``messages``).
+``DELETE /api/v1/messages/ID`` stops tracking it; ``GET /api/v1/messages`` lists them.
+Answers are JSON in the Prometheus API's style: ``{"status": "success", "data": …}`` or
+``{"status": "error", "errorType": …, "error": …}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from exporter.config import ConfigErrors, MessageSpec, parse_message
+from exporter.sources.bulk_status import BulkStatusSource, RegistrationsFull
+
+PATH = "/api/v1/messages"
+MAX_BODY = 64 * 1024
+DEFAULT_SOURCE = "bulk_status"
+_WHERE = "request body"
+StartResponse = Callable[..., Any]
+
+
+def messages_app(
+    sources: Callable[[], Mapping[str, BulkStatusSource]],
+) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
+    """The WSGI app behind ``/api/v1/messages`` and ``/api/v1/messages/<id>``."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO") or ""
+        query = parse_qs(environ.get("QUERY_STRING") or "")
+        message_id = unquote(path[len(PATH) + 1 :]) if path.startswith(PATH + "/") else None
+        if method == "POST" and message_id is None:
+            return _post(environ, start_response, sources())
+        if method == "DELETE" and message_id:
+            name = query.get("source", [DEFAULT_SOURCE])[0]
+            source = sources().get(name)
+            if source is None:
+                return _error(start_response, "400 Bad Request", "bad_data", _no_source(name))
+            if not source.unregister(message_id):
+                return _error(start_response, "404 Not Found", "not_found", "not registered")
+            return _json(
+                start_response, "200 OK", {"status": "success", "data": {"id": message_id}}
+            )
+        if method == "GET" and message_id is None:
+            data = [
+                {**_message(spec), "source": name}
+                for name, source in sorted(sources().items())
+                for spec in source.registered()
+            ]
+            return _json(start_response, "200 OK", {"status": "success", "data": data})
+        allowed = "GET, POST" if message_id is None else "DELETE"
+        return _error(
+            start_response,
+            "405 Method Not Allowed",
+            "bad_data",
+            f"use {allowed}",
+            [("Allow", allowed)],
+        )
+
+    return app
+
+
+def _post(
+    environ: dict[str, Any],
+    start_response: StartResponse,
+    sources: Mapping[str, BulkStatusSource],
+) -> Iterable[bytes]:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = -1
+    if not 0 < length <= MAX_BODY:
+        return _error(
+            start_response,
+            "413 Content Too Large" if length > MAX_BODY else "400 Bad Request",
+            "bad_data",
+            f"send one JSON object of at most {MAX_BODY} bytes, with Content-Length",
+        )
+    try:
+        document = json.loads(environ["wsgi.input"].read(length))
+    except (ValueError, RecursionError):
+        return _error(start_response, "400 Bad Request", "bad_data", "the body is not JSON")
+    try:
+        spec, extra = parse_message(document, _WHERE, frozenset({"source"}))
+    except ConfigErrors as e:
+        return _error(start_response, "400 Bad Request", "bad_data", str(e))
+    name = extra.get("source", DEFAULT_SOURCE)
+    source = sources.get(name) if isinstance(name, str) else None
+    if source is None:
+        return _error(start_response, "400 Bad Request", "bad_data", _no_source(name))
+    try:
+        created = source.register(spec)
+    except RegistrationsFull as e:
+        return _error(start_response, "503 Service Unavailable", "unavailable", str(e))
+    status = "201 Created" if created else "200 OK"
+    return _json(
+        start_response, status, {"status": "success", "data": {**_message(spec), "source": name}}
+    )
+
+
+def _message(spec: MessageSpec) -> dict[str, Any]:
+    return {"id": spec.id, "labels": dict(spec.labels), "sent_at": spec.sent_at}
+
+
+def _no_source(name: object) -> str:
+    return f"{_WHERE}: source: {name!r} is not an enabled bulk-status source"
+
+
+def _error(
+    start_response: StartResponse,
+    status: str,
+    kind: str,
+    error: str,
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    return _json(
+        start_response, status, {"status": "error", "errorType": kind, "error": error}, headers
+    )
+
+
+def _json(
+    start_response: StartResponse,
+    status: str,
+    payload: object,
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    body = json.dumps(payload).encode() + b"\n"
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            *(headers or []),
+        ],
+    )
+    return [body]

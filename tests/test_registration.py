@@ -1,0 +1,199 @@
+"""POST/DELETE /api/v1/messages: a sending application registers each message it sends.
+
+Over real HTTP: the in-process exporter for the answers and their effect on polling, a real
+process for persistence across a restart and for the web config's basic auth.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+import requests
+import yaml
+
+from exporter.app import Exporter, load_runnable
+from exporter.simulator import SimulatorServer, World
+from tests.conftest import TEST_KEY
+from tests.stack import start_exporter, wait_until
+
+
+@pytest.fixture
+def upstream() -> Iterator[SimulatorServer]:
+    with SimulatorServer(World(seed=3), api_key=TEST_KEY) as server:
+        yield server
+
+
+def write_config(tmp_path: Path, url: str, **extra: Any) -> Path:
+    path = tmp_path / "config.yaml"
+    document = {"api": {"base_url": url, "api_key": TEST_KEY}, **extra}
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.fixture
+def exporter(upstream: SimulatorServer, tmp_path: Path) -> Iterator[tuple[Exporter, str]]:
+    path = write_config(tmp_path, upstream.url, state={"path": ":memory:"})
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    server = exporter.serve("127.0.0.1:0", "/metrics")
+    yield exporter, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def value(exporter: Exporter, name: str, **labels: str) -> float | None:
+    return exporter.registry.get_sample_value(name, labels)
+
+
+def test_a_registered_message_is_polled_and_exposed_with_its_labels(
+    exporter: tuple[Exporter, str], upstream: SimulatorServer
+) -> None:
+    app, url = exporter
+    message = upstream.world.send(40).message_id
+    body = {"id": message, "labels": {"campaign": "black-friday"}, "sent_at": 1795687200}
+    answer = requests.post(f"{url}/api/v1/messages", json=body, timeout=5)
+    assert answer.status_code == 201
+    assert answer.json() == {
+        "status": "success",
+        "data": {**body, "sent_at": 1795687200.0, "source": "bulk_status"},
+    }
+    assert app.poller.poll_all()
+    labels = {"message_id": message, "campaign": "black-friday"}
+    assert value(app, "mailpartner_message_poll_success", **labels) == 1
+    assert value(app, "mailpartner_message_sent_timestamp_seconds", **labels) == 1795687200
+    assert upstream.stats().polls == {message: 1}
+
+    again = requests.post(f"{url}/api/v1/messages", json=body, timeout=5)
+    assert again.status_code == 200  # as it was: nothing changes
+    listed = requests.get(f"{url}/api/v1/messages", timeout=5).json()
+    assert listed["data"] == [{**body, "sent_at": 1795687200.0, "source": "bulk_status"}]
+
+
+def test_a_changed_registration_relabels_and_delete_stops_tracking(
+    exporter: tuple[Exporter, str], upstream: SimulatorServer
+) -> None:
+    app, url = exporter
+    message = upstream.world.send(10).message_id
+    requests.post(f"{url}/api/v1/messages", json={"id": message}, timeout=5)
+    assert app.poller.poll_all()
+    changed = {"id": message, "labels": {"campaign": "late"}}
+    assert requests.post(f"{url}/api/v1/messages", json=changed, timeout=5).status_code == 201
+    assert value(app, "mailpartner_message_poll_success", message_id=message, campaign="late") == 1
+    assert value(app, "mailpartner_message_poll_success", message_id=message) is None
+
+    gone = requests.delete(f"{url}/api/v1/messages/{message}", timeout=5)
+    assert gone.status_code == 200
+    assert (
+        value(app, "mailpartner_message_poll_success", message_id=message, campaign="late") is None
+    )
+    again = requests.delete(f"{url}/api/v1/messages/{message}", timeout=5)
+    assert again.status_code == 404
+    assert again.json() == {"status": "error", "errorType": "not_found", "error": "not registered"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        (
+            b'{"id": "7", "labels": {"bad-name": "x"}}',
+            400,
+            "request body: labels.bad-name: is not a valid Prometheus label name"
+            " ([a-zA-Z_][a-zA-Z0-9_]*)",
+        ),
+        (
+            b'{"id": "7", "labels": {"message_id": "x"}}',
+            400,
+            "request body: labels.message_id: shadows a label the exporter or Prometheus sets"
+            " itself; choose another name",
+        ),
+        (b'{"labels": {}}', 400, "request body: id: is required"),
+        (
+            b'{"id": "has space"}',
+            400,
+            "request body: id: must be 1 to 128 characters without spaces or control characters",
+        ),
+        (
+            b'{"id": "7", "sent_at": "yesterday"}',
+            400,
+            "request body: sent_at: 'yesterday' is not an RFC 3339 time such as"
+            " 2026-11-26T10:00:00Z",
+        ),
+        (b'{"id": "7", "colour": "red"}', 400, "request body: colour: unknown key"),
+        (
+            b'{"id": "7", "source": "fax"}',
+            400,
+            "request body: source: 'fax' is not an enabled bulk-status source",
+        ),
+        (b'["7"]', 400, "request body: must be a mapping, not a list"),
+        (b"{not json", 400, "the body is not JSON"),
+        (b"x" * 70000, 413, "send one JSON object of at most 65536 bytes, with Content-Length"),
+    ],
+)
+def test_a_bad_registration_is_refused_like_a_bad_config(
+    exporter: tuple[Exporter, str], body: bytes, status: int, error: str
+) -> None:
+    app, url = exporter
+    answer = requests.post(f"{url}/api/v1/messages", data=body, timeout=5)
+    assert answer.status_code == status
+    assert answer.json() == {"status": "error", "errorType": "bad_data", "error": error}
+    assert app.book.snapshot()[0] == ()
+
+
+def test_other_methods_are_refused(exporter: tuple[Exporter, str]) -> None:
+    _, url = exporter
+    assert requests.put(f"{url}/api/v1/messages", json={}, timeout=5).status_code == 405
+    answer = requests.post(f"{url}/api/v1/messages/7", json={}, timeout=5)
+    assert (answer.status_code, answer.headers["Allow"]) == (405, "DELETE")
+
+
+def test_registration_needs_the_web_config_password(
+    upstream: SimulatorServer, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, upstream.url, state={"path": ":memory:"})
+    web = tmp_path / "web.yml"
+    hashed = bcrypt.hashpw(b"s3cret-pass", bcrypt.gensalt(4)).decode()
+    web.write_text(f"basic_auth_users:\n  sender: {hashed}\n")
+    app = Exporter(load_runnable(str(path), demo=False), str(path))
+    server = app.serve("127.0.0.1:0", "/metrics", str(web))
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_port}/api/v1/messages"
+        body = {"id": "77"}
+        assert requests.post(endpoint, json=body, timeout=5).status_code == 401
+        wrong = ("sender", "wrong")
+        assert requests.post(endpoint, json=body, auth=wrong, timeout=5).status_code == 401
+        assert requests.delete(f"{endpoint}/77", timeout=5).status_code == 401
+        assert app.book.snapshot()[0] == ()
+        right = ("sender", "s3cret-pass")
+        assert requests.post(endpoint, json=body, auth=right, timeout=5).status_code == 201
+        assert [m.spec.id for m in app.book.snapshot()[0]] == ["77"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_registrations_survive_a_restart(upstream: SimulatorServer, tmp_path: Path) -> None:
+    message = upstream.world.send(25).message_id
+    path = write_config(tmp_path, upstream.url, state={"path": str(tmp_path / "state.db")})
+    first = start_exporter(tmp_path, "--config.file", str(path))
+    try:
+        body = {"id": message, "labels": {"campaign": "kept"}}
+        answer = requests.post(f"{first.url}/api/v1/messages", json=body, timeout=5)
+        assert answer.status_code == 201
+        wait_until(lambda: upstream.stats().polls.get(message), 10, "the first poll")
+    finally:
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(10) == 0
+
+    second = start_exporter(tmp_path, "--config.file", str(path))
+    try:
+        listed = requests.get(f"{second.url}/api/v1/messages", timeout=5).json()
+        assert [m["id"] for m in listed["data"]] == [message]
+        metrics = requests.get(f"{second.url}/metrics", timeout=5).text
+        series = f'mailpartner_message_poll_success{{campaign="kept",message_id="{message}"}}'
+        assert series in metrics
+    finally:
+        second.stop()
