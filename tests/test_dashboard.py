@@ -66,7 +66,19 @@ REQUIRED_PANELS: dict[str, list[str]] = {
     ],
     "Tracked messages by phase": ["sum by (phase) (mailpartner_exporter_messages{"],
     "Poll delay": ["mailpartner_exporter_poll_delay_seconds{"],
+    "Credits left": ["mailpartner_account_credits{"],
+    "Credits vs low threshold": [
+        "mailpartner_account_credits{",
+        "/ on (instance, job, field) mailpartner_account_credits_low_threshold{",
+    ],
+    "Account poll": ["mailpartner_account_poll_success{"],
+    "Credits over time": [
+        "mailpartner_account_credits{",
+        "mailpartner_account_credits_low_threshold{",
+    ],
+    "Credits used per hour": ["clamp_min(-delta(mailpartner_account_credits{"],
 }
+CREDITS_ROW = "Credits"
 MESSAGES_TABLE = "Messages"
 # Series the per-message table must show, as fragments of its expressions.
 TABLE_COLUMNS = [
@@ -277,8 +289,9 @@ def test_expressions_use_only_known_variables(dashboard: dict[str, Any]) -> None
 
 def test_metric_names_are_exposed() -> None:
     exposed = readme_metric_names()
-    # the README tables: 10 per-message, 7 totals (one a histogram), 10 of the exporter's own
-    assert len(exposed) == 29, sorted(exposed)
+    # the README tables: 10 per-message, 7 totals (one a histogram), 10 of the exporter's own,
+    # 3 of the account's, 4 of the message files, 2 of /probe
+    assert len(exposed) == 38, sorted(exposed)
     used: set[str] = set()
     for title, expr in dashboard_expressions():
         names = set(re.findall(r"\bmailpartner_\w+", expr))
@@ -291,8 +304,41 @@ def test_metric_names_are_exposed() -> None:
         "mailpartner_message_final",
         "mailpartner_api_request_duration_seconds_bucket",
         "mailpartner_exporter_messages",
+        "mailpartner_account_credits",
+        "mailpartner_account_credits_low_threshold",
     ):
         assert name in used, name
+
+
+def test_credits_row_holds_the_account_panels(dashboard: dict[str, Any]) -> None:
+    """The row below the exporter's panels; every panel under it reads the account."""
+    panels = dashboard["panels"]
+    (row,) = [panel for panel in panels if panel.get("type") == "row"]
+    assert row["title"] == CREDITS_ROW
+    assert row["collapsed"] is False and row["gridPos"]["w"] == 24
+    top = row["gridPos"]["y"]
+    above = [panel for panel in panels if panel["gridPos"]["y"] < top]
+    below = [panel for panel in panels if panel["gridPos"]["y"] > top]
+    assert all(panel["gridPos"]["y"] + panel["gridPos"]["h"] <= top for panel in above)
+    assert below
+    for panel in below:
+        exprs = [target["expr"] for target in panel["targets"]]
+        assert all("mailpartner_account_" in expr for expr in exprs), panel["title"]
+
+
+def test_credit_thresholds_are_dashed_lines(dashboard: dict[str, Any]) -> None:
+    panel = panel_by_title(dashboard, "Credits over time")
+    (threshold,) = [
+        target for target in panel["targets"] if "credits_low_threshold" in target["expr"]
+    ]
+    (override,) = [
+        override
+        for override in panel["fieldConfig"]["overrides"]
+        if override["matcher"] == {"id": "byFrameRefID", "options": threshold["refId"]}
+    ]
+    properties = {item["id"]: item["value"] for item in override["properties"]}
+    assert properties["custom.lineStyle"]["fill"] == "dash"
+    assert properties["custom.fillOpacity"] == 0
 
 
 def test_selectors_filter_by_the_template_variables() -> None:

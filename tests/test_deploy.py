@@ -25,7 +25,8 @@ import yaml
 from exporter.app import apply_shard_flags
 from exporter.cli import DEFAULT_LISTEN
 from exporter.cli import parse_args as exporter_args
-from exporter.config import Config, load_config
+from exporter.config import ApiConfig, Config, load_config
+from exporter.config.duration import parse_duration
 from exporter.config.loader import UPSTREAM_RATE_LIMIT
 from exporter.shard import AUTO, Shard, ShardFlags
 from exporter.simulator import DemoCampaign, World
@@ -38,12 +39,15 @@ DOCKER = REPO / "deploy" / "docker"
 KUBERNETES = REPO / "deploy" / "kubernetes"
 BASE = KUBERNETES / "base"
 STATEFULSET = KUBERNETES / "statefulset"
-ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
+PROMETHEUS = REPO / "deploy" / "prometheus"
+ALERTS = PROMETHEUS / "alerts.yml"
+PROBE = PROMETHEUS / "probe.yml"
 UNIT = REPO / "deploy" / "systemd" / "mailpartner-exporter.service"
 
 EXPORTER_PORT = parse_listen_address(DEFAULT_LISTEN)[1]
 CONFIG_PATH = "/etc/mailpartner-exporter/config.yaml"
 JOB = "mailpartner-exporter"
+PROBE_JOB = "mailpartner-probe"
 
 
 def load_yaml(path: Path) -> Any:
@@ -268,6 +272,80 @@ def test_grafana_gets_its_provisioning_dashboards_and_prometheus() -> None:
                 url = urlsplit(source["url"])
                 assert (url.hostname, url.port) == ("prometheus", 9090), path
                 assert url.hostname in SERVICES
+
+
+# --- Prometheus: probing single messages (probe.yml) -----------------------------------------
+
+
+def probe_job() -> dict[str, Any]:
+    (job,) = load_yaml(PROBE)["scrape_configs"]
+    assert isinstance(job, dict)
+    return job
+
+
+def exporter_target() -> str:
+    """The address deploy/prometheus/prometheus.yml scrapes the exporter at."""
+    prometheus = load_yaml(PROMETHEUS / "prometheus.yml")
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    (target,) = [target for config in jobs[JOB]["static_configs"] for target in config["targets"]]
+    assert isinstance(target, str)
+    return target
+
+
+def test_probe_config_passes_promtool_alone_and_in_prometheus_yml(tmp_path: Path) -> None:
+    promtool = require_tool("promtool")
+    # Added to prometheus.yml as its comment says: promtool also refuses a job name twice.
+    prometheus = load_yaml(PROMETHEUS / "prometheus.yml")
+    prometheus["rule_files"] = [str(ALERTS)]
+    prometheus["scrape_configs"] += load_yaml(PROBE)["scrape_configs"]
+    combined = tmp_path / "prometheus.yml"
+    combined.write_text(yaml.safe_dump(prometheus), encoding="utf-8")
+    for config in (PROBE, combined):
+        result = subprocess.run(
+            [promtool, "check", "config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_probe_job_sends_message_ids_to_the_exporter_prometheus_yml_scrapes() -> None:
+    job = probe_job()
+    assert job["job_name"] == PROBE_JOB
+    assert PROBE_JOB not in alert_jobs(), "the alerts' job is the exporter's /metrics"
+    target = exporter_target()
+    assert host_port(target)[1] == EXPORTER_PORT
+    assert job["metrics_path"] == "/probe"
+    assert job["relabel_configs"] == [
+        {"source_labels": ["__address__"], "target_label": "__param_message_id"},
+        {"source_labels": ["__param_message_id"], "target_label": "message_id"},
+        {"target_label": "__address__", "replacement": target},
+    ]
+    # /probe's series carry message_id too: honoured, not renamed to exported_message_id.
+    assert job["honor_labels"] is True
+
+
+def test_probe_timeout_leaves_the_exporter_its_api_timeout() -> None:
+    """Prometheus sends scrape_timeout as X-Prometheus-Scrape-Timeout-Seconds.
+
+    Above the exporter's default api.timeout, a slow API ends in the exporter, which answers
+    mailpartner_probe_success 0, rather than in Prometheus cutting the scrape.
+    """
+    job = probe_job()
+    timeout = parse_duration(job["scrape_timeout"])
+    assert ApiConfig().timeout < timeout < parse_duration(job["scrape_interval"])
+    # Under the 5-minute staleness lookback, so the probed series do not gap between scrapes.
+    assert parse_duration(job["scrape_interval"]) < 300
+
+
+def test_probe_targets_are_messages_the_demo_answers() -> None:
+    targets = [t for config in probe_job()["static_configs"] for t in config["targets"]]
+    assert targets
+    tracked = {str(message["id"]) for message in load_yaml(REPO / "config.yaml")["messages"]}
+    # config.yaml's messages: `mailpartner-exporter --demo` answers for them.
+    assert set(targets) <= tracked
 
 
 # --- Dockerfile ------------------------------------------------------------------------------
@@ -739,9 +817,9 @@ def test_systemd_unit_setting(key: str) -> None:
     assert unit()["Service"].get(key) == [HARDENING[key]]
 
 
-def test_systemd_unit_does_not_send_a_signal_the_exporter_would_die_of() -> None:
-    # SIGHUP's default action ends the process; reload by signal is not supported yet.
-    assert "ExecReload" not in unit()["Service"]
+def test_systemd_unit_reloads_with_the_signal_the_exporter_reloads_on() -> None:
+    # tests/test_reload.py shows a running exporter reloading on SIGHUP.
+    assert unit()["Service"]["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
 
 
 def test_systemd_unit_filters_system_calls() -> None:
