@@ -241,3 +241,22 @@ def test_sources_come_and_go_on_reload(upstream: SimulatorServer, tmp_path: Path
     assert value(exporter, "mailpartner_account_poll_success") is None
     assert value(exporter, "mailpartner_message_poll_success", message_id=message) is None
     assert set(exporter.sources) == set()
+
+
+@pytest.mark.parametrize(("index", "polled"), [(0, True), (1, False), (2, False)])
+def test_only_shard_0_polls_the_account(
+    upstream: SimulatorServer, tmp_path: Path, index: int, polled: bool
+) -> None:
+    path = write(
+        tmp_path / "config.yaml",
+        {
+            "api": {"base_url": upstream.url, "api_key": TEST_KEY},
+            "shard": {"count": 3, "index": index},
+            "sources": {"account": {"every": "1m"}},
+        },
+    )
+    exporter = start(path)
+    assert exporter.poller.poll_all()
+    assert upstream.stats().requests.get("me", 0) == (1 if polled else 0)
+    credits = value(exporter, "mailpartner_account_credits", field="creditMail")
+    assert (credits is not None) == polled  # one set of credit series, so alerts fire once

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -19,7 +19,7 @@ from prometheus_client.core import Metric
 
 from exporter.client import ME, TransportError
 from exporter.config.options import Options
-from exporter.sources.base import PeriodicSource, Settings, SourceContext
+from exporter.sources.base import PeriodicSource, Poll, Settings, SourceContext
 
 # The field names are not documented: every numeric field of ``credits`` is taken, up to
 # this many, so a changed answer cannot explode the series count.
@@ -38,6 +38,16 @@ class AccountSource(PeriodicSource):
         self._credits: Mapping[str, float] = MappingProxyType({})
         self._values_lock = threading.Lock()
 
+    def _polled_here(self) -> bool:
+        """One account, however many shards: only shard 0 polls it (and alerts once)."""
+        return self.context.config.shard_index == 0
+
+    def due(self, now: float, limit: int) -> Sequence[Poll]:
+        return super().due(now, limit) if self._polled_here() else ()
+
+    def next_due(self) -> float | None:
+        return super().next_due() if self._polled_here() else None
+
     @classmethod
     def configure(cls, options: Options) -> Settings:
         return {
@@ -54,6 +64,8 @@ class AccountSource(PeriodicSource):
             self._credits = credits
 
     def collect(self) -> Iterable[Metric]:
+        if not self._polled_here():
+            return
         with self._values_lock:
             credits = self._credits
         values = Metric(
