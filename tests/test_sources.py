@@ -260,3 +260,21 @@ def test_only_shard_0_polls_the_account(
     assert upstream.stats().requests.get("me", 0) == (1 if polled else 0)
     credits = value(exporter, "mailpartner_account_credits", field="creditMail")
     assert (credits is not None) == polled  # one set of credit series, so alerts fire once
+
+
+def test_an_sms_partner_key_typed_into_the_wrong_key_is_not_quoted_back(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "config.yaml",
+        {
+            "api": {"api_key": TEST_KEY},
+            "sources": {
+                "smspartner_bulk_status": {"api": {"api_key": SMS_KEY, "timeout": SMS_KEY}}
+            },
+        },
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        load_runnable(str(path), demo=False)
+    assert str(caught.value) == (
+        f"{path}: sources.smspartner_bulk_status.api.timeout: '<redacted>' is not a duration"
+        " (use e.g. 30s, 2m, 1h30m, 7d)"
+    )

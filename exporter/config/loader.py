@@ -102,8 +102,11 @@ def parse_config(text: str, file: str, environ: Mapping[str, str]) -> Config:
     reader = _Reader(file, environ)
     config = reader.config({} if document is None else document)
     if reader.errors:
-        # A value quoted in a problem might be the key, typed where it does not belong.
-        redact = Redactor(config.api.api_key)
+        # A value quoted in a problem might be a key, typed where it does not belong.
+        keys = [config.api.api_key]
+        for source in config.sources or ():
+            keys += [v.api_key for v in source.settings.values() if isinstance(v, ApiConfig)]
+        redact = Redactor(*keys)
         raise errors.ConfigErrors(
             [type(e)(e.file, e.key, redact(e.problem)) for e in reader.errors]
         )
