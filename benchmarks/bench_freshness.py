@@ -26,6 +26,7 @@ from types import MappingProxyType
 
 from benchmarks.common import InlineExecutor, Result, print_results
 from exporter.aggregate import MessageAggregate, ReportAggregator
+from exporter.client import BULK_STATUS
 from exporter.config import (
     ApiConfig,
     Config,
@@ -38,6 +39,7 @@ from exporter.config import (
 from exporter.simulator import World
 from exporter.simulator.model import WAITING
 from exporter.sources.bulk_status import book_poller
+from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 
 HOUR = 3600.0
@@ -57,6 +59,8 @@ class _Clock:
 class ReplayClient:
     """Answers bulk-status from the arrival model at the clock's time, and logs each poll."""
 
+    stats = RequestStats([BULK_STATUS])  # what the poller reads of a client
+
     def __init__(self, world: World, config: Config, clock: _Clock) -> None:
         self._world, self._config, self._clock = world, config, clock
         self.by_status: dict[str, dict[str, array[float]]] = {}
@@ -70,7 +74,9 @@ class ReplayClient:
         self.by_status[message_id] = by_status
         self.polls[message_id] = []
 
-    def bulk_status(self, message_id: str, aggregator: ReportAggregator) -> MessageAggregate:
+    def bulk_status(
+        self, message_id: str, aggregator: ReportAggregator, *_: object
+    ) -> MessageAggregate:
         now = self._clock()
         self.polls[message_id].append(now)
         send = self._world.get(message_id)

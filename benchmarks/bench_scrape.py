@@ -146,11 +146,15 @@ def churn(rng: random.Random, book: MessageBook) -> None:
 class PreparedClient:
     """Answers bulk-status in process with a prepared aggregate: no HTTP, no parsing."""
 
+    stats = RequestStats([BULK_STATUS])  # what the poller reads of a client
+
     def __init__(self, aggregates: dict[str, MessageAggregate]) -> None:
         self._aggregates = aggregates
         self.polls = 0
 
-    def bulk_status(self, message_id: str, aggregator: ReportAggregator) -> MessageAggregate:
+    def bulk_status(
+        self, message_id: str, aggregator: ReportAggregator, *_: object
+    ) -> MessageAggregate:
         self.polls += 1
         return self._aggregates[message_id]
 
