@@ -162,6 +162,71 @@ def test_every_metric_the_dashboard_and_rules_use_is_exposed(
     assert len(used) >= 15  # the test looks at real queries, not an empty list
 
 
+# A message config.yaml tracks, and one the demo's simulator never sent.
+PROBE_TARGETS = ["300", "424242"]
+
+
+def shipped_probe_job(exporter: Service) -> dict[str, Any]:
+    """probe.yml's job as shipped, sent to ``exporter``, probing ``PROBE_TARGETS`` each second."""
+    job: dict[str, Any]
+    (job,) = yaml.safe_load((PROMETHEUS_DIR / "probe.yml").read_text())["scrape_configs"]
+    (address,) = [r for r in job["relabel_configs"] if r.get("target_label") == "__address__"]
+    address["replacement"] = exporter.url.removeprefix("http://")
+    job["static_configs"] = [{"targets": PROBE_TARGETS}]
+    # Reaches /probe as X-Prometheus-Scrape-Timeout-Seconds; Prometheus wants it <= the interval.
+    job.update(scrape_interval="1s", scrape_timeout="900ms")
+    return job
+
+
+def by_message(answer: dict[str, Any]) -> dict[str, str]:
+    """An instant query's answer as {message_id: value}, one series per message."""
+    series = answer["data"]["result"]
+    values = {s["metric"]["message_id"]: s["value"][1] for s in series}
+    assert len(values) == len(series), series
+    return values
+
+
+def test_the_shipped_probe_job_probes_each_message_through_prometheus(tmp_path: Path) -> None:
+    exporter = start_exporter(tmp_path, "--demo", cwd=REPO)  # the shipped config.yaml
+    try:
+        prometheus = Prometheus(tmp_path, {"scrape_configs": [shipped_probe_job(exporter)]})
+        try:
+            probed = 'job="mailpartner-probe"'
+            wait_until(
+                lambda: prometheus.query(
+                    f'mailpartner_probe_success{{{probed},message_id="300"}} == 1'
+                )["data"]["result"],
+                30,
+                "message 300 probed successfully",
+            )
+            wait_until(
+                lambda: set(by_message(prometheus.query(f"up{{{probed}}} == 1"))) >= {"424242"},
+                30,
+                "message 424242 probed",
+            )
+            # An unknown message fails the probe, not the scrape.
+            assert by_message(prometheus.query(f"up{{{probed}}}")) == {"300": "1", "424242": "1"}
+            success = by_message(prometheus.query(f"mailpartner_probe_success{{{probed}}}"))
+            assert success == {"300": "1", "424242": "0"}
+            durations = prometheus.query(f"mailpartner_probe_duration_seconds{{{probed}}}")
+            assert set(by_message(durations)) == set(PROBE_TARGETS)
+
+            recipients = prometheus.query(
+                f'mailpartner_message_recipients{{{probed},message_id="300"}}'
+            )["data"]["result"]
+            states = {s["metric"]["state"] for s in recipients}
+            assert states == {"delivered", "failed", "pending", "unknown"}
+            assert len(recipients) == len(states)
+            # honor_labels: the exporter's message_id is kept, not renamed exported_message_id.
+            every_series = prometheus.query(f"{{{probed}}}")["data"]["result"]
+            assert {s["metric"]["message_id"] for s in every_series} == set(PROBE_TARGETS)
+            assert [s["metric"] for s in every_series if "exported_message_id" in s["metric"]] == []
+        finally:
+            prometheus.stop()
+    finally:
+        exporter.stop()
+
+
 class Webhook:
     """Records what Alertmanager posts, by path."""
 
@@ -196,7 +261,7 @@ class Webhook:
 
 def shipped_alertmanager_config(webhook: Webhook) -> dict[str, Any]:
     """alertmanager.yml as shipped, with its receivers pointed at ``webhook``, and quick."""
-    config = yaml.safe_load((PROMETHEUS_DIR / "alertmanager.yml").read_text())
+    config: dict[str, Any] = yaml.safe_load((PROMETHEUS_DIR / "alertmanager.yml").read_text())
     for receiver in config["receivers"]:
         for hook in receiver["webhook_configs"]:
             hook["url"] = webhook.url + "/" + hook["url"].rsplit("/", 1)[-1]
