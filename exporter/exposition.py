@@ -71,7 +71,7 @@ class MessageLines(Generic[View]):
         self.families = tuple(families)
         self.view = view
         self.samples = samples
-        self._headers = [Chunk(generate_latest(_Metrics([_gauge(*f)]))) for f in families]
+        self._headers = [Chunk(generate_latest(FixedMetrics([_gauge(*f)]))) for f in families]
         self._lock = threading.Lock()  # two scrapes at once update the caches in turn
         # By message ID: the message last seen, its view, and its lines (where in a block).
         self._lines: dict[str, tuple[TrackedMessage, View, Row | _Place]] = {}
@@ -295,17 +295,19 @@ class TextExposition:
         for metric in self._registry.collect():
             if isinstance(metric, MessageFamily):
                 if others:
-                    parts.append(Chunk(generate_latest(_Metrics(others))))
+                    parts.append(Chunk(generate_latest(FixedMetrics(others))))
                     others = []
                 parts.extend(metric.chunks())
             else:
                 others.append(metric)
         if others:
-            parts.append(Chunk(generate_latest(_Metrics(others))))
+            parts.append(Chunk(generate_latest(FixedMetrics(others))))
         return parts
 
 
-class _Metrics:
+class FixedMetrics:
+    """A collector of metrics already built, for ``generate_latest``."""
+
     def __init__(self, metrics: Iterable[Metric]) -> None:
         self._metrics = metrics
 

@@ -33,6 +33,7 @@ from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.client import PollError
 from exporter.collector import MessageView, message_families, message_samples
 from exporter.config import ConfigErrors, MessageSpec, parse_message
+from exporter.exposition import FixedMetrics
 from exporter.sources.bulk_status import BulkStatusSource
 
 CACHE_FOR = 10.0
@@ -172,21 +173,13 @@ def render(result: ProbeResult, prefix: str) -> bytes:
             result.duration,
         )
     )
-    return generate_latest(_Metrics(metrics))
+    return generate_latest(FixedMetrics(metrics))
 
 
 def _gauge(name: str, documentation: str, value: float) -> Metric:
     metric = Metric(name, documentation, "gauge")
     metric.add_sample(name, {}, float(value))
     return metric
-
-
-class _Metrics:
-    def __init__(self, metrics: Iterable[Metric]) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterable[Metric]:
-        return self._metrics
 
 
 def probe_app(
