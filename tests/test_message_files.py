@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import requests
 import yaml
 
 from exporter.app import Exporter, load_runnable
+from exporter.config import MessageSpec
 from exporter.simulator import SimulatorServer, World
 from exporter.sources.bulk_status import FILE_CHECK_INTERVAL, BulkStatusSource
 from tests.conftest import TEST_KEY
@@ -106,3 +108,24 @@ def test_a_running_exporter_picks_up_a_new_file_within_seconds(
         )
     finally:
         process.stop()
+
+
+def test_the_config_beats_a_file_which_beats_a_registration(
+    upstream: SimulatorServer, tmp_path: Path
+) -> None:
+    a, b = (upstream.world.send(5).message_id for _ in range(2))
+    path = config(tmp_path, upstream.url, messages=[{"id": a, "labels": {"from": "config"}}])
+    atomic_write(
+        tmp_path / "messages.d" / "f.yaml",
+        [{"id": a, "labels": {"from": "file"}}, {"id": b, "labels": {"from": "file"}}],
+    )
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    source = exporter.sources["bulk_status"]
+    assert isinstance(source, BulkStatusSource)
+    for message in (a, b):
+        source.register(MessageSpec(message, MappingProxyType({"from": "registration"})))
+    assert tracked(exporter) == {a: {"from": "config"}, b: {"from": "file"}}
+
+    (tmp_path / "messages.d" / "f.yaml").unlink()
+    source.tick(time.time() + FILE_CHECK_INTERVAL)
+    assert tracked(exporter) == {a: {"from": "config"}, b: {"from": "registration"}}

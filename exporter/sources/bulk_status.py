@@ -102,8 +102,9 @@ class BulkStatusSource(Source):
         with self._lock:
             merged: dict[str, MessageSpec] = {}
             files = self._files.messages if self._files else ()
+            # First come, first kept: the config, then the files, registrations, demo sends.
             for spec in itertools.chain(
-                self.configured(), self._extra.values(), self._registered.values(), files
+                self.configured(), files, self._registered.values(), self._extra.values()
             ):
                 merged.setdefault(spec.id, spec)
             self.book.sync(self.context.config.shard.select(tuple(merged.values())), now)
