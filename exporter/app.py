@@ -305,7 +305,7 @@ class Exporter:
     ) -> WSGIServer:
         app = create_app(
             self.registry,
-            self.book,
+            lambda: self.book,  # a reload may switch bulk_status off or on
             telemetry_path=telemetry_path,
             reload=self.reload,
             more={

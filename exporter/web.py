@@ -38,7 +38,7 @@ _DECOY_HASH = b"$2b$10$jb6mSkTEHB5QkYb71N19peyk2P9UGt2Ekak7ZPU5WsznWpA4.J.Tu"
 
 def create_app(
     registry: CollectorRegistry,
-    book: MessageBook,
+    book: MessageBook | Callable[[], MessageBook],
     *,
     telemetry_path: str = "/metrics",
     ready: Callable[[], bool] = lambda: True,
@@ -48,13 +48,14 @@ def create_app(
 ) -> WSGIApp:
     """The exporter's routes: telemetry, landing page, health, readiness and reload.
 
+    ``book`` is the status page's messages (a callable: the one current at each request).
     ``reload`` returns None on success or the errors that kept the old config. ``more``
     adds routes; one serves its path and everything under ``path/`` too.
     """
     metrics_app = _metrics_app(registry)
 
     def landing(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        page = render_landing(book, telemetry_path, clock)
+        page = render_landing(book() if callable(book) else book, telemetry_path, clock)
         return _respond(start_response, "200 OK", page, "text/html; charset=utf-8")
 
     def healthy(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:

@@ -236,11 +236,19 @@ def test_sources_come_and_go_on_reload(upstream: SimulatorServer, tmp_path: Path
     )
     assert value(exporter, "mailpartner_account_poll_success") == 1  # the old config runs on
 
-    write(path, {**config, "sources": {"bulk_status": {"enabled": False}}})
-    assert exporter.reload() is None
-    assert value(exporter, "mailpartner_account_poll_success") is None
-    assert value(exporter, "mailpartner_message_poll_success", message_id=message) is None
-    assert set(exporter.sources) == set()
+    server = exporter.serve("127.0.0.1:0", "/metrics")
+    page = f"http://127.0.0.1:{server.server_port}/"
+    try:
+        assert f"<td>{message}</td>" in requests.get(page, timeout=5).text
+        write(path, {**config, "sources": {"bulk_status": {"enabled": False}}})
+        assert exporter.reload() is None
+        assert value(exporter, "mailpartner_account_poll_success") is None
+        assert value(exporter, "mailpartner_message_poll_success", message_id=message) is None
+        assert set(exporter.sources) == set()
+        assert f"<td>{message}</td>" not in requests.get(page, timeout=5).text  # the page too
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize(("index", "polled"), [(0, True), (1, False), (2, False)])
