@@ -214,8 +214,9 @@ class Exporter:
 
     def _client(self, api: ApiConfig, stats: RequestStats) -> MailPartnerClient:
         # Every key ever loaded stays scrubbed from the logs, old ones included.
-        self._secrets.append(api.api_key)
-        self._on_secrets(Redactor(*self._secrets))
+        if api.api_key not in self._secrets:
+            self._secrets.append(api.api_key)
+            self._on_secrets(Redactor(*self._secrets))
         session = requests.Session()
         session.headers["User-Agent"] = f"mailpartner-exporter/{__version__}"
         adapter = requests.adapters.HTTPAdapter(pool_maxsize=api.concurrency)  # one per poll
@@ -274,8 +275,10 @@ class Exporter:
                 elif old is not None and old.reconfigure(context, spec.settings):
                     sources[spec.name] = old
                 else:
-                    sources[spec.name] = spec.kind(context, spec.settings)
-        except Exception as e:  # a plugin's reconfigure or restart failed: keep what runs
+                    sources[spec.name] = built[spec.name] = spec.kind(context, spec.settings)
+        except Exception as e:
+            # A plugin's reconfigure or restart failed: the sources keep running (those
+            # reconfigured before it with their new settings), the new instances are closed.
             for source in built.values():
                 source.close()
             return f"sources.{spec.name}: cannot restart: {type(e).__name__}: {e}"
@@ -310,7 +313,8 @@ class Exporter:
             reload=self.reload,
             more={
                 "/probe": probe_app(self.bulk_sources),
-                MESSAGES_PATH: messages_app(self.bulk_sources),
+                # A registration wakes the main loop, which saves it at once.
+                MESSAGES_PATH: messages_app(self.bulk_sources, changed=self._wake.set),
             },
         )
         return serve(app, address, web_config_path)

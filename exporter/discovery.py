@@ -2,9 +2,10 @@
 
 Like Prometheus ``file_sd_configs``: each refresh globs again and stats every match, and
 reads only a file that is new or whose (mtime, size, inode, ctime) changed. A file that
-cannot be used keeps the messages it last had, so a half-written file drops nothing; it is
-read again once its writer changes it. Writers should still write a temporary file and
-``os.replace`` it into place, which is always seen whole: ``.*`` and ``*.tmp`` are never read.
+cannot be used keeps the messages it last had; it is read again once its writer changes it.
+A file written in place can be read half-written, and a half that parses (a YAML list cut at
+a line) lists fewer messages: writers should write a temporary file and ``os.replace`` it into
+place, which is always seen whole (``.*`` and ``*.tmp`` are never read).
 
 Sample exposition::
 
@@ -132,7 +133,8 @@ class MessageFiles(Collector):
                 previous, self._messages, self._status = self._messages, messages, status
             return messages != previous
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self, prefix: str = "mailpartner") -> Iterator[Metric]:
+        """The four series, named ``<prefix>_exporter_…`` (``smspartner`` for SMS Partner's)."""
         status = self.snapshot()
         for name, kind, documentation, value in (
             (
@@ -160,8 +162,9 @@ class MessageFiles(Collector):
                 status.messages,
             ),
         ):
-            metric = Metric(name, documentation, kind)
-            metric.add_sample(f"{name}_total" if kind == "counter" else name, {}, value)
+            named = name.replace("mailpartner", prefix, 1)
+            metric = Metric(named, documentation, kind)
+            metric.add_sample(f"{named}_total" if kind == "counter" else named, {}, value)
             yield metric
 
     def _open(self, path: str) -> BinaryIO:

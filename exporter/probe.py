@@ -2,9 +2,11 @@
 
 The poll has what is left of the scrape (``X-Prometheus-Scrape-Timeout-Seconds``, less a
 margin for the answer's way back) to get a token from the same request budget as the
-background polls and to finish. Answers are kept ``CACHE_FOR``: a second Prometheus
-replica, or a second scrape of the same message, within that time gets the same answer
-without a request; two probes of one message at once make one request.
+background polls and to finish. Answers are kept for the source's ``probe_cache`` (1 minute
+unless set): a second Prometheus replica, or a second scrape of the same message, within that
+time gets the same answer without a request; two probes of one message at once make one
+request, and a message the exporter tracks anyway is answered from its last poll while that
+is as fresh.
 
 Sample exposition::
 
@@ -16,6 +18,7 @@ Sample exposition::
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import time
 import weakref
@@ -34,9 +37,9 @@ from exporter.client import PollError
 from exporter.collector import MessageView, message_families, message_samples
 from exporter.config import ConfigErrors, MessageSpec, parse_message
 from exporter.exposition import FixedMetrics
-from exporter.sources.bulk_status import BulkStatusSource
+from exporter.sources.bulk_status import PROBE_CACHE, BulkStatusSource
 
-CACHE_FOR = 10.0
+_AT = operator.attrgetter("at")
 MAX_CACHED = 10_000  # messages whose last probe is kept
 # Prometheus' own default scrape timeout, for a caller that does not say.
 DEFAULT_TIMEOUT = 10.0
@@ -70,14 +73,16 @@ class Prober:
         self._running: dict[str, threading.Event] = {}
 
     def probe(self, message_id: str, timeout: float) -> ProbeResult:
-        """``message_id`` polled now, or as a probe within ``CACHE_FOR`` found it."""
+        """``message_id`` polled now, or as a poll within ``probe_cache`` found it."""
         clock = self._source.context.clock
         deadline = clock() + max(0.0, timeout - MARGIN)
         while True:
             with self._lock:
-                cached = self._cache.get(message_id)
-                if cached is not None and clock() - cached.at < CACHE_FOR:
-                    self._cache.move_to_end(message_id)
+                found = [self._cache.get(message_id), self._tracked(message_id)]
+                cached = max((r for r in found if r), key=_AT, default=None)
+                if cached is not None and clock() - cached.at < self._cache_for():
+                    if message_id in self._cache:
+                        self._cache.move_to_end(message_id)
                     return cached
                 running = self._running.get(message_id)
                 if running is None:
@@ -98,6 +103,23 @@ class Prober:
             while len(self._cache) > MAX_CACHED:
                 self._cache.popitem(last=False)
         return result
+
+    def _cache_for(self) -> float:
+        return float(self._source.settings.get("probe_cache", PROBE_CACHE))
+
+    def _tracked(self, message_id: str) -> ProbeResult | None:
+        """A tracked message's last successful poll, as if a probe had made it."""
+        message = self._source.book.get(message_id)
+        if message is None or message.last_success is None or not message.poll_ok:
+            return None
+        return ProbeResult(
+            message.spec,
+            message.last_success,
+            True,
+            0.0,
+            message.aggregate,
+            message.last_success,
+        )
 
     def _poll(self, message_id: str, deadline: float, previous: ProbeResult | None) -> ProbeResult:
         source = self._source

@@ -28,8 +28,10 @@ StartResponse = Callable[..., Any]
 
 def messages_app(
     sources: Callable[[], Mapping[str, BulkStatusSource]],
+    changed: Callable[[], None] = lambda: None,
 ) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    """The WSGI app behind ``/api/v1/messages`` and ``/api/v1/messages/<id>``."""
+    """The WSGI app behind ``/api/v1/messages`` and ``/api/v1/messages/<id>``; ``changed``
+    is called after each registration or removal (to save the state without delay)."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -37,7 +39,7 @@ def messages_app(
         query = parse_qs(environ.get("QUERY_STRING") or "")
         message_id = unquote(path[len(PATH) + 1 :]) if path.startswith(PATH + "/") else None
         if method == "POST" and message_id is None:
-            return _post(environ, start_response, sources())
+            return _post(environ, start_response, sources(), changed)
         if method == "DELETE" and message_id:
             name = query.get("source", [DEFAULT_SOURCE])[0]
             source = sources().get(name)
@@ -45,6 +47,7 @@ def messages_app(
                 return _error(start_response, "400 Bad Request", "bad_data", _no_source(name))
             if not source.unregister(message_id):
                 return _error(start_response, "404 Not Found", "not_found", "not registered")
+            changed()
             return _json(
                 start_response, "200 OK", {"status": "success", "data": {"id": message_id}}
             )
@@ -71,6 +74,7 @@ def _post(
     environ: dict[str, Any],
     start_response: StartResponse,
     sources: Mapping[str, BulkStatusSource],
+    changed: Callable[[], None],
 ) -> Iterable[bytes]:
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
@@ -99,6 +103,8 @@ def _post(
         created = source.register(spec)
     except RegistrationsFull as e:
         return _error(start_response, "503 Service Unavailable", "unavailable", str(e))
+    if created:
+        changed()
     status = "201 Created" if created else "200 OK"
     return _json(
         start_response, status, {"status": "success", "data": {**_message(spec), "source": name}}

@@ -129,3 +129,37 @@ def test_the_config_beats_a_file_which_beats_a_registration(
     (tmp_path / "messages.d" / "f.yaml").unlink()
     source.tick(time.time() + FILE_CHECK_INTERVAL)
     assert tracked(exporter) == {a: {"from": "config"}, b: {"from": "registration"}}
+
+
+def test_a_reload_that_adds_a_glob_keeps_the_file_messages_running(
+    upstream: SimulatorServer, tmp_path: Path
+) -> None:
+    message = upstream.world.send(5).message_id
+    path = config(tmp_path, upstream.url, message_files=["messages.d/*.yaml"])
+    atomic_write(tmp_path / "messages.d" / "a.yaml", [{"id": message}])
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    assert exporter.poller.poll_all()
+    before = exporter.book.get(message)
+    assert before is not None and before.poll_ok
+
+    config(tmp_path, upstream.url, message_files=["messages.d/*.yaml", "more.d/*.json"])
+    assert exporter.reload() is None
+    after = exporter.book.get(message)
+    assert after is not None  # never dropped and added back as new
+    assert (after.first_seen, after.poll_ok, after.last_success) == (
+        before.first_seen,
+        True,
+        before.last_success,
+    )
+
+
+def test_glob_characters_in_the_config_folder_are_taken_literally(
+    upstream: SimulatorServer, tmp_path: Path
+) -> None:
+    message = upstream.world.send(5).message_id
+    folder = tmp_path / "x[prod]"
+    folder.mkdir()
+    path = config(folder, upstream.url)
+    atomic_write(folder / "messages.d" / "a.yaml", [{"id": message}])
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    assert tracked(exporter) == {message: {}}

@@ -14,7 +14,6 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import probe
 from exporter.app import Exporter, load_runnable
 from exporter.simulator import SimulatorServer, World
 from tests.conftest import TEST_KEY, FakeClock
@@ -151,10 +150,13 @@ def test_a_probe_ends_within_the_scrape_timeout(
 
 
 def test_a_failed_probe_keeps_the_last_good_values(
-    probing: tuple[Exporter, Probe], upstream: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+    upstream: SimulatorServer, tmp_path: Path
 ) -> None:
-    _, get = probing
-    monkeypatch.setattr(probe, "CACHE_FOR", 0.0)
+    for _, get in start(tmp_path, upstream, sources={"bulk_status": {"probe_cache": "1ms"}}):
+        failed_probe_keeps_the_last_good_values(get, upstream)
+
+
+def failed_probe_keeps_the_last_good_values(get: Probe, upstream: SimulatorServer) -> None:
     message = upstream.world.send(30).message_id
     good = samples(get(message))
     upstream.faults.http_status = 502
@@ -219,3 +221,15 @@ def test_a_bad_probe_request_is_refused(
 ) -> None:
     _, get = probing
     assert get(None, params=params).status_code == status
+
+
+def test_a_tracked_message_is_answered_from_its_last_poll(
+    upstream: SimulatorServer, tmp_path: Path
+) -> None:
+    message = upstream.world.send(5).message_id
+    for exporter, get in start(tmp_path, upstream, messages=[{"id": message}]):
+        assert exporter.poller.poll_all()
+        found = samples(get(message))
+        assert one(found, "mailpartner_probe_success") == 1
+        assert one(found, "mailpartner_probe_duration_seconds") == 0  # no request of its own
+    assert upstream.stats().polls == {message: 1}

@@ -6,9 +6,13 @@ process for persistence across a restart and for the web config's basic auth.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import bcrypt
@@ -17,7 +21,9 @@ import requests
 import yaml
 
 from exporter.app import Exporter, load_runnable
+from exporter.config import MessageSpec
 from exporter.simulator import SimulatorServer, World
+from exporter.sources.bulk_status import BulkStatusSource
 from tests.conftest import TEST_KEY
 from tests.stack import start_exporter, wait_until
 
@@ -197,3 +203,70 @@ def test_registrations_survive_a_restart(upstream: SimulatorServer, tmp_path: Pa
         assert series in metrics
     finally:
         second.stop()
+
+
+def test_a_registration_is_on_disk_within_seconds_and_survives_a_kill(
+    upstream: SimulatorServer, tmp_path: Path
+) -> None:
+    message = upstream.world.send(5).message_id
+    state = tmp_path / "state.db"
+    path = write_config(tmp_path, upstream.url, state={"path": str(state)})
+    first = start_exporter(tmp_path, "--config.file", str(path))
+    try:
+        endpoint = f"{first.url}/api/v1/messages"
+        assert requests.post(endpoint, json={"id": message}, timeout=5).status_code == 201
+
+        def saved() -> bool:
+            with contextlib.closing(sqlite3.connect(f"file:{state}?mode=ro", uri=True)) as db:
+                try:
+                    rows = db.execute("SELECT id FROM registered").fetchall()
+                except sqlite3.OperationalError:  # not created yet
+                    return False
+            return rows == [(message,)]
+
+        # Saved on the registration itself, not at the next 10 s housekeeping turn.
+        wait_until(saved, 3, "the registration in the state file")
+    finally:
+        first.process.kill()  # no shutdown save
+        first.process.wait(10)
+        first.stop()
+
+    second = start_exporter(tmp_path, "--config.file", str(path))
+    try:
+        listed = requests.get(f"{second.url}/api/v1/messages", timeout=5).json()
+        assert [m["id"] for m in listed["data"]] == [message]
+    finally:
+        second.stop()
+
+
+def test_registrations_end_with_their_messages(upstream: SimulatorServer, tmp_path: Path) -> None:
+    mine, theirs = "7000", "7001"  # shard 0 of 2 owns 7000, not 7001
+    for message in (mine, theirs):
+        upstream.world.send(5, message_id=message, sent_at=upstream.world.clock() - 3600)
+    path = write_config(
+        tmp_path,
+        upstream.url,
+        state={"path": ":memory:"},
+        shard={"count": 2, "index": 0},
+        polling={"retention": "1h"},
+    )
+    app = Exporter(load_runnable(str(path), demo=False), str(path))
+    source = app.sources["bulk_status"]
+    assert isinstance(source, BulkStatusSource)
+    assert app.holder.config.shard.owns(mine) and not app.holder.config.shard.owns(theirs)
+    for message in (mine, theirs):
+        source.register(MessageSpec(message, MappingProxyType({})))
+    # Everything reported: one poll settles it, the recheck makes it final.
+    upstream.world.clock = lambda: time.time() + 3 * 86400
+    assert app.poller.poll_all()
+    assert app.poller.poll_all()
+    assert [m.phase for m in app.book.snapshot()[0]] == ["final"]
+    final_at = app.book.snapshot()[0][0].final_at
+    assert final_at is not None
+
+    source.tick(final_at + 1800)  # within retention: both kept
+    assert [s.id for s in source.registered()] == [mine, theirs]
+    source.tick(final_at + 3601)  # mine past retention
+    assert [s.id for s in source.registered()] == [theirs]
+    source.tick(time.time() + 48 * 3600 + 3601)  # theirs older than any message is kept
+    assert source.registered() == ()

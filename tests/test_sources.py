@@ -124,12 +124,19 @@ def test_smspartner_messages_poll_their_own_api_under_their_own_names(
                 "smspartner_bulk_status": {
                     "api": {"base_url": upstream.sms_url, "api_key": SMS_KEY},
                     "messages": [{"id": sms, "labels": {"campaign": "otp"}}],
+                    "message_files": ["sms.d/*.yaml"],
                 }
             },
         },
     )
+    (tmp_path / "sms.d").mkdir()
+    (tmp_path / "sms.d" / "bad.yaml").write_text("- {id: x, labels: {bad-name: 1}}\n")
     exporter = start(path)
     assert exporter.poller.poll_all()
+    # SMS Partner's files are counted under its own names.
+    assert value(exporter, "smspartner_exporter_message_files") == 1
+    assert value(exporter, "smspartner_exporter_message_file_errors_total") == 1
+    assert value(exporter, "mailpartner_exporter_message_files") is None
 
     truth = upstream.sms_world.truth(sms)
     labels = {"message_id": sms, "campaign": "otp"}

@@ -450,8 +450,9 @@ class _Reader:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             self.fail(errors.InvalidTypeError, key, "must be a list of file globs")
             return ()
-        folder = os.path.dirname(os.path.abspath(self.file))
-        return tuple(os.path.join(folder, pattern) for pattern in value)
+        # Kept as written: relative ones are globbed from the config file's folder, which is
+        # not joined in here so that glob characters in its name stay literal.
+        return tuple(value)
 
     def sources(self, value: object) -> tuple[SourceConfig, ...]:
         """``sources``: each enabled source's class and checked settings; bulk_status is on

@@ -132,8 +132,8 @@ class Config:
     # (see exporter/shard.py); 1 and 0 poll them all.
     shard_count: int = 1
     shard_index: int = 0
-    # Globs of files listing more messages (absolute; relative ones resolved from the file's
-    # folder by the loader), re-read when they change.
+    # Globs of files listing more messages, re-read when they change; relative ones are
+    # relative to the config file's folder.
     message_files: tuple[str, ...] = ()
     # The enabled sources in the order configured; None (objects built in code) is the
     # default: bulk_status alone.

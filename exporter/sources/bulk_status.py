@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 FILE_CHECK_INTERVAL = 5.0
 # Registrations kept at most: a runaway sender cannot grow the exporter without end.
 MAX_REGISTERED = 100_000
+# How long a /probe answer is kept: set it to the probe job's scrape interval, and Prometheus
+# replicas (which scrape at different offsets) share one request per interval.
+PROBE_CACHE = 60.0
 SMSPARTNER_BASE_URL = "https://api.smspartner.fr/v1"
 SMSPARTNER_KEY_ENV = "SMSPARTNER_API_KEY"
 
@@ -60,6 +63,9 @@ class BulkStatusSource(Source):
         self.book = book if book is not None else MessageBook(context.config.polling)
         self._lock = threading.Lock()
         self._registered: dict[str, MessageSpec] = {}
+        # When each was registered (since the last start): ends one without sent_at that
+        # this shard never tracks.
+        self._registered_at: dict[str, float] = {}
         self._extra: dict[str, MessageSpec] = {}  # the demo's sends
         self._changes = 0  # registrations changed: the state needs saving
         self._saved: tuple[int, int] | None = None
@@ -84,6 +90,10 @@ class BulkStatusSource(Source):
         )
         if book is None:  # a book handed in (tests, benchmarks) is tracked as it is
             self.sync(context.clock())
+
+    @classmethod
+    def configure(cls, options: Options) -> Settings:
+        return {"probe_cache": options.duration("probe_cache", PROBE_CACHE)}
 
     def connect(self, context: SourceContext, settings: Settings) -> Upstream:
         """The API this source polls: Mail Partner's, shared with the other sources."""
@@ -124,6 +134,7 @@ class BulkStatusSource(Source):
                 return False
             self._registered.pop(spec.id, None)  # a changed one moves to the end
             self._registered[spec.id] = spec
+            self._registered_at.setdefault(spec.id, self.context.clock())
             self._changes += 1
         self.sync(self.context.clock())
         return True
@@ -133,9 +144,34 @@ class BulkStatusSource(Source):
         with self._lock:
             if self._registered.pop(message_id, None) is None:
                 return False
+            self._registered_at.pop(message_id, None)
             self._changes += 1
         self.sync(self.context.clock())
         return True
+
+    def _expire_registrations(self, expired: Sequence[str], now: float) -> None:
+        """A registration ends with its message: once it is past retention, or (another
+        shard's, never tracked here) once it is older than any message is kept."""
+        polling = self.context.config.polling
+        horizon = now - polling.final_after - polling.retention
+        ended = frozenset(expired)
+        with self._lock:
+            gone = [
+                message_id
+                for message_id, spec in self._registered.items()
+                if message_id in ended
+                or (
+                    self.book.get(message_id) is None
+                    and (spec.sent_at or self._registered_at.get(message_id, now)) < horizon
+                )
+            ]
+            for message_id in gone:
+                del self._registered[message_id]
+                self._registered_at.pop(message_id, None)
+            if gone:
+                self._changes += 1
+        if gone:
+            self.sync(now)
 
     def registered(self) -> tuple[MessageSpec, ...]:
         with self._lock:
@@ -157,12 +193,14 @@ class BulkStatusSource(Source):
 
     def collect(self) -> Iterable[Metric]:
         yield from self.collector.collect()
-        if self._files is not None and type(self) is BulkStatusSource:
-            yield from self._files.collect()
+        if self._files is not None:
+            yield from self._files.collect(self.prefix)
 
     def tick(self, now: float) -> None:
-        for message_id in self.book.expire(now):
+        expired = self.book.expire(now)
+        for message_id in expired:
             log.info("message past retention, no longer exposed", extra={"message_id": message_id})
+        self._expire_registrations(expired, now)
         if self._files is not None and now - self._files_checked >= FILE_CHECK_INTERVAL:
             self._files_checked = now
             if self._files.refresh():
@@ -174,7 +212,9 @@ class BulkStatusSource(Source):
         self.book.reconfigure(context.config.polling)
         if self._patterns(context, settings) != self._file_patterns:
             self._files = self._message_files(context, settings)
-            self._files_checked = float("-inf")
+            self._files_checked = context.clock()
+            if self._files is not None:
+                self._files.refresh()  # before the sync: file messages must not blink out
         self.sync(context.clock())
         return True
 
@@ -219,6 +259,7 @@ class BulkStatusSource(Source):
             return
         self.book.restore(stored)
         self._registered = {spec.id: spec for spec in stored.registered}
+        self._registered_at = dict.fromkeys(self._registered, self.context.clock())
         self._saved = (self.book.changes, self._changes)
         log.info(
             "state restored",
@@ -256,6 +297,7 @@ class SmsPartnerBulkStatusSource(BulkStatusSource):
             ),
             "messages": options.messages("messages"),
             "message_files": options.globs("message_files"),
+            **super().configure(options),
         }
 
     def connect(self, context: SourceContext, settings: Settings) -> Upstream:
