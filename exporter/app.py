@@ -130,6 +130,14 @@ def tracking_fields(config: Config) -> dict[str, object]:
     return fields
 
 
+def _keys(config: Config) -> list[Secret | None]:
+    """Every API key in ``config``: Mail Partner's and any source's own."""
+    keys = [config.api.api_key]
+    for source in enabled_sources(config):
+        keys += [v.api_key for v in source.settings.values() if isinstance(v, ApiConfig)]
+    return keys
+
+
 def _no_key(file: str, key: str = "api", env: str = API_KEY_ENV) -> SecretError:
     return SecretError(
         file,
@@ -240,8 +248,8 @@ class Exporter:
                 config = self._demo.apply(config)
             now = time.time()
             sources = self._sources_for(config, now)
-            if isinstance(sources, str):
-                return self._reload_failed(sources)
+            if isinstance(sources, str):  # a plugin's own words: they may quote a key
+                return self._reload_failed(Redactor(*self._secrets, *_keys(config))(sources))
             if config.api != self.holder.config.api:
                 client = self._client(config.api, self.stats)
                 self.mailpartner.reconfigure(config.api, client, now)

@@ -353,3 +353,65 @@ def python_path(site: Path) -> str:
 def scrape_with(url: str, needle: str) -> str | None:
     text = requests.get(f"{url}/metrics", timeout=2).text
     return text if needle in text else None
+
+
+FAILING_PLUGIN = """
+from exporter.sources import PeriodicSource
+
+
+class Failing(PeriodicSource):
+    def __init__(self, context, settings):
+        # A careless plugin quoting the key in its error.
+        raise RuntimeError(f"refused {context.config.api.api_key.reveal()}")
+
+    def fetch(self):
+        pass
+
+    def collect(self):
+        return []
+"""
+
+
+def test_a_plugin_that_cannot_start_refuses_the_reload_without_quoting_the_key(
+    site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAILPARTNER_API_KEY", TEST_KEY)
+    install(
+        site,
+        "failing-plugin",
+        {"failing": "failing_plugin:Failing"},
+        {"failing_plugin": FAILING_PLUGIN},
+    )
+    path = write_config(tmp_path / "c.yaml", {})
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    write_config(path, {"failing": {}})
+    error = exporter.reload()
+    assert error == "sources.failing: cannot start: RuntimeError: refused <redacted>"
+    assert set(exporter.sources) == {"bulk_status"}  # the old configuration runs on
+    assert (
+        exporter.registry.get_sample_value("mailpartner_exporter_config_last_reload_successful")
+        == 0
+    )
+
+    # At startup, the same is an error naming the file, and the exporter exits 1.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "--config.file",
+            str(path),
+            "--web.listen-address",
+            "127.0.0.1:0",
+        ],
+        env={**os.environ, "PYTHONPATH": python_path(site)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert (
+        f"{path}: sources.failing: cannot start: RuntimeError: refused <redacted>" in result.stderr
+    )
+    assert TEST_KEY not in result.stderr + result.stdout
