@@ -24,23 +24,16 @@ import sys
 from array import array
 from types import MappingProxyType
 
-from benchmarks.common import InlineExecutor, Result, print_results
+from benchmarks.common import Result, inline_source, print_results
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.client import BULK_STATUS
-from exporter.config import (
-    ApiConfig,
-    Config,
-    MessageSpec,
-    PollingConfig,
-    ScheduleStep,
-    State,
-    load_config,
-)
+from exporter.config.loader import load_config
+from exporter.config.model import ApiConfig, Config, PollingConfig, ScheduleStep
+from exporter.domain import MessageSpec, State
 from exporter.simulator import World
 from exporter.simulator.model import WAITING
-from exporter.sources.bulk_status import book_poller
+from exporter.sources.registry import available
 from exporter.stats import RequestStats
-from exporter.tracker import MessageBook
 
 HOUR = 3600.0
 RECIPIENTS = 1000
@@ -119,16 +112,15 @@ def simulate(
     clock = _Clock()
     world = World(seed=seed, clock=clock)
     config = Config(file="bench", api=ApiConfig(max_requests_per_minute=BUDGET), polling=polling)
-    book = MessageBook(polling, jitter=lambda: 1.0)
     client = ReplayClient(world, config, clock)
-    poller = book_poller(config, book, client, clock=clock, executor=InlineExecutor())  # type: ignore[arg-type]
+    source, poller = inline_source(config, client, clock)
     gap, next_send, stop_sending = 86400.0 / per_day, 0.0, hours * HOUR
     end = stop_sending + polling.final_after + 2 * HOUR
     while clock.now < end:
         while next_send <= clock.now and next_send < stop_sending:
             message_id = world.send(recipients, sent_at=next_send).message_id
             client.add(message_id)
-            book.add(MessageSpec(message_id, sent_at=next_send), clock.now)
+            source.add(MessageSpec(message_id, sent_at=next_send))
             next_send += gap
         wait = poller.run_pending()
         if next_send < stop_sending:
@@ -161,7 +153,8 @@ def _measure(world: World, client: ReplayClient) -> Run:
 
 
 def run(quick: bool = False) -> list[Result]:
-    polling = load_config("config.yaml", environ={}).polling  # the shipped, tuned defaults
+    # The shipped, tuned defaults.
+    polling = load_config("config.yaml", available(), environ={}).polling
     recipients = 200 if quick else RECIPIENTS
     ours = simulate(polling, 5000, recipients=recipients)
     naive = simulate(NAIVE, 5000, hours=6 if quick else 12, recipients=recipients)

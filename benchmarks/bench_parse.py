@@ -34,7 +34,8 @@ import requests
 from benchmarks.common import Result
 from exporter.aggregate import ReportAggregator
 from exporter.client import BULK_STATUS, MailPartnerClient
-from exporter.config import ApiConfig, State, StatusMap
+from exporter.config.model import ApiConfig
+from exporter.domain import State, StatusMap
 from exporter.secret import Redactor, Secret
 from exporter.stats import RequestStats
 

@@ -30,21 +30,13 @@ import requests
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from benchmarks.common import InlineExecutor, Result, print_results
+from benchmarks.common import Result, inline_source, print_results
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.client import BULK_STATUS
-from exporter.collector import MailPartnerCollector
-from exporter.config import (
-    ApiConfig,
-    Config,
-    MessageSpec,
-    PollingConfig,
-    ScheduleStep,
-    State,
-    StatusMap,
-)
+from exporter.collector import MailPartnerCollector, ProcessCollector
 from exporter.config.holder import ConfigHolder
-from exporter.sources.bulk_status import book_poller
+from exporter.config.model import ApiConfig, Config, PollingConfig, ScheduleStep
+from exporter.domain import MessageSpec, State, StatusMap
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.web import create_app, serve
@@ -107,7 +99,8 @@ def build_book(count: int = MESSAGES, seed: int = 1) -> tuple[MessageBook, Confi
 def registry_for(book: MessageBook, config: Config) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)  # as exporter.app builds it
     stats = RequestStats([BULK_STATUS])
-    registry.register(MailPartnerCollector(book, stats, ConfigHolder(config, NOW), lambda: NOW))
+    registry.register(MailPartnerCollector(book, None, lambda: config.api, lambda: NOW))
+    registry.register(ProcessCollector(stats, ConfigHolder(config, NOW)))
     return registry
 
 
@@ -165,11 +158,9 @@ def polls_per_cpu_second(count: int, rounds: int = 5) -> float:
     polling = PollingConfig(schedule=(ScheduleStep(until=48 * 3600.0, every=60.0),))
     api = ApiConfig(max_requests_per_minute=10**9, concurrency=count)
     config = Config(file="bench", api=api, polling=polling, messages=tuple(specs(count)))
-    book = MessageBook(polling, jitter=lambda: 1.0)
-    book.sync(config.messages, NOW)
     client = PreparedClient({s.id: aggregate(rng, pending=True) for s in config.messages})
     clock = [NOW]
-    poller = book_poller(config, book, client, clock=lambda: clock[0], executor=InlineExecutor())  # type: ignore[arg-type]
+    _, poller = inline_source(config, client, lambda: clock[0])
     start = time.process_time()
     for _ in range(rounds):
         poller.run_pending()

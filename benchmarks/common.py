@@ -7,6 +7,12 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
+from exporter.config.model import Config
+from exporter.poller import Poller
+from exporter.sources.base import SourceContext
+from exporter.sources.bulk_status import BulkStatusSource
+from exporter.upstream import Upstream
+
 
 @dataclass(frozen=True)
 class Result:
@@ -39,3 +45,13 @@ class InlineExecutor(Executor):
         future: Future[Any] = Future()
         future.set_result(fn(*args, **kwargs))
         return future
+
+
+def inline_source(
+    config: Config, client: Any, clock: Callable[[], float]
+) -> tuple[BulkStatusSource, Poller]:
+    """The real bulk_status source over a fake ``client`` (one with ``stats`` and
+    ``bulk_status``), and the real poller running its polls inline on ``clock``."""
+    upstream = Upstream(config.api, client, client.stats, clock())
+    source = BulkStatusSource(SourceContext(config, upstream, clock, jitter=lambda: 1.0), {})
+    return source, Poller([source], clock=clock, executor=InlineExecutor())

@@ -8,7 +8,7 @@ from functools import reduce
 from operator import add
 from types import MappingProxyType
 
-from exporter.config import State, StatusMap
+from exporter.domain import State, StatusMap
 
 MAX_STATUSES = 20
 OTHER_STATUS = "other"

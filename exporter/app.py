@@ -3,43 +3,35 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
-import requests
-import requests.adapters
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from exporter import __version__
 from exporter.client import BULK_STATUS, ME, MailPartnerClient
 from exporter.collector import ProcessCollector
-from exporter.config import (
-    API_KEY_ENV,
-    ApiConfig,
-    Config,
-    ConfigErrors,
-    MessageSpec,
-    SourceConfig,
-    load_config,
-)
-from exporter.config.errors import ConfigError, InvalidValueError, SecretError
+from exporter.config.errors import ConfigError, ConfigErrors, SecretError
 from exporter.config.holder import ConfigHolder
+from exporter.config.loader import API_KEY_ENV, api_keys, load_config
+from exporter.config.model import ApiConfig, Config, SourceConfig
 from exporter.demo import Demo
-from exporter.poller import Poller, Upstream
+from exporter.domain import MessageSpec
+from exporter.poller import Poller
 from exporter.probe import probe_app
 from exporter.registration import PATH as MESSAGES_PATH
 from exporter.registration import messages_app
 from exporter.secret import Redactor, Secret
-from exporter.shard import NO_SHARD_FLAGS, ShardFlags, check_index, parse_count, parse_index
+from exporter.shard import NO_SHARD_FLAGS, ShardFlags
 from exporter.sources.base import Source, SourceContext
-from exporter.sources.bulk_status import BulkStatusSource
+from exporter.sources.bulk_status import MAIL_PARTNER, BulkStatusSource
+from exporter.sources.registry import available
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
+from exporter.upstream import Upstream, open_client
 from exporter.web import create_app, serve
 
 log = logging.getLogger("exporter")
@@ -47,8 +39,6 @@ log = logging.getLogger("exporter")
 _HOUSEKEEPING = 10.0
 # On SIGTERM, how long polls in flight may take to finish.
 _DRAIN_TIMEOUT = 5.0
-# What errors about flags name instead of a file.
-COMMAND_LINE = "command line"
 
 
 def load_runnable(
@@ -57,11 +47,10 @@ def load_runnable(
     shard_flags: ShardFlags = NO_SHARD_FLAGS,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Load ``path``; beyond ``load_config``'s checks, a key is needed unless in demo mode.
-
-    ``--shard.count`` / ``--shard.index``, when given, override the file's ``shard`` section.
-    """
-    config = load_config(path, environ)
+    """Load ``path`` with the installed sources; beyond ``load_config``'s checks, a key is
+    needed unless in demo mode. ``--shard.count`` / ``--shard.index``, when given, override
+    the file's ``shard`` section."""
+    config = load_config(path, available(), environ, shard_flags)
     if not demo:
         missing: list[ConfigError] = [_no_key(config.file)] if config.api.api_key is None else []
         for source in enabled_sources(config):
@@ -71,46 +60,14 @@ def load_runnable(
                 missing.append(_no_key(config.file, f"sources.{source.name}.api", env))
         if missing:
             raise ConfigErrors(missing)
-    return apply_shard_flags(config, shard_flags, environ)
+    return config
 
 
 def enabled_sources(config: Config) -> tuple[SourceConfig, ...]:
     """The sources to run: as configured, or bulk_status alone for a config built in code."""
     if config.sources is None:
-        return (SourceConfig(BulkStatusSource.name, BulkStatusSource),)
+        return (SourceConfig(MAIL_PARTNER.name, MAIL_PARTNER),)
     return config.sources
-
-
-def apply_shard_flags(
-    config: Config, flags: ShardFlags, environ: Mapping[str, str] | None = None
-) -> Config:
-    """``config`` with the shard flags given applied; ConfigErrors naming the flag if wrong."""
-    if flags.count is None and flags.index is None:
-        return config
-    problems: list[ConfigError] = []
-    count, index = config.shard_count, config.shard_index
-    if flags.count is not None:
-        try:
-            count = parse_count(flags.count)
-        except (TypeError, ValueError) as e:
-            problems.append(InvalidValueError(COMMAND_LINE, "--shard.count", str(e)))
-    if flags.index is not None:
-        try:
-            index = parse_index(flags.index, environ)
-        except (TypeError, ValueError) as e:
-            problems.append(InvalidValueError(COMMAND_LINE, "--shard.index", str(e)))
-    if not problems:
-        count_name = "--shard.count" if flags.count is not None else "shard.count"
-        try:
-            check_index(index, count, count_name)
-        except ValueError as e:
-            if flags.index is not None:
-                problems.append(InvalidValueError(COMMAND_LINE, "--shard.index", str(e)))
-            else:
-                problems.append(InvalidValueError(config.file, "shard.index", str(e)))
-    if problems:
-        raise ConfigErrors(problems)
-    return dataclasses.replace(config, shard_count=count, shard_index=index)
 
 
 def owned_messages(config: Config) -> tuple[MessageSpec, ...]:
@@ -128,14 +85,6 @@ def tracking_fields(config: Config) -> dict[str, object]:
         fields["shard"] = str(config.shard)
         fields["configured"] = len(config.messages)
     return fields
-
-
-def _keys(config: Config) -> list[Secret | None]:
-    """Every API key in ``config``: Mail Partner's and any source's own."""
-    keys = [config.api.api_key]
-    for source in enabled_sources(config):
-        keys += [v.api_key for v in source.settings.values() if isinstance(v, ApiConfig)]
-    return keys
 
 
 def _no_key(file: str, key: str = "api", env: str = API_KEY_ENV) -> SecretError:
@@ -173,47 +122,60 @@ class Exporter:
         self.mailpartner = Upstream(
             config.api, self._client(config.api, self.stats), self.stats, now
         )
-        self.sources = self._start_sources(config)
+        self.sources = self._sources_for(config, {})
         self._idle_book = MessageBook(config.polling)  # shown when bulk_status is off
         self.poller = Poller(list(self.sources.values()))
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_ExporterCollector(self, ProcessCollector(self.stats, self.holder)))
 
-    def _start_sources(self, config: Config) -> dict[str, Source]:
-        """The enabled sources, built; ``ConfigErrors`` naming the one that cannot start."""
-        context = self._context(config)
-        sources: dict[str, Source] = {}
-        for spec in enabled_sources(config):
-            try:
-                sources[spec.name] = spec.kind(context, spec.settings)
-            except Exception as e:  # a plugin's bug: say which, as for a bad config
-                for source in sources.values():
-                    source.close()
-                problem = f"cannot start: {type(e).__name__}: {e}"
-                raise ConfigErrors(
-                    [ConfigError(config.file, f"sources.{spec.name}", problem)]
-                ) from e
-        return sources
-
     @property
     def book(self) -> MessageBook:
         """Mail Partner's tracked messages (the status page's table)."""
-        source = self.sources.get(BulkStatusSource.name)
+        source = self.sources.get(MAIL_PARTNER.name)
         return source.book if isinstance(source, BulkStatusSource) else self._idle_book
 
     def bulk_sources(self) -> dict[str, BulkStatusSource]:
         """The sources that track messages by ID: probes and registrations go to them."""
         return {n: s for n, s in self.sources.items() if isinstance(s, BulkStatusSource)}
 
+    def _sources_for(self, config: Config, running: Mapping[str, Source]) -> dict[str, Source]:
+        """The sources ``config`` enables: the ``running`` ones reconfigured in place where
+        they take it, the others built. If one cannot start, those built are closed, the
+        running ones carry on, and ``ConfigErrors`` names it (in the plugin's own words,
+        which the caller scrubs of keys)."""
+        context = self._context(config)
+        wanted = enabled_sources(config)
+        built: dict[str, Source] = {}
+        sources: dict[str, Source] = {}
+        verb = "start"
+        try:
+            # New kinds first, so that one failing changes nothing that runs.
+            for spec in wanted:
+                old = running.get(spec.name)
+                if old is None or old.kind != spec.kind:
+                    built[spec.name] = spec.kind(context, spec.settings)
+            verb = "restart"
+            for spec in wanted:
+                old = running.get(spec.name)
+                if spec.name in built:
+                    sources[spec.name] = built[spec.name]
+                elif old is not None and old.reconfigure(context, spec.settings):
+                    sources[spec.name] = old
+                else:
+                    sources[spec.name] = built[spec.name] = spec.kind(context, spec.settings)
+        except Exception as e:  # a plugin's bug: say which, as for a bad config
+            for source in built.values():
+                source.close()
+            problem = f"cannot {verb}: {type(e).__name__}: {e}"
+            raise ConfigErrors([ConfigError(config.file, f"sources.{spec.name}", problem)]) from e
+        return sources
+
     def _context(self, config: Config) -> SourceContext:
         return SourceContext(
             config=config,
-            holder=self.holder,
             mailpartner=self.mailpartner,
             clock=time.time,
             connect=self._connect,
-            # The demo's simulated world starts afresh each run: it keeps no state.
-            state_path=":memory:" if self._demo else config.state_path,
             demo=self._demo is not None,
         )
 
@@ -225,12 +187,7 @@ class Exporter:
         if api.api_key not in self._secrets:
             self._secrets.append(api.api_key)
             self._on_secrets(Redactor(*self._secrets))
-        session = requests.Session()
-        session.headers["User-Agent"] = f"mailpartner-exporter/{__version__}"
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=api.concurrency)  # one per poll
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        return MailPartnerClient(api, session, stats, Redactor(api.api_key))
+        return open_client(api, stats)
 
     def reload(self) -> str | None:
         """Load the config file again and swap it in; on any error keep the old one.
@@ -247,54 +204,22 @@ class Exporter:
             if self._demo is not None:
                 config = self._demo.apply(config)
             now = time.time()
-            sources = self._sources_for(config, now)
-            if isinstance(sources, str):  # a plugin's own words: they may quote a key
-                return self._reload_failed(Redactor(*self._secrets, *_keys(config))(sources))
+            try:
+                sources = self._sources_for(config, self.sources)
+            except ConfigErrors as e:  # a plugin's own words: they may quote a key
+                return self._reload_failed(Redactor(*self._secrets, *api_keys(config))(str(e)))
             if config.api != self.holder.config.api:
                 client = self._client(config.api, self.stats)
                 self.mailpartner.reconfigure(config.api, client, now)
+            for name, old in self.sources.items():
+                if sources.get(name) is not old:
+                    old.save(now)
+                    old.close()
             self.sources = sources
             self.poller.reconfigure(list(sources.values()))
             self.holder.swap(config, now)
         log.info("configuration reloaded", extra=tracking_fields(config))
         return None
-
-    def _sources_for(self, config: Config, now: float) -> dict[str, Source] | str:
-        """The sources ``config`` enables, old ones reconfigured in place where they can be;
-        or why not (a plugin failed to start: then nothing has changed)."""
-        context = self._context(config)
-        wanted = enabled_sources(config)
-        built: dict[str, Source] = {}
-        for spec in wanted:
-            old = self.sources.get(spec.name)
-            if old is None or type(old) is not spec.kind:
-                try:
-                    built[spec.name] = spec.kind(context, spec.settings)
-                except Exception as e:
-                    for source in built.values():
-                        source.close()
-                    return f"sources.{spec.name}: cannot start: {type(e).__name__}: {e}"
-        sources: dict[str, Source] = {}
-        try:
-            for spec in wanted:
-                old = self.sources.get(spec.name)
-                if spec.name in built:
-                    sources[spec.name] = built[spec.name]
-                elif old is not None and old.reconfigure(context, spec.settings):
-                    sources[spec.name] = old
-                else:
-                    sources[spec.name] = built[spec.name] = spec.kind(context, spec.settings)
-        except Exception as e:
-            # A plugin's reconfigure or restart failed: the sources keep running (those
-            # reconfigured before it with their new settings), the new instances are closed.
-            for source in built.values():
-                source.close()
-            return f"sources.{spec.name}: cannot restart: {type(e).__name__}: {e}"
-        for name, old in self.sources.items():
-            if sources.get(name) is not old:
-                old.save(now)
-                old.close()
-        return sources
 
     def _reload_failed(self, error: str) -> str:
         self.holder.failed()
@@ -341,7 +266,7 @@ class Exporter:
                 self._reload_requested = False
                 self.reload()
             if self._demo is not None:
-                source = self.sources.get(BulkStatusSource.name)
+                source = self.sources.get(MAIL_PARTNER.name)
                 for spec in self._demo.new_messages():
                     if isinstance(source, BulkStatusSource):
                         source.add(spec)

@@ -18,7 +18,8 @@ from exporter.app import (
     owned_messages,
     tracking_fields,
 )
-from exporter.config import Config, ConfigErrors
+from exporter.config.errors import ConfigErrors
+from exporter.config.model import Config
 from exporter.demo import Demo
 from exporter.logs import LEVELS, setup_logging
 from exporter.secret import Redactor

@@ -19,7 +19,8 @@ import requests
 import urllib3.exceptions
 
 from exporter.aggregate import MessageAggregate, ReportAggregator
-from exporter.config import ApiConfig
+from exporter.config.convert import describe
+from exporter.config.model import ApiConfig
 from exporter.parse import (
     MAIL,
     Body,
@@ -173,9 +174,9 @@ class MailPartnerClient:
         except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
             error = TransportError("timeout", f"no answer within {timeout:g}s")
         except (requests.ConnectionError, urllib3.exceptions.ProtocolError, OSError) as e:
-            error = TransportError("connection", self._redact(_describe(e)))
+            error = TransportError("connection", self._redact(_innermost(e)))
         except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as e:
-            error = TransportError("invalid_response", self._redact(_describe(e)))
+            error = TransportError("invalid_response", self._redact(_innermost(e)))
         else:
             self._stats.request_finished(endpoint, self._clock() - started, None, up=True)
             return
@@ -223,11 +224,11 @@ def _seconds(retry_after: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time()) if when.tzinfo else None
 
 
-def _describe(error: BaseException) -> str:
-    # urllib3 messages embed the request URL; keep only the innermost cause's type.
+def _innermost(error: BaseException) -> str:
+    # urllib3 messages embed the request URL; keep only the innermost cause.
     while error.__context__ is not None and error.__context__ is not error:
         error = error.__context__
-    return f"{type(error).__name__}: {error}"[:300]
+    return describe(error)
 
 
 class _BoundedReader:

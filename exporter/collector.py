@@ -21,9 +21,10 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.aggregate import MessageAggregate
-from exporter.config import ApiConfig, MessageSpec, State
 from exporter.config.holder import ConfigHolder
-from exporter.exposition import MessageLines, Samples
+from exporter.config.model import ApiConfig
+from exporter.domain import MessageSpec, State
+from exporter.exposition import MessageLines, Samples, gauge
 from exporter.stats import DURATION_BUCKETS, RequestStats
 from exporter.tracker import MessageBook, Phase, TrackedMessage
 
@@ -35,31 +36,27 @@ _PHASE = operator.attrgetter("phase")
 
 
 class MailPartnerCollector(Collector):
-    """A bulk-status source's series, its API's, and (for Mail Partner) the process's.
+    """A bulk-status source's series: its messages', the totals, its API's and its budget's.
 
-    SMS Partner's source uses the same with ``prefix="smspartner"``: every name below
-    then starts with ``smspartner_``, its budget comes from ``api``, and the process-wide
-    series (build info, config reloads, shards) are left to the Mail Partner one.
+    SMS Partner's source uses the same with ``prefix="smspartner"``: every name below then
+    starts with ``smspartner_``. ``stats`` None leaves the API's series to another collector
+    (Mail Partner's are the process's: ``ProcessCollector``); ``api`` gives the budget.
     """
 
     def __init__(
         self,
         book: MessageBook,
         stats: RequestStats | None,
-        holder: ConfigHolder,
+        api: Callable[[], ApiConfig],
         clock: Callable[[], float] = time.time,
         *,
         prefix: str = "mailpartner",
-        api: Callable[[], ApiConfig] | None = None,
-        process: bool = True,
     ) -> None:
         self._book = book
-        self._stats = stats  # None: the API's series come from another collector
-        self._holder = holder
+        self._stats = stats
+        self._api = api
         self._clock = clock
         self._p = prefix
-        self._process = process
-        self._api = api or (lambda: holder.config.api)
         self._lines = MessageLines(message_families(prefix), message_view, message_samples)
         self._summary = _summarize(())
 
@@ -91,8 +88,6 @@ class MailPartnerCollector(Collector):
 
     def _exporter_metrics(self, summary: _Summary) -> Iterator[Metric]:
         now = self._clock()
-        if self._process:
-            yield from _process_metrics(self._holder)
         phases = Metric(f"{self._p}_exporter_messages", "Tracked messages by phase.", "gauge")
         for phase in Phase:
             phases.add_sample(
@@ -100,23 +95,23 @@ class MailPartnerCollector(Collector):
             )
         yield phases
         waiting = summary.waiting
-        yield _gauge(
+        yield gauge(
             f"{self._p}_exporter_request_budget_per_minute",
             "Requests per minute this exporter allows itself (api.max_requests_per_minute).",
             self._api().max_requests_per_minute,
         )
-        yield _gauge(
+        yield gauge(
             f"{self._p}_exporter_scheduled_requests_per_minute",
             "Requests per minute the poll schedule asks for right now; above the "
             "budget, polls fall behind.",
             summary.per_minute,
         )
-        yield _gauge(
+        yield gauge(
             f"{self._p}_exporter_overdue_messages",
             f"Messages whose poll was due more than {OVERDUE_AFTER:g}s ago and has not started.",
             bisect.bisect_left(waiting, now - OVERDUE_AFTER),
         )
-        yield _gauge(
+        yield gauge(
             f"{self._p}_exporter_poll_delay_seconds",
             "How far behind schedule the most overdue message is.",
             max(0.0, now - waiting[0]) if waiting else 0.0,
@@ -188,7 +183,7 @@ def api_metrics(request_stats: RequestStats, prefix: str) -> Iterator[Metric]:
             histogram.total,
         )
     yield duration
-    yield _gauge(
+    yield gauge(
         f"{prefix}_up",
         "1 if the most recent API request succeeded (a message-"
         "level error such as code 4 still counts as the API answering).",
@@ -205,22 +200,22 @@ def _process_metrics(holder: ConfigHolder) -> Iterator[Metric]:
     info = Metric("mailpartner_exporter_build_info", "Exporter version.", "gauge")
     info.add_sample("mailpartner_exporter_build_info", {"version": __version__}, 1)
     yield info
-    yield _gauge(
+    yield gauge(
         "mailpartner_exporter_config_last_reload_successful",
         "1 if the last configuration load succeeded.",
         1 if load.successful else 0,
     )
-    yield _gauge(
+    yield gauge(
         "mailpartner_exporter_config_last_reload_success_timestamp_seconds",
         "When the configuration was last loaded successfully.",
         load.last_success,
     )
-    yield _gauge(
+    yield gauge(
         "mailpartner_exporter_shards",
         "How many exporters share the messages (--shard.count).",
         config.shard_count,
     )
-    yield _gauge(
+    yield gauge(
         "mailpartner_exporter_shard_index",
         "Which share this exporter polls (--shard.index).",
         config.shard_index,
@@ -333,12 +328,6 @@ def message_samples(view: MessageView) -> tuple[Samples, ...]:
         one(view.last_success),
         one(view.next_poll),
     )
-
-
-def _gauge(name: str, documentation: str, value: float) -> Metric:
-    metric = Metric(name, documentation, "gauge")
-    metric.add_sample(name, {}, value)
-    return metric
 
 
 def _le(bound: float) -> str:

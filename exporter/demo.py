@@ -7,7 +7,8 @@ import zlib
 from collections.abc import Iterable
 from types import MappingProxyType
 
-from exporter.config import ApiConfig, Config, MessageSpec, SourceConfig
+from exporter.config.model import ApiConfig, Config, SourceConfig
+from exporter.domain import MessageSpec
 from exporter.secret import Secret
 from exporter.simulator import DemoCampaign, SimulatedSend, SimulatorServer, World
 

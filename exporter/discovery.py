@@ -28,13 +28,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
-import yaml
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from exporter.config import ConfigError, ConfigErrors, MessageSpec, parse_messages
-from exporter.config.errors import InvalidTypeError, SyntaxConfigError, UnknownKeyError
-from exporter.config.loader import _UniqueKeyLoader
+from exporter.config.convert import load_yaml
+from exporter.config.errors import (
+    ConfigError,
+    ConfigErrors,
+    InvalidTypeError,
+    SyntaxConfigError,
+    UnknownKeyError,
+)
+from exporter.config.reader import parse_messages
+from exporter.domain import MessageSpec
 
 MAX_FILE_BYTES = 16 * 2**20
 # Past this many new duplicates in one refresh, one line sums up the rest.
@@ -270,7 +276,7 @@ def _parse(path: str, data: bytes) -> tuple[MessageSpec, ...]:
     if not text.strip():
         return ()
     try:
-        document = _json(path, text) if path.lower().endswith(".json") else _yaml(path, text)
+        document = _json(path, text) if path.lower().endswith(".json") else load_yaml(text, path)
     except RecursionError:
         raise ConfigErrors([SyntaxConfigError(path, "", "nested too deeply")]) from None
     if document is None or isinstance(document, list):
@@ -296,16 +302,6 @@ def _parse(path: str, data: bytes) -> tuple[MessageSpec, ...]:
     if problems:
         raise ConfigErrors(problems)
     return messages
-
-
-def _yaml(path: str, text: str) -> object:
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or "not valid YAML"
-        raise ConfigErrors([SyntaxConfigError(path, "", f"{where}{problem}")]) from None
 
 
 def _json(path: str, text: str) -> object:

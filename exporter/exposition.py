@@ -71,7 +71,7 @@ class MessageLines(Generic[View]):
         self.families = tuple(families)
         self.view = view
         self.samples = samples
-        self._headers = [Chunk(generate_latest(FixedMetrics([_gauge(*f)]))) for f in families]
+        self._headers = [Chunk(generate_latest(FixedMetrics([gauge(*f)]))) for f in families]
         self._lock = threading.Lock()  # two scrapes at once update the caches in turn
         # By message ID: the message last seen, its view, and its lines (where in a block).
         self._lines: dict[str, tuple[TrackedMessage, View, Row | _Place]] = {}
@@ -245,7 +245,7 @@ class _Scrape:
         lines = self._lines
         if self._samples is None:
             self._samples = [lines.samples(lines.view(m)) for m in self._messages]
-        family = _gauge(*lines.families[index])
+        family = gauge(*lines.families[index])
         for samples in self._samples:
             for labels, value in samples[index]:
                 family.add_sample(family.name, dict(labels), value)
@@ -315,8 +315,12 @@ class FixedMetrics:
         return self._metrics
 
 
-def _gauge(name: str, documentation: str) -> Metric:
-    return Metric(name, documentation, "gauge")
+def gauge(name: str, documentation: str, value: float | None = None) -> Metric:
+    """A gauge family: one unlabelled sample of ``value``, or none yet if it is None."""
+    metric = Metric(name, documentation, "gauge")
+    if value is not None:
+        metric.add_sample(name, {}, float(value))
+    return metric
 
 
 def _lines(name: str, samples: Samples, pairs: dict[tuple[str, str], str]) -> bytes:

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 
 from exporter import __version__
-from exporter.config import State
 from exporter.config.duration import format_duration
+from exporter.domain import State
 from exporter.tracker import MessageBook, TrackedMessage
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}

@@ -1,8 +1,8 @@
 """The background loop: run every source's due polls within its API's budget and concurrency.
 
-Each API the exporter talks to is an ``Upstream`` (Mail Partner, and SMS Partner when its
-source is on): its client, its token bucket (``max_requests_per_minute``), its concurrency
-and its 429 pause. Sources say what is due; the poller decides what runs now.
+Each API the exporter talks to is an ``Upstream`` (``exporter.upstream``): its client, its
+token bucket (``max_requests_per_minute``), its concurrency and its 429 pause. Sources say
+what is due; the poller decides what runs now.
 """
 
 from __future__ import annotations
@@ -10,120 +10,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from exporter.client import MailPartnerClient, PollError
-from exporter.config import ApiConfig
-from exporter.stats import RequestStats
+from exporter.client import PollError
+from exporter.upstream import Clock, Upstream
 
 if TYPE_CHECKING:
     from exporter.sources.base import Poll, Source
 
 log = logging.getLogger(__name__)
-Clock = Callable[[], float]
 # Longest the loop sleeps with nothing due, so a clock jump is noticed.
 _IDLE_WAIT = 5.0
-# After a 429 without Retry-After, all polls pause this long, doubling while 429s go on.
-RATE_LIMIT_PAUSE = 5.0
-MAX_RATE_LIMIT_PAUSE = 600.0
-
-
-class TokenBucket:
-    """At most ``per_minute`` takes in any 60-second window, in bursts of ``burst``.
-
-    Refilling at ``(per_minute - capacity + 1) / 60`` per second keeps a full
-    bucket plus a minute's refill at exactly ``per_minute`` in any half-open
-    60 s window, so the budget holds without a log of timestamps. The burst is
-    kept under a tenth of the budget so the steady rate stays close to it.
-    """
-
-    def __init__(self, per_minute: int, burst: int, now: float) -> None:
-        self.capacity = float(max(1, min(burst, per_minute // 10)))
-        self.rate = (per_minute - self.capacity + 1) / 60.0
-        self._tokens = self.capacity
-        self._stamp = now
-        self._held_until = now
-
-    def hold(self, until: float) -> None:
-        """Allow no take before ``until`` (the upstream said to slow down)."""
-        self._held_until = max(self._held_until, until)
-
-    def _refill(self, now: float) -> None:
-        # A wall clock stepped backwards only restarts the refill from there.
-        self._tokens = min(self.capacity, self._tokens + max(0.0, now - self._stamp) * self.rate)
-        self._stamp = now
-
-    def available(self, now: float) -> int:
-        """How many takes would succeed right now."""
-        self._refill(now)
-        return 0 if now < self._held_until else int(self._tokens)
-
-    def try_take(self, now: float) -> bool:
-        self._refill(now)
-        if now >= self._held_until and self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-    def wait_time(self, now: float) -> float:
-        """Seconds until a take can succeed."""
-        self._refill(now)
-        return max(0.0, (1.0 - self._tokens) / self.rate, self._held_until - now)
-
-
-class Upstream:
-    """One API as the poller sees it: its client, request budget, concurrency and 429 pause.
-
-    ``lock`` guards ``in_flight`` and the bucket; sources read ``client`` and ``api``.
-    """
-
-    def __init__(
-        self, api: ApiConfig, client: MailPartnerClient, stats: RequestStats, now: float
-    ) -> None:
-        self.api = api
-        self.client = client
-        self.stats = stats  # what the client counts: the API's series
-        self.bucket = _bucket(api, now)
-        self.in_flight = 0
-        self.rate_limited = 0  # consecutive 429s
-        self.lock = threading.Lock()
-        self._budget = threading.Condition(self.lock)
-
-    def take(self, deadline: float, clock: Clock = time.time) -> bool:
-        """Wait until the budget allows one request, or ``deadline``; True if it did.
-
-        For requests made outside the poll loop (``/probe``): they spend the same budget.
-        """
-        with self._budget:
-            while True:
-                now = clock()
-                if self.bucket.try_take(now):
-                    return True
-                wait = self.bucket.wait_time(now)
-                if now + wait > deadline:
-                    return False
-                self._budget.wait(wait)
-
-    def back_off(self, retry_after: float | None, now: float) -> None:
-        """A 429 pauses every request to this API, not just one poll: the limit is per IP."""
-        with self.lock:
-            self.rate_limited += 1
-            if retry_after is None:
-                retry_after = RATE_LIMIT_PAUSE * 2 ** min(self.rate_limited - 1, 8)
-            pause = min(retry_after, MAX_RATE_LIMIT_PAUSE)
-            self.bucket.hold(now + pause)
-        log.warning("rate limited: pausing all polls", extra={"seconds": round(pause, 1)})
-
-    def reconfigure(self, api: ApiConfig, client: MailPartnerClient, now: float) -> None:
-        with self.lock:
-            old, self.api, self.client = self.api, api, client
-            if (old.max_requests_per_minute, old.concurrency) != (
-                api.max_requests_per_minute,
-                api.concurrency,
-            ):
-                self.bucket = _bucket(api, now)
 
 
 class Poller:
@@ -257,14 +156,13 @@ class Poller:
         try:
             poll.run()
         except PollError as e:
-            if e.rate_limited:
-                upstream.back_off(e.retry_after, self._clock())
+            upstream.answered(e, self._clock())
         except Exception as e:  # a bug must cost one poll, not the loop
             log.exception("poll crashed", extra={"subject": poll.subject})
             poll.crashed(e)
         else:
             ok = True
-            upstream.rate_limited = 0
+            upstream.answered(None, self._clock())
         finally:
             with upstream.lock:
                 upstream.in_flight -= 1
@@ -294,7 +192,3 @@ def _workers(sources: Sequence[Source]) -> int:
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="poll")
-
-
-def _bucket(api: ApiConfig, now: float) -> TokenBucket:
-    return TokenBucket(api.max_requests_per_minute, api.concurrency, now)

@@ -35,9 +35,12 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.client import PollError
 from exporter.collector import MessageView, message_families, message_samples
-from exporter.config import ConfigErrors, MessageSpec, parse_message
-from exporter.exposition import FixedMetrics
+from exporter.config.errors import ConfigErrors
+from exporter.config.reader import parse_message
+from exporter.domain import MessageSpec
+from exporter.exposition import FixedMetrics, gauge
 from exporter.sources.bulk_status import PROBE_CACHE, BulkStatusSource
+from exporter.wsgi import StartResponse, WSGIApp, respond
 
 _AT = operator.attrgetter("at")
 MAX_CACHED = 10_000  # messages whose last probe is kept
@@ -46,7 +49,6 @@ DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 120.0
 # Left for the answer to reach Prometheus before its timeout.
 MARGIN = 0.5
-StartResponse = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,10 @@ class Prober:
                 timeout=max(0.001, deadline - clock()),
             )
         except PollError as e:
-            if e.rate_limited:
-                upstream.back_off(e.retry_after, clock())
+            upstream.answered(e, clock())
             return self._failed(message_id, previous, self._monotonic() - started, str(e))
         now = clock()
+        upstream.answered(None, now)
         return ProbeResult(
             self._spec(message_id), now, True, self._monotonic() - started, aggregate, now
         )
@@ -186,10 +188,10 @@ def render(result: ProbeResult, prefix: str) -> bytes:
                 metric.add_sample(name, dict(labels), value)
             metrics.append(metric)
     metrics.append(
-        _gauge(f"{prefix}_probe_success", "1 if the probe's poll succeeded.", result.success)
+        gauge(f"{prefix}_probe_success", "1 if the probe's poll succeeded.", result.success)
     )
     metrics.append(
-        _gauge(
+        gauge(
             f"{prefix}_probe_duration_seconds",
             "How long the poll behind this answer took (a cached answer keeps its poll's).",
             result.duration,
@@ -198,15 +200,9 @@ def render(result: ProbeResult, prefix: str) -> bytes:
     return generate_latest(FixedMetrics(metrics))
 
 
-def _gauge(name: str, documentation: str, value: float) -> Metric:
-    metric = Metric(name, documentation, "gauge")
-    metric.add_sample(name, {}, float(value))
-    return metric
-
-
 def probe_app(
     sources: Callable[[], Mapping[str, BulkStatusSource]],
-) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
+) -> WSGIApp:
     """The WSGI app behind ``/probe?message_id=ID[&source=NAME]``."""
     probers: weakref.WeakKeyDictionary[BulkStatusSource, Prober] = weakref.WeakKeyDictionary()
     lock = threading.Lock()
@@ -216,11 +212,11 @@ def probe_app(
         name = query.get("source", ["bulk_status"])[0]
         source = sources().get(name)
         if source is None:
-            return _text(start_response, "400 Bad Request", f"source {name!r} is not enabled\n")
+            return respond(start_response, "400 Bad Request", f"source {name!r} is not enabled\n")
         try:
             spec, _ = parse_message({"id": query.get("message_id", [""])[0]}, "message_id")
         except ConfigErrors:
-            return _text(
+            return respond(
                 start_response,
                 "400 Bad Request",
                 "message_id must be 1 to 128 characters without spaces or control characters\n",
@@ -231,11 +227,7 @@ def probe_app(
                 prober = probers[source] = Prober(source)
         result = prober.probe(spec.id, _timeout(environ))
         body = render(result, source.prefix)
-        start_response(
-            "200 OK",
-            [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4), ("Content-Length", str(len(body)))],
-        )
-        return [body]
+        return respond(start_response, "200 OK", body, CONTENT_TYPE_PLAIN_0_0_4)
 
     return app
 
@@ -247,11 +239,3 @@ def _timeout(environ: Mapping[str, Any]) -> float:
     except ValueError:
         return DEFAULT_TIMEOUT
     return min(seconds, MAX_TIMEOUT) if math.isfinite(seconds) and seconds > 0 else DEFAULT_TIMEOUT
-
-
-def _text(start_response: StartResponse, status: str, text: str) -> list[bytes]:
-    body = text.encode()
-    start_response(
-        status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
-    )
-    return [body]

@@ -12,24 +12,26 @@ Answers are JSON in the Prometheus API's style: ``{"status": "success", "data": 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from exporter.config import ConfigErrors, MessageSpec, parse_message
+from exporter.config.errors import ConfigErrors
+from exporter.config.reader import parse_message
+from exporter.domain import MessageSpec
 from exporter.sources.bulk_status import BulkStatusSource, RegistrationsFull
+from exporter.wsgi import StartResponse, WSGIApp, respond_json
 
 PATH = "/api/v1/messages"
 MAX_BODY = 64 * 1024
 DEFAULT_SOURCE = "bulk_status"
 _WHERE = "request body"
-StartResponse = Callable[..., Any]
 
 
 def messages_app(
     sources: Callable[[], Mapping[str, BulkStatusSource]],
     changed: Callable[[], None] = lambda: None,
-) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
+) -> WSGIApp:
     """The WSGI app behind ``/api/v1/messages`` and ``/api/v1/messages/<id>``; ``changed``
     is called after each registration or removal (to save the state without delay)."""
 
@@ -48,7 +50,7 @@ def messages_app(
             if not source.unregister(message_id):
                 return _error(start_response, "404 Not Found", "not_found", "not registered")
             changed()
-            return _json(
+            return respond_json(
                 start_response, "200 OK", {"status": "success", "data": {"id": message_id}}
             )
         if method == "GET" and message_id is None:
@@ -57,7 +59,7 @@ def messages_app(
                 for name, source in sorted(sources().items())
                 for spec in source.registered()
             ]
-            return _json(start_response, "200 OK", {"status": "success", "data": data})
+            return respond_json(start_response, "200 OK", {"status": "success", "data": data})
         allowed = "GET, POST" if message_id is None else "DELETE"
         return _error(
             start_response,
@@ -106,7 +108,7 @@ def _post(
     if created:
         changed()
     status = "201 Created" if created else "200 OK"
-    return _json(
+    return respond_json(
         start_response, status, {"status": "success", "data": {**_message(spec), "source": name}}
     )
 
@@ -124,26 +126,8 @@ def _error(
     status: str,
     kind: str,
     error: str,
-    headers: list[tuple[str, str]] | None = None,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> list[bytes]:
-    return _json(
-        start_response, status, {"status": "error", "errorType": kind, "error": error}, headers
-    )
-
-
-def _json(
-    start_response: StartResponse,
-    status: str,
-    payload: object,
-    headers: list[tuple[str, str]] | None = None,
-) -> list[bytes]:
-    body = json.dumps(payload).encode() + b"\n"
-    start_response(
-        status,
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            *(headers or []),
-        ],
-    )
-    return [body]
+    """An answer in the Prometheus API's error style."""
+    payload = {"status": "error", "errorType": kind, "error": error}
+    return respond_json(start_response, status, payload, headers)

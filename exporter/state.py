@@ -3,15 +3,13 @@ messages registered over HTTP, for each source (upstream API) the exporter polls
 
 One SQLite file in WAL mode holds every source; a ``StateStore`` reads and writes only its
 own source's rows, and every ``save`` replaces them in one transaction, so a crash at any
-moment leaves the previous complete state. A file of schema version 1 (one source, before
-registrations) is migrated in place when opened. A file that is not this exporter's, is
-damaged, or comes from a newer version is moved aside at ``load`` and a fresh store takes its
-place: startup never fails on it.
+moment leaves the previous complete state. A file that is not this exporter's, is damaged, or
+comes from a newer version is moved aside at ``load`` and a fresh store takes its place:
+startup never fails on it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sqlite3
@@ -24,19 +22,17 @@ from types import MappingProxyType
 from typing import Any
 
 from exporter.aggregate import MessageAggregate
-from exporter.config import MessageSpec, State
+from exporter.domain import MessageSpec, State
 
 MEMORY = ":memory:"
-DEFAULT_SOURCE = "bulk_status"  # Mail Partner's; the only source of schema version 1
 APPLICATION_ID = 0x4D504558  # "MPEX" in the file header: marks the file as ours
 SCHEMA_VERSION = 2
 # exporter.tracker.Phase values; not imported, as the tracker is this module's caller.
 _PHASES = frozenset({"active", "settled", "final"})
 _MAGIC = b"SQLite format 3\x00"
-_TABLES = {  # what each schema version this module reads must have
-    1: frozenset({"meta", "messages", "totals"}),
-    2: frozenset({"sources", "messages", "totals", "registered"}),
-}
+# What the file must have. Version 2 is the first any release wrote (version 1 never left
+# development), so there is nothing older to migrate.
+_TABLES = frozenset({"sources", "messages", "totals", "registered"})
 _VOLATILE = "state is kept in memory only and will not survive a restart"
 # A source without a row in sources has never been saved. registered keeps the order of
 # registration in position.
@@ -59,15 +55,6 @@ CREATE TABLE IF NOT EXISTS registered (
 ) WITHOUT ROWID;
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {SCHEMA_VERSION};
-"""
-# Version 1 had one source, these columns but source, and its sums in meta(key, value).
-_RENAME_V1 = "ALTER TABLE messages RENAME TO messages_v1; ALTER TABLE totals RENAME TO totals_v1"
-_FROM_V1 = """
-INSERT INTO sources SELECT :source, cost.value, saved.value FROM meta AS cost
-    JOIN meta AS saved ON cost.key = 'cost_total' AND saved.key = 'saved_at';
-INSERT INTO messages SELECT :source, * FROM messages_v1;
-INSERT INTO totals SELECT :source, * FROM totals_v1;
-DROP TABLE meta; DROP TABLE messages_v1; DROP TABLE totals_v1
 """
 _INSERT = "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # in _SCHEMA's order
 
@@ -111,7 +98,7 @@ class StateStore:
         self,
         path: str,
         *,
-        source: str = DEFAULT_SOURCE,
+        source: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
@@ -249,7 +236,7 @@ def _read_file(path: str, source: str) -> StoredState | None:
         check = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
         if check != ["ok"]:
             raise _Unusable("corrupt", f"is corrupt ({'; '.join(check)})")
-        if version not in _TABLES or not tables >= _TABLES[version]:
+        if version != SCHEMA_VERSION or not tables >= _TABLES:
             raise _Unusable("corrupt", f"is corrupt (schema version {version}, missing tables)")
         return _read_every_source(conn, source)
     except (ValueError, TypeError) as e:
@@ -269,7 +256,8 @@ def _connect(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: atomic, and durable past a crash
         # Also a write on every start: a file that cannot take one is found now, not at save.
         conn.execute("BEGIN IMMEDIATE")
-        _migrate(conn)
+        for statement in _SCHEMA.split(";"):  # executescript would commit
+            conn.execute(statement)
         conn.execute("COMMIT")
     except BaseException:
         conn.close()
@@ -277,21 +265,8 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring the schema to this version, in the caller's transaction (executescript commits)."""
-    from_v1 = conn.execute("PRAGMA user_version").fetchone()[0] == 1
-    script = f"{_RENAME_V1}; {_SCHEMA}; {_FROM_V1}" if from_v1 else _SCHEMA
-    for statement in script.split(";"):
-        conn.execute(statement, {"source": DEFAULT_SOURCE})
-
-
 def _read_every_source(conn: sqlite3.Connection, source: str) -> StoredState | None:
     """``source``'s state, once every source's reads: the file is moved aside for all or none."""
-    if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-        with contextlib.closing(sqlite3.connect(MEMORY, isolation_level=None)) as copy:
-            conn.backup(copy)  # the file itself is migrated by _connect, in one transaction
-            _migrate(copy)
-            return _read_every_source(copy, source)
     sources = [row[0] for row in conn.execute("SELECT source FROM sources")]
     return {s: _read(conn, s) for s in sources}.get(source)
 

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from exporter.aggregate import MessageAggregate
-from exporter.config import MessageSpec, PollingConfig, State
+from exporter.config.model import PollingConfig
+from exporter.domain import MessageSpec, State
 from exporter.queue import TimeQueue
 from exporter.state import StoredMessage, StoredState
 
@@ -102,6 +103,8 @@ class MessageBook:
                 self._put(spec, now)
 
     def add(self, spec: MessageSpec, now: float) -> None:
+        """Track ``spec`` too (a registration or a demo send), leaving the others as they are,
+        where ``sync`` would go over every message."""
         with self._lock:
             self.changes += 1
             self._put(spec, now)

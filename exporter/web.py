@@ -27,9 +27,8 @@ from exporter.exposition import TextExposition
 from exporter.landing import render_landing
 from exporter.tracker import MessageBook
 from exporter.webconfig import WebConfigWatcher
+from exporter.wsgi import StartResponse, WSGIApp, respond
 
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 log = logging.getLogger(__name__)
 _CHALLENGE = 'Basic realm="mailpartner-exporter"'
 # bcrypt of a random password, checked for unknown users so they cost as much as known ones.
@@ -56,23 +55,23 @@ def create_app(
 
     def landing(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         page = render_landing(book() if callable(book) else book, telemetry_path, clock)
-        return _respond(start_response, "200 OK", page, "text/html; charset=utf-8")
+        return respond(start_response, "200 OK", page, "text/html; charset=utf-8")
 
     def healthy(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        return _respond(start_response, "200 OK", "Healthy\n")
+        return respond(start_response, "200 OK", "Healthy\n")
 
     def readiness(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if ready():
-            return _respond(start_response, "200 OK", "Ready\n")
-        return _respond(start_response, "503 Service Unavailable", "Not ready\n")
+            return respond(start_response, "200 OK", "Ready\n")
+        return respond(start_response, "503 Service Unavailable", "Not ready\n")
 
     def reloading(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") != "POST" or reload is None:
-            return _respond(start_response, "405 Method Not Allowed", "Only POST\n")
+            return respond(start_response, "405 Method Not Allowed", "Only POST\n")
         error = reload()
         if error is None:
-            return _respond(start_response, "200 OK", "Reloaded\n")
-        return _respond(start_response, "500 Internal Server Error", error + "\n")
+            return respond(start_response, "200 OK", "Reloaded\n")
+        return respond(start_response, "500 Internal Server Error", error + "\n")
 
     routes: dict[str, WSGIApp] = {
         telemetry_path: metrics_app,
@@ -91,7 +90,7 @@ def create_app(
         if route is None:
             route = next((r for prefix, r in subtrees if path.startswith(prefix)), None)
         if route is None:
-            return _respond(start_response, "404 Not Found", "Not found\n")
+            return respond(start_response, "404 Not Found", "Not found\n")
         return route(environ, start_response)
 
     return app
@@ -122,19 +121,6 @@ def _metrics_app(registry: CollectorRegistry) -> WSGIApp:
         return body
 
     return metrics
-
-
-def _respond(
-    start_response: StartResponse,
-    status: str,
-    body: str,
-    content_type: str = "text/plain; charset=utf-8",
-    extra: list[tuple[str, str]] | None = None,
-) -> list[bytes]:
-    data = body.encode()
-    headers = [("Content-Type", content_type), ("Content-Length", str(len(data)))]
-    start_response(status, headers + (extra or []))
-    return [data]
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -248,7 +234,7 @@ def _secured(app: WSGIApp, watcher: WebConfigWatcher, auth: BasicAuth) -> WSGIAp
         users = config.basic_auth_users
         if users and not auth.allows(users, environ.get("HTTP_AUTHORIZATION")):
             challenge = [("WWW-Authenticate", _CHALLENGE)]
-            return _respond(with_headers, "401 Unauthorized", "Unauthorized\n", extra=challenge)
+            return respond(with_headers, "401 Unauthorized", "Unauthorized\n", headers=challenge)
         return app(environ, with_headers)
 
     return secured

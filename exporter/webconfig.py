@@ -15,7 +15,6 @@ Python cannot do what Go does, this module refuses or tightens, never opens acce
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import os
 import re
@@ -26,10 +25,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from exporter.config import errors
-from exporter.config.loader import _UniqueKeyLoader
+from exporter.config.convert import load_yaml, unknown
 
 TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -101,13 +98,7 @@ def load_web_config(path: str) -> WebConfig:
     except (OSError, UnicodeDecodeError) as e:
         problem = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
         raise errors.ConfigErrors([errors.ConfigError(path, "", f"cannot read: {problem}")]) from e
-    try:
-        document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = f"{where}{getattr(e, 'problem', None) or e}"
-        raise errors.ConfigErrors([errors.SyntaxConfigError(path, "", problem)]) from None
+    document = load_yaml(text, path)
     reader = _Reader(path)
     config = reader.web_config(document)
     if config.tls is not None and not reader.errors:
@@ -189,8 +180,7 @@ class _Reader:
         for name in value:
             if name in allowed:
                 continue
-            close = difflib.get_close_matches(str(name), sorted(allowed), n=1)
-            problem = f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
+            problem = unknown(name, allowed)
             if name in _UNSUPPORTED:
                 problem = "not supported by this exporter"
             self.fail(errors.UnknownKeyError, f"{key}.{name}" if key else str(name), problem)

@@ -16,10 +16,15 @@ import pytest
 import requests
 
 from exporter.client import BULK_STATUS, MailPartnerClient
-from exporter.config import ApiConfig, Config, MessageSpec, PollingConfig, ScheduleStep
+from exporter.config.model import ApiConfig, Config, PollingConfig, ScheduleStep
+from exporter.domain import MessageSpec
+from exporter.poller import Poller
 from exporter.secret import Redactor, Secret
 from exporter.simulator import SimulatorServer, World
+from exporter.sources.base import SourceContext
+from exporter.sources.bulk_status import BulkStatusSource
 from exporter.stats import RequestStats
+from exporter.upstream import Upstream
 
 START = 1795687200.0  # 2026-11-26T10:00:00Z
 # A key no test output may ever contain: see tests/test_secrets.py and .ci/run.
@@ -96,6 +101,20 @@ def make_client(config: Config, stats: RequestStats | None = None) -> MailPartne
         stats or RequestStats([BULK_STATUS]),
         Redactor(config.api.api_key),
     )
+
+
+def bulk_status_poller(
+    config: Config,
+    client: Any,
+    clock: Callable[[], float],
+    executor: Executor | None = None,
+) -> tuple[BulkStatusSource, Poller]:
+    """The real bulk_status source tracking ``config``'s messages through ``client`` (a
+    ``MailPartnerClient``, or a fake with ``stats`` and ``bulk_status``), and a poller over
+    it alone; polls run inline unless ``executor`` says otherwise, retries are not spread."""
+    upstream = Upstream(config.api, client, client.stats, clock())
+    source = BulkStatusSource(SourceContext(config, upstream, clock, jitter=lambda: 1.0), {})
+    return source, Poller([source], clock=clock, executor=executor or InlineExecutor())
 
 
 def require_tool(name: str) -> str:

@@ -14,16 +14,16 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.client import BULK_STATUS
-from exporter.collector import MailPartnerCollector
-from exporter.config import Config, MessageSpec, StatusMap
+from exporter.collector import MailPartnerCollector, ProcessCollector
 from exporter.config.holder import ConfigHolder
+from exporter.config.model import Config
+from exporter.domain import MessageSpec, StatusMap
 from exporter.parse import parse_json
 from exporter.poller import Poller
-from exporter.sources.bulk_status import book_poller
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.web import create_app, serve
-from tests.conftest import START, FakeClock, InlineExecutor, make_client, make_config
+from tests.conftest import START, FakeClock, bulk_status_poller, make_client, make_config
 
 VECTORS = Path(__file__).parent / "vectors"
 
@@ -73,7 +73,9 @@ def scenario() -> tuple[CollectorRegistry, MessageBook, FakeClock]:
     stats.request_finished(BULK_STATUS, 0.04, "10", up=False, api_error=True)
 
     registry = CollectorRegistry()
-    registry.register(MailPartnerCollector(book, stats, ConfigHolder(config, START), clock))
+    # As the exporter registers them: the source's series, then the API's and the process's.
+    registry.register(MailPartnerCollector(book, None, lambda: config.api, clock))
+    registry.register(ProcessCollector(stats, ConfigHolder(config, START)))
     return registry, book, clock
 
 
@@ -112,14 +114,12 @@ class Running:
 
 @contextlib.contextmanager
 def running(config: Config, clock: FakeClock) -> Iterator[Running]:
-    book = MessageBook(config.polling, jitter=lambda: 1.0)
-    book.sync(config.messages, clock())
     stats = RequestStats([BULK_STATUS])
-    poller = book_poller(
-        config, book, make_client(config, stats), clock=clock, executor=InlineExecutor()
-    )
+    source, poller = bulk_status_poller(config, make_client(config, stats), clock)
+    book = source.book
     registry = CollectorRegistry()
-    registry.register(MailPartnerCollector(book, stats, ConfigHolder(config, clock()), clock))
+    registry.register(source)
+    registry.register(ProcessCollector(stats, ConfigHolder(config, clock())))
     server = serve(create_app(registry, book, clock=clock), "127.0.0.1:0")
     yield Running(config, book, poller, registry, f"http://127.0.0.1:{server.server_port}", clock)
     server.shutdown()

@@ -12,7 +12,7 @@ import pytest
 
 from exporter.aggregate import ReportAggregator
 from exporter.client import BULK_STATUS, ApiError, PollError, TransportError
-from exporter.config import MessageSpec, State, StatusMap
+from exporter.domain import MessageSpec, State, StatusMap
 from exporter.secret import Secret
 from exporter.simulator import Faults, SimulatorServer
 from exporter.stats import RequestStats

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from exporter.config import State
+from exporter.domain import State
 from tests.scenario import report, scenario
 
 EXPECTED = Path(__file__).parent / "expected" / "exposition.txt"

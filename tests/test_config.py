@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 
 from exporter.cli import main
-from exporter.config import ConfigErrors, State, load_config
 from exporter.config import errors as e
 from exporter.config.duration import format_duration, parse_duration
+from exporter.config.errors import ConfigErrors
+from exporter.config.loader import load_config
+from exporter.domain import State
+from exporter.sources.registry import available
 
 CONFFILES = Path(__file__).parent / "conffiles"
 REPO = Path(__file__).parent.parent
@@ -148,7 +151,7 @@ def test_each_bad_file_gives_one_error_naming_file_key_and_problem(name: str) ->
     kind, key, problem = CASES[name]
     path = CONFFILES / f"{name}.yaml"
     with pytest.raises(ConfigErrors) as caught:
-        load_config(path, environ={})
+        load_config(path, available(), environ={})
     assert len(caught.value.errors) == 1, str(caught.value)
     error = caught.value.errors[0]
     assert type(error) is kind
@@ -194,7 +197,7 @@ def test_config_check_without_any_key_fails(
 
 
 def test_shipped_example_values() -> None:
-    config = load_config(REPO / "config.yaml", environ={})
+    config = load_config(REPO / "config.yaml", available(), environ={})
     assert config.api.timeout == 10
     assert config.api.max_requests_per_minute == 600
     assert [(s.until, s.every) for s in config.polling.schedule] == [
@@ -219,12 +222,15 @@ def test_key_from_env_reference_file_and_default_variable(tmp_path: Path) -> Non
     (tmp_path / "a.yaml").write_text("api: {api_key: 'pre-${K}-post'}\n")
     (tmp_path / "b.yaml").write_text("api: {api_key_file: key.txt}\n")  # relative to the file
     (tmp_path / "c.yaml").write_text("api: {}\n")
-    assert load_config(tmp_path / "a.yaml", {"K": "env"}).api.api_key.reveal() == "pre-env-post"
-    assert load_config(tmp_path / "b.yaml", {}).api.api_key.reveal() == "file-key"
-    config = load_config(tmp_path / "c.yaml", {"MAILPARTNER_API_KEY": "default-var"})
+    assert (
+        load_config(tmp_path / "a.yaml", available(), {"K": "env"}).api.api_key.reveal()
+        == "pre-env-post"
+    )
+    assert load_config(tmp_path / "b.yaml", available(), {}).api.api_key.reveal() == "file-key"
+    config = load_config(tmp_path / "c.yaml", available(), {"MAILPARTNER_API_KEY": "default-var"})
     assert config.api.api_key.reveal() == "default-var"
     assert "default-var" not in repr(config)
-    assert load_config(tmp_path / "c.yaml", {}).api.api_key is None
+    assert load_config(tmp_path / "c.yaml", available(), {}).api.api_key is None
 
 
 def test_messages_accept_numbers_and_times(tmp_path: Path) -> None:
@@ -234,7 +240,7 @@ def test_messages_accept_numbers_and_times(tmp_path: Path) -> None:
         "  - {id: '301', sent_at: '2026-11-26T11:00:00+01:00'}\n"
         "  - {id: '302', sent_at: 1795687200}\n"
     )
-    messages = load_config(tmp_path / "m.yaml", {}).messages
+    messages = load_config(tmp_path / "m.yaml", available(), {}).messages
     assert [(m.id, m.sent_at) for m in messages] == [
         ("300", 1795687200.0),
         ("301", 1795687200.0),
@@ -245,7 +251,7 @@ def test_messages_accept_numbers_and_times(tmp_path: Path) -> None:
 
 def test_rate_above_upstream_limit_is_allowed_with_a_warning(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("api: {max_requests_per_minute: 2500}\n")
-    config = load_config(tmp_path / "r.yaml", {})
+    config = load_config(tmp_path / "r.yaml", available(), {})
     assert config.api.max_requests_per_minute == 2500
     assert "above Mail Partner's limit of 2000" in config.warnings[0]
 

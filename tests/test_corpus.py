@@ -22,7 +22,7 @@ import yaml
 
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.client import ApiError, PollError, TransportError
-from exporter.config import State, StatusMap
+from exporter.domain import State, StatusMap
 from exporter.parse import Body, InvalidResponse, UpstreamError, parse_json, parse_xml
 from tests.conftest import TEST_KEY, CraftedServer, make_client, make_config
 

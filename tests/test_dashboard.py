@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter.config.loader import RESERVED_LABELS
+from exporter.config.reader import RESERVED_LABELS
 
 REPO = Path(__file__).parent.parent
 GRAFANA = REPO / "grafana"

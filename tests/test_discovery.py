@@ -16,8 +16,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.config import MessageSpec
 from exporter.discovery import MAX_FILE_BYTES, DiscoveryStatus, MessageFiles
+from exporter.domain import MessageSpec
 from tests.conftest import START, FakeClock
 
 FIXTURES = Path(__file__).parent / "discovery"

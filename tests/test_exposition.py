@@ -26,8 +26,7 @@ from exporter.collector import (
     message_samples,
     message_view,
 )
-from exporter.config import MessageSpec, State
-from exporter.config.holder import ConfigHolder
+from exporter.domain import MessageSpec, State
 from exporter.exposition import MessageLines, Samples, TextExposition
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
@@ -64,7 +63,7 @@ def random_book(rng: random.Random, count: int) -> tuple[CollectorRegistry, Mess
     stats.request_started(BULK_STATUS)
     stats.request_finished(BULK_STATUS, 0.2, "timeout", up=False)
     registry = CollectorRegistry(auto_describe=True)  # as the exporter has it: name[] works
-    registry.register(MailPartnerCollector(book, stats, ConfigHolder(config, clock()), clock))
+    registry.register(MailPartnerCollector(book, stats, lambda: config.api, clock))
     return registry, book, clock
 
 
@@ -147,7 +146,7 @@ def test_any_label_value_or_status_renders_as_generate_latest(
         )
     registry = CollectorRegistry()
     registry.register(
-        MailPartnerCollector(book, RequestStats([BULK_STATUS]), ConfigHolder(config, 0.0), clock)
+        MailPartnerCollector(book, RequestStats([BULK_STATUS]), lambda: config.api, clock)
     )
     assert plain(TextExposition(registry)) == generate_latest(registry)
 

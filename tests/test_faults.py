@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from exporter.client import BULK_STATUS
-from exporter.config import MessageSpec
-from exporter.poller import RATE_LIMIT_PAUSE
+from exporter.domain import MessageSpec
 from exporter.simulator import Faults, SimulatorServer, World
+from exporter.upstream import RATE_LIMIT_PAUSE
 from tests.conftest import TEST_KEY, FakeClock, make_config
 from tests.scenario import Running, running
 from tests.test_poller import ALL_PENDING

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from exporter.aggregate import MAX_STATUSES, OTHER_STATUS, MessageAggregate, ReportAggregator
-from exporter.config import State, StatusMap
+from exporter.domain import State, StatusMap
 from exporter.parse import (
     MAX_STATUS_LENGTH,
     Body,

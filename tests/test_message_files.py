@@ -16,7 +16,7 @@ import requests
 import yaml
 
 from exporter.app import Exporter, load_runnable
-from exporter.config import MessageSpec
+from exporter.domain import MessageSpec
 from exporter.simulator import SimulatorServer, World
 from exporter.sources.bulk_status import FILE_CHECK_INTERVAL, BulkStatusSource
 from tests.conftest import TEST_KEY

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from exporter.aggregate import MessageAggregate, ReportAggregator
-from exporter.config import State, StatusMap
+from exporter.domain import State, StatusMap
 from exporter.parse import InvalidResponse, UpstreamError, parse_json, parse_xml
 
 VECTORS = Path(__file__).parent / "vectors"

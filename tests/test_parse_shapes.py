@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from exporter.aggregate import MessageAggregate, ReportAggregator
-from exporter.config import State, StatusMap
+from exporter.domain import State, StatusMap
 from exporter.parse import (
     MAIL,
     SMS,
@@ -30,8 +30,8 @@ from exporter.parse import (
     InvalidResponse,
     ReportShape,
     UpstreamError,
-    _parse_exact,
     parse_json,
+    parse_json_exact,
     parse_xml,
 )
 from exporter.simulator.formats import render_json, render_xml
@@ -39,8 +39,8 @@ from exporter.simulator.formats import render_json, render_xml
 VECTORS = Path(__file__).parent / "vectors"
 SMS_EXAMPLE = "smspartner-bulk-status.json"
 Parser = Callable[[Body, ReportAggregator, ReportShape], None]
-# parse_json counts plain reports on its fast path; _parse_exact is the walker alone.
-JSON_PARSERS: dict[str, Parser] = {"fast": parse_json, "exact": _parse_exact}
+# parse_json counts plain reports on its fast path; parse_json_exact is the walker alone.
+JSON_PARSERS: dict[str, Parser] = {"fast": parse_json, "exact": parse_json_exact}
 COMPACT = {"separators": (",", ":")}
 LAYOUTS: dict[str, dict[str, Any]] = {"compact": COMPACT, "spaced": {}, "pretty": {"indent": 2}}
 PLACEHOLDERS = {"email": "a@example.com", "token": "t0", "phoneNumber": "+33600000000"}
@@ -149,7 +149,7 @@ def test_plain_sms_reports_are_counted_in_bulk_as_the_walker_counts_them(
     raw = document(SMS, reports, **LAYOUTS[layout])
     fast, in_bulk = parsed(raw, SMS)
     assert in_bulk == 3000
-    assert fast == parsed(raw, SMS, _parse_exact)[0]
+    assert fast == parsed(raw, SMS, parse_json_exact)[0]
     assert dict(fast.states) == states(delivered=1200, failed=1200, pending=600)
     assert fast.statuses == {"delivered": 1200, "not delivered": 600, "waiting": 600, "ko": 600}
     total = 0.0 if cost is ABSENT else sum([0.045] * 3000)
@@ -263,7 +263,7 @@ def sms_bodies(draw: st.DrawFn) -> bytes:
 def test_the_fast_path_and_the_walker_agree_on_sms_bodies(raw: bytes) -> None:
     fast = outcome(raw, SMS, parse_json)
     event("refused" if isinstance(fast, str) else "parsed")
-    assert fast == outcome(raw, SMS, _parse_exact)
+    assert fast == outcome(raw, SMS, parse_json_exact)
 
 
 # ---------------------------------------------------------------- XML
@@ -307,7 +307,7 @@ def test_sms_bodies_as_the_simulator_writes_them() -> None:
     payload = {"success": True, "code": 200, "message_id": "7", SMS.list_key: reports}
     from_json, in_bulk = parsed(render_json(payload), SMS)
     assert in_bulk == 2000
-    assert from_json == parsed(render_json(payload), SMS, _parse_exact)[0]
+    assert from_json == parsed(render_json(payload), SMS, parse_json_exact)[0]
     assert from_json == parsed(render_xml(payload), SMS, parse_xml)[0]
     assert dict(from_json.states) == states(delivered=500, failed=1000, pending=500)
     assert (from_json.unsubscribed, from_json.last_report) == (200, 1795689199.0)

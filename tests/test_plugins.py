@@ -20,7 +20,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter, load_runnable
-from exporter.config import ConfigErrors, load_config
+from exporter.config.errors import ConfigErrors
+from exporter.config.loader import load_config
 from exporter.simulator import SimulatorServer
 from exporter.sources import PeriodicSource
 from exporter.sources.account import AccountSource
@@ -80,7 +81,7 @@ def write_config(path: Path, sources: object, base_url: str = "http://127.0.0.1:
 
 def config_errors(path: Path) -> list[str]:
     with pytest.raises(ConfigErrors) as raised:
-        load_config(path)
+        load_config(path, available())
     return str(raised.value).splitlines()
 
 
@@ -107,7 +108,9 @@ def test_the_entry_point_makes_example_an_installed_source(site: Path) -> None:
 
 
 def test_a_config_enabling_example_loads(site: Path, tmp_path: Path) -> None:
-    config = load_config(write_config(tmp_path / "c.yaml", {"example": {"every": "2s"}}))
+    config = load_config(
+        write_config(tmp_path / "c.yaml", {"example": {"every": "2s"}}), available()
+    )
     assert config.sources is not None
     by_name = {source.name: source for source in config.sources}
     assert list(by_name) == ["bulk_status", "example"]
@@ -116,7 +119,7 @@ def test_a_config_enabling_example_loads(site: Path, tmp_path: Path) -> None:
 
 
 def test_every_defaults_to_a_minute(site: Path, tmp_path: Path) -> None:
-    config = load_config(write_config(tmp_path / "c.yaml", {"example": None}))
+    config = load_config(write_config(tmp_path / "c.yaml", {"example": None}), available())
     assert config.sources is not None
     assert dict(config.sources[-1].settings) == {"every": 60.0}
 
@@ -172,7 +175,7 @@ def test_a_broken_plugin_is_reported_only_where_configured(site: Path, tmp_path:
         {BROKEN: "raise ImportError('needs libfoo, which is not installed')\n"},
     )
     assert isinstance(available()["broken"], RuntimeError)
-    fine = load_config(write_config(tmp_path / "fine.yaml", {"example": {}}))
+    fine = load_config(write_config(tmp_path / "fine.yaml", {"example": {}}), available())
     assert fine.sources is not None
     assert [source.name for source in fine.sources] == ["bulk_status", "example"]
 
@@ -386,7 +389,7 @@ def test_a_plugin_that_cannot_start_refuses_the_reload_without_quoting_the_key(
     exporter = Exporter(load_runnable(str(path), demo=False), str(path))
     write_config(path, {"failing": {}})
     error = exporter.reload()
-    assert error == "sources.failing: cannot start: RuntimeError: refused <redacted>"
+    assert error == f"{path}: sources.failing: cannot start: RuntimeError: refused <redacted>"
     assert set(exporter.sources) == {"bulk_status"}  # the old configuration runs on
     assert (
         exporter.registry.get_sample_value("mailpartner_exporter_config_last_reload_successful")

@@ -13,13 +13,20 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from exporter.client import BULK_STATUS
-from exporter.config import Config, MessageSpec, State, StatusMap
-from exporter.poller import Poller, TokenBucket
+from exporter.config.model import Config
+from exporter.domain import MessageSpec, State, StatusMap
+from exporter.poller import Poller
 from exporter.simulator import SimulatorServer
-from exporter.sources.bulk_status import book_poller
 from exporter.stats import RequestStats
 from exporter.tracker import RETRY_AFTER, MessageBook, Phase, TrackedMessage
-from tests.conftest import FakeClock, InlineExecutor, make_client, make_config, with_polling
+from exporter.upstream import TokenBucket
+from tests.conftest import (
+    FakeClock,
+    bulk_status_poller,
+    make_client,
+    make_config,
+    with_polling,
+)
 
 HOUR = 3600.0
 # Every status counts as pending, so messages stay active for their whole life.
@@ -39,12 +46,8 @@ def build(
     clock: FakeClock,
     stats: RequestStats | None = None,
 ) -> tuple[MessageBook, Poller]:
-    book = MessageBook(config.polling, jitter=lambda: 1.0)
-    book.sync(config.messages, clock())
-    poller = book_poller(
-        config, book, make_client(config, stats), clock=clock, executor=InlineExecutor()
-    )
-    return book, poller
+    source, poller = bulk_status_poller(config, make_client(config, stats), clock)
+    return source.book, poller
 
 
 def drive(poller: Poller, clock: FakeClock, seconds: float, step: float = 10.0) -> None:
@@ -191,9 +194,9 @@ def test_at_most_concurrency_requests_at_once(simulator: SimulatorServer) -> Non
     simulator.world.clock = time.time
     specs = [MessageSpec(simulator.world.send(5).message_id) for _ in range(12)]
     config = make_config(simulator.url, *specs, concurrency=3)
-    book = MessageBook(config.polling)
-    book.sync(config.messages, time.time())
-    poller = book_poller(config, book, make_client(config), executor=ThreadPoolExecutor(8))
+    _, poller = bulk_status_poller(
+        config, make_client(config), time.time, executor=ThreadPoolExecutor(8)
+    )
     stop = threading.Event()
     loop = threading.Thread(target=poller.run, args=(stop,))
     loop.start()
@@ -249,15 +252,8 @@ def test_an_unexpected_exception_costs_one_poll_not_the_loop(clock: FakeClock) -
             raise RuntimeError("bug")
 
     config = make_config("http://127.0.0.1:9", MessageSpec("1"), MessageSpec("2"))
-    book = MessageBook(config.polling)
-    book.sync(config.messages, clock())
-    poller = book_poller(
-        config,
-        book,
-        BrokenClient(),
-        clock=clock,  # type: ignore[arg-type]
-        executor=InlineExecutor(),
-    )
+    source, poller = bulk_status_poller(config, BrokenClient(), clock)
+    book = source.book
     poller.run_pending()
     messages, _ = book.snapshot()
     assert [(m.poll_ok, m.last_error) for m in messages] == [

@@ -21,7 +21,7 @@ import requests
 import yaml
 
 from exporter.app import Exporter, load_runnable
-from exporter.config import MessageSpec
+from exporter.domain import MessageSpec
 from exporter.simulator import SimulatorServer, World
 from exporter.sources.bulk_status import BulkStatusSource
 from tests.conftest import TEST_KEY

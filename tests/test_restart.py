@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import subprocess
@@ -14,14 +15,13 @@ import requests
 import yaml
 
 from exporter.client import BULK_STATUS
-from exporter.config import MessageSpec, State
+from exporter.domain import MessageSpec, State
 from exporter.poller import Poller
 from exporter.simulator import Faults, SimulatorServer, World
-from exporter.sources.bulk_status import book_poller
+from exporter.sources.bulk_status import BulkStatusSource
 from exporter.state import StateStore
 from exporter.stats import RequestStats
-from exporter.tracker import MessageBook
-from tests.conftest import TEST_KEY, FakeClock, InlineExecutor, make_client, make_config
+from tests.conftest import TEST_KEY, FakeClock, bulk_status_poller, make_client, make_config
 from tests.stack import start_exporter, wait_until
 
 HOUR = 3600.0
@@ -113,7 +113,7 @@ def test_sigterm_saves_state_and_exits_quickly(upstream: SimulatorServer, tmp_pa
     process.process.send_signal(signal.SIGTERM)
     assert process.process.wait(10) == 0
     process.stop()
-    stored = StateStore(str(tmp_path / "state.db")).load()
+    stored = StateStore(str(tmp_path / "state.db"), source="bulk_status").load()
     assert stored is not None and set(stored.messages) == {send.message_id}
 
 
@@ -165,30 +165,18 @@ def test_soak_with_faults_and_a_restart_loses_and_doubles_nothing(tmp_path: Path
             for _ in range(15)
         ]
         config = make_config(upstream.url, *specs, timeout=0.1)
-        store_path = str(tmp_path / "state.db")
+        config = dataclasses.replace(config, state_path=str(tmp_path / "state.db"))
 
-        def start() -> tuple[MessageBook, Poller, StateStore]:
-            store = StateStore(store_path)
-            book = MessageBook(config.polling)
-            stored = store.load()
-            if stored is not None:
-                book.restore(stored)
-            book.sync(config.messages, clock())
-            poller = book_poller(
-                config,
-                book,
-                make_client(config, RequestStats([BULK_STATUS])),
-                clock=clock,
-                executor=InlineExecutor(),
-            )
-            return book, poller, store
+        def start() -> tuple[BulkStatusSource, Poller]:
+            client = make_client(config, RequestStats([BULK_STATUS]))
+            return bulk_status_poller(config, client, clock)
 
-        book, poller, store = start()
+        source, poller = start()
         for minute in range(52 * 60):
             if minute == 24 * 60:  # restart: save, drop everything, come back from the file
-                store.save(book.export(clock()))
-                store.close()
-                book, poller, store = start()
+                source.save(clock())
+                source.close()
+                source, poller = start()
             upstream.faults = rng.choice(faults) if rng.random() < 0.3 else Faults()
             poller.run_pending()
             clock.advance(60)
@@ -197,6 +185,7 @@ def test_soak_with_faults_and_a_restart_loses_and_doubles_nothing(tmp_path: Path
             poller.run_pending()
             clock.advance(60)
 
+        book = source.book
         messages, totals = book.snapshot()
         assert len(messages) == len(specs) and all(m.phase == "final" for m in messages)
         expected = {state: 0 for state in State}

@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from exporter.aggregate import ReportAggregator
 from exporter.app import Exporter, load_runnable
 from exporter.client import PollError
-from exporter.config import MessageSpec, StatusMap
+from exporter.domain import MessageSpec, StatusMap
 from exporter.landing import render_landing
 from exporter.logs import setup_logging
 from exporter.secret import Redactor

@@ -22,13 +22,17 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.app import Exporter, apply_shard_flags, load_runnable
+from exporter.app import Exporter, load_runnable
 from exporter.cli import main
-from exporter.config import Config, ConfigErrors, MessageSpec, load_config
 from exporter.config import errors as e
+from exporter.config.errors import ConfigErrors
+from exporter.config.loader import load_config
+from exporter.config.model import Config
 from exporter.demo import Demo
+from exporter.domain import MessageSpec
 from exporter.shard import Shard, ShardFlags, parse_count, parse_index, shard_of
 from exporter.simulator import SimulatorServer, World
+from exporter.sources.registry import available
 from tests.conftest import TEST_KEY
 from tests.stack import Service, start_exporter, wait_until
 
@@ -189,17 +193,19 @@ def write_config(path: Path, url: str = "http://127.0.0.1:9/v1", shard: str = ""
 
 
 def test_config_shard_section(tmp_path: Path) -> None:
-    config = load_config(write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: 2}"))
+    config = load_config(
+        write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: 2}"), available()
+    )
     assert (config.shard_count, config.shard_index) == (3, 2)
     assert config.shard == Shard(3, 2)
-    default = load_config(write_config(tmp_path / "d.yaml"))
+    default = load_config(write_config(tmp_path / "d.yaml"), available())
     assert (default.shard_count, default.shard_index) == (1, 0)
     assert Config("x").shard == Shard.ALL
 
 
 def test_config_index_auto(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: auto}")
-    assert load_config(path, {"HOSTNAME": f"{POD}-1"}).shard == Shard(3, 1)
+    assert load_config(path, available(), {"HOSTNAME": f"{POD}-1"}).shard == Shard(3, 1)
 
 
 @pytest.mark.parametrize(
@@ -255,18 +261,23 @@ def test_config_shard_errors(
 ) -> None:
     path = write_config(tmp_path / "c.yaml", shard=shard)
     with pytest.raises(ConfigErrors) as caught:
-        load_config(path, environ)
+        load_config(path, available(), environ)
     (error,) = caught.value.errors
     assert type(error) is kind
     assert (error.file, error.key, error.problem) == (str(path), key, problem)
 
 
 def test_flags_override_the_config(tmp_path: Path) -> None:
-    config = load_config(write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: 0}"))
-    assert apply_shard_flags(config, ShardFlags()) is config
-    assert apply_shard_flags(config, ShardFlags(index="2")).shard == Shard(3, 2)
-    assert apply_shard_flags(config, ShardFlags("5", "4")).shard == Shard(5, 4)
-    auto = apply_shard_flags(config, ShardFlags(index="auto"), {"HOSTNAME": f"{POD}-1"})
+    path = write_config(tmp_path / "c.yaml", shard="shard: {count: 3, index: 0}")
+
+    def load(flags: ShardFlags, environ: dict[str, str] | None = None) -> Config:
+        return load_config(path, available(), environ or {}, flags)
+
+    config = load(ShardFlags())
+    assert config.shard == Shard(3, 0)
+    assert load(ShardFlags(index="2")).shard == Shard(3, 2)
+    assert load(ShardFlags("5", "4")).shard == Shard(5, 4)
+    auto = load(ShardFlags(index="auto"), {"HOSTNAME": f"{POD}-1"})
     assert auto.shard == Shard(3, 1)
     assert auto.messages == config.messages  # the config keeps every message
 

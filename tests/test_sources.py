@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from exporter.app import Exporter, load_runnable
-from exporter.config import ConfigErrors
+from exporter.config.errors import ConfigErrors
 from exporter.simulator import SimulatorServer, World
 from tests.conftest import TEST_KEY, FakeClock
 

@@ -19,7 +19,7 @@ from types import MappingProxyType
 import pytest
 
 from exporter.aggregate import OTHER_STATUS, MessageAggregate
-from exporter.config import MessageSpec, State
+from exporter.domain import MessageSpec, State
 from exporter.state import MEMORY, StateStore, StoredMessage, StoredState
 from exporter.tracker import Phase
 from tests.conftest import START, FakeClock
@@ -27,37 +27,8 @@ from tests.conftest import START, FakeClock
 REPO = Path(__file__).parent.parent
 STAMP = "20261126T100000Z"  # START, as moved-aside files are named
 VOLATILE = "state is kept in memory only and will not survive a restart"
+MAIL = "bulk_status"
 SMS = "smspartner_bulk_status"
-# What version 1 of exporter/state.py created, verbatim: the migration starts from it.
-V1_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
-CREATE TABLE IF NOT EXISTS messages (
-    id TEXT PRIMARY KEY, first_seen REAL NOT NULL, phase TEXT NOT NULL, final_at REAL,
-    last_success REAL, states_json TEXT, statuses_json TEXT, cost REAL, unsubscribed INTEGER,
-    last_report REAL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS totals (state TEXT PRIMARY KEY, recipients INTEGER NOT NULL);
-PRAGMA application_id = 1297106264;
-PRAGMA user_version = 1;
-"""
-V1_MESSAGES = [
-    ("300", START, "active", None, None, None, None, None, None, None),
-    (
-        "302",
-        START + 2,
-        "settled",
-        None,
-        START + 95.5,
-        '{"delivered": 1058, "failed": 176, "pending": 0, "unknown": 0}',
-        '{"delivered": 1058, "not delivered": 176, "other": 0}',
-        12.957,
-        24,
-        START + 1236.25,
-    ),
-    ("304", START - 9, "final", START + 3.25, None, None, None, None, None, None),
-]
-V1_TOTALS = [("delivered", 1101), ("failed", 180), ("pending", 0), ("unknown", 3)]
-V1_META = [("cost_total", 12.9885), ("saved_at", START + 7300.125)]
 
 
 def aggregate(n: int, pending: int = 0) -> MessageAggregate:
@@ -135,27 +106,7 @@ def sms_state() -> StoredState:
     )
 
 
-def v1_state() -> StoredState:
-    """What the file of ``_v1_file`` holds."""
-    counts = {State.DELIVERED: 1058, State.FAILED: 176, State.PENDING: 0, State.UNKNOWN: 0}
-    statuses = {"delivered": 1058, "not delivered": 176, OTHER_STATUS: 0}
-    settled = MessageAggregate(
-        MappingProxyType(counts), MappingProxyType(statuses), 12.957, 24, START + 1236.25
-    )
-    messages = [
-        StoredMessage("300", START, Phase.ACTIVE, None, None, None),
-        StoredMessage("302", START + 2, Phase.SETTLED, None, START + 95.5, settled),
-        StoredMessage("304", START - 9, Phase.FINAL, START + 3.25, None, None),
-    ]
-    return StoredState(
-        messages={m.id: m for m in messages},
-        recipients_total={State(s): n for s, n in V1_TOTALS},
-        cost_total=12.9885,
-        saved_at=START + 7300.125,
-    )
-
-
-def reopen(path: Path, source: str = "bulk_status") -> tuple[StoredState | None, str | None]:
+def reopen(path: Path, source: str = MAIL) -> tuple[StoredState | None, str | None]:
     store = StateStore(str(path), source=source)
     try:
         return store.load(), store.problem
@@ -165,7 +116,7 @@ def reopen(path: Path, source: str = "bulk_status") -> tuple[StoredState | None,
 
 def test_round_trip_keeps_every_field_exactly(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    store = StateStore(str(path))
+    store = StateStore(str(path), source=MAIL)
     assert store.load() is None
     assert store.problem is None
     state = realistic_state()
@@ -188,7 +139,7 @@ def test_round_trip_keeps_every_field_exactly(tmp_path: Path) -> None:
 
 def test_memory_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    store = StateStore(MEMORY)
+    store = StateStore(MEMORY, source=MAIL)
     store.save(realistic_state())
     assert store.load() is None
     assert store.problem is None
@@ -199,7 +150,7 @@ def test_memory_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_a_save_replaces_the_previous_one(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     first = realistic_state()
-    store = StateStore(str(path))
+    store = StateStore(str(path), source=MAIL)
     store.load()
     store.save(first)
     kept = {k: v for k, v in first.messages.items() if k != "302"}
@@ -238,7 +189,7 @@ def _truncated(path: Path) -> None:
 
 
 def _saved(path: Path) -> None:
-    store = StateStore(str(path))
+    store = StateStore(str(path), source=MAIL)
     store.save(big_state(1, base=2000))
     store.close()
 
@@ -271,24 +222,6 @@ def _bad_row_of_another_source(path: Path) -> None:
     conn.close()
 
 
-def _v1_file(path: Path) -> None:
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.executescript(V1_SCHEMA)
-    with conn:
-        conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", V1_MESSAGES)
-        conn.executemany("INSERT INTO totals VALUES (?, ?)", V1_TOTALS)
-        conn.executemany("INSERT INTO meta VALUES (?, ?)", V1_META)
-    conn.close()
-
-
-def _v1_bad_row(path: Path) -> None:
-    _v1_file(path)
-    with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE messages SET phase = 'paused' WHERE id = '302'")
-    conn.close()
-
-
 def _newer_schema(path: Path) -> None:
     _saved(path)
     conn = sqlite3.connect(path)
@@ -311,11 +244,6 @@ def _newer_schema(path: Path) -> None:
             _bad_row_of_another_source,
             "corrupt",
             re.escape("is corrupt (unreadable data: message sms-9: unknown phase 'paused')"),
-        ),
-        (
-            _v1_bad_row,  # left as it was: the migration is tried on a copy
-            "corrupt",
-            re.escape("is corrupt (unreadable data: message 302: unknown phase 'paused')"),
         ),
         (
             _foreign_tables,
@@ -343,7 +271,6 @@ def _newer_schema(path: Path) -> None:
         "truncated",
         "bad-row",
         "other-source-bad-row",
-        "v1-bad-row",
         "foreign-tables",
         "foreign-id",
         "newer",
@@ -355,7 +282,7 @@ def test_a_file_that_is_not_ours_is_moved_aside(
     path = tmp_path / "state.db"
     make(path)
     original = path.read_bytes()
-    store = StateStore(str(path), clock=clock)
+    store = StateStore(str(path), source=MAIL, clock=clock)
     assert store.load() is None
     moved = Path(f"{path}.{kind}-{STAMP}")
     expected = re.escape(f"state file {path} ") + what + re.escape(f"; moved aside to {moved}")
@@ -371,7 +298,7 @@ def test_a_file_that_is_not_ours_is_moved_aside(
 
 def test_two_sources_share_a_file_without_touching_each_other(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    mail, sms = StateStore(str(path)), StateStore(str(path), source=SMS)
+    mail, sms = StateStore(str(path), source=MAIL), StateStore(str(path), source=SMS)
     assert mail.load() is None
     assert sms.load() is None
     mail.save(realistic_state())
@@ -399,7 +326,7 @@ def test_registered_messages_survive_in_order(tmp_path: Path) -> None:
         MessageSpec("r-3"),  # no labels, no sent_at
         MessageSpec("r-100", MappingProxyType({"z": "last", "a": "first"}), START),
     )
-    store = StateStore(str(path))
+    store = StateStore(str(path), source=MAIL)
     store.load()
     store.save(dataclasses.replace(realistic_state(), registered=registered))
     store.close()
@@ -410,30 +337,13 @@ def test_registered_messages_survive_in_order(tmp_path: Path) -> None:
     assert [m.id for m in loaded.registered] == ["r-20", "r-3", "r-100"]
     assert list(loaded.registered[2].labels) == ["z", "a"]
 
-    store = StateStore(str(path))
+    store = StateStore(str(path), source=MAIL)
     store.load()
     store.save(dataclasses.replace(realistic_state(), registered=registered[:0:-1]))
     store.close()
     loaded, _ = reopen(path)
     assert loaded is not None
     assert loaded.registered == (registered[2], registered[1])
-
-
-def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "state.db"
-    _v1_file(path)
-    assert reopen(path) == (v1_state(), None)
-
-    conn = sqlite3.connect(path)
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
-    assert tables == {"sources", "messages", "totals", "registered"}
-    assert conn.execute("PRAGMA user_version").fetchone() == (2,)
-    rows = conn.execute("SELECT source, count(*) FROM messages GROUP BY source").fetchall()
-    assert rows == [("bulk_status", 3)]
-    conn.close()
-    assert not list(tmp_path.glob("state.db.*"))  # migrated, not moved aside
-    assert reopen(path) == (v1_state(), None)  # now as version 2
-    assert reopen(path, SMS) == (None, None)  # version 1 held Mail Partner's only
 
 
 def test_rows_of_an_unknown_source_are_left_alone(tmp_path: Path) -> None:
@@ -447,7 +357,7 @@ def test_rows_of_an_unknown_source_are_left_alone(tmp_path: Path) -> None:
     conn.close()
 
     assert reopen(path) == (None, None)
-    store = StateStore(str(path))
+    store = StateStore(str(path), source=MAIL)
     store.load()
     store.save(realistic_state())
     store.close()
@@ -459,7 +369,7 @@ def test_moving_aside_twice_in_one_second_keeps_both(tmp_path: Path, clock: Fake
     path = tmp_path / "state.db"
     for n in (1, 2):
         path.write_bytes(b"junk %d" % n * 50)
-        store = StateStore(str(path), clock=clock)
+        store = StateStore(str(path), source=MAIL, clock=clock)
         store.load()
         store.close()
     assert Path(f"{path}.corrupt-{STAMP}").read_bytes() == b"junk 1" * 50
@@ -487,7 +397,7 @@ def _unusable_paths(tmp_path: Path) -> list[tuple[Path, str]]:
 
 def test_an_unusable_path_degrades_to_memory(tmp_path: Path) -> None:
     for path, start in _unusable_paths(tmp_path):
-        store = StateStore(str(path))
+        store = StateStore(str(path), source=MAIL)
         assert store.load() is None
         assert store.problem is not None
         assert store.problem.startswith(start), store.problem
@@ -503,7 +413,7 @@ def test_an_unwritable_directory_degrades_to_memory(tmp_path: Path) -> None:
     directory = tmp_path / "ro"
     directory.mkdir(mode=0o555)
     try:
-        store = StateStore(str(directory / "state.db"))
+        store = StateStore(str(directory / "state.db"), source=MAIL)
         assert store.load() is None
         assert store.problem == f"state directory {directory} is not writable; {VOLATILE}"
         store.save(realistic_state())
@@ -513,7 +423,7 @@ def test_an_unwritable_directory_degrades_to_memory(tmp_path: Path) -> None:
 
 
 def test_saves_from_another_thread(tmp_path: Path) -> None:
-    store = StateStore(str(tmp_path / "state.db"))
+    store = StateStore(str(tmp_path / "state.db"), source=MAIL)
     assert store.load() is None
     poll_loop = threading.Thread(target=store.save, args=(realistic_state(),))
     poll_loop.start()
@@ -527,7 +437,7 @@ _CHILD = """
 import itertools, sys, time
 from exporter.state import StateStore
 from tests.test_state import big_state
-store = StateStore(sys.argv[1])
+store = StateStore(sys.argv[1], source="bulk_status")
 assert store.load() is None or store.problem is None, store.problem
 took = 0.0
 for k in itertools.count(int(sys.argv[2])):
@@ -574,7 +484,7 @@ def test_a_kill_during_save_leaves_one_whole_state(tmp_path: Path) -> None:
 
 def test_saving_ten_thousand_messages(tmp_path: Path) -> None:
     state = big_state(0, base=10_000)
-    store = StateStore(str(tmp_path / "state.db"))
+    store = StateStore(str(tmp_path / "state.db"), source=MAIL)
     store.load()
     store.save(state)  # the first save creates the pages; the steady state rewrites them
     began = time.perf_counter()

@@ -17,8 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.client import BULK_STATUS
 from exporter.collector import MailPartnerCollector
-from exporter.config import MessageSpec
-from exporter.config.holder import ConfigHolder
+from exporter.domain import MessageSpec
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.web import create_app, parse_listen_address
@@ -148,9 +147,7 @@ def test_empty_exporter_still_exposes_known_series() -> None:
     book = MessageBook(config.polling)
     registry = CollectorRegistry()
     registry.register(
-        MailPartnerCollector(
-            book, RequestStats([BULK_STATUS]), ConfigHolder(config, clock()), clock
-        )
+        MailPartnerCollector(book, RequestStats([BULK_STATUS]), lambda: config.api, clock)
     )
     body = call(create_app(registry, book), "/metrics")[2].decode()
     for line in (

@@ -17,7 +17,7 @@ import pytest
 import requests
 import trustme
 
-from exporter.config import ConfigErrors
+from exporter.config.errors import ConfigErrors
 from exporter.web import BasicAuth, create_app, serve
 from exporter.webconfig import load_web_config
 from tests.scenario import scenario

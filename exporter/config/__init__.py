@@ -1,38 +1,4 @@
-"""Configuration: ``load_config`` turns a YAML file into a frozen ``Config``."""
+"""Configuration: ``loader.load_config`` turns a YAML file into a frozen ``model.Config``.
 
-from exporter.config.errors import ConfigError, ConfigErrors
-from exporter.config.loader import (
-    API_KEY_ENV,
-    load_config,
-    parse_config,
-    parse_message,
-    parse_messages,
-)
-from exporter.config.model import (
-    ApiConfig,
-    Config,
-    MessageSpec,
-    PollingConfig,
-    ScheduleStep,
-    SourceConfig,
-    State,
-    StatusMap,
-)
-
-__all__ = [
-    "API_KEY_ENV",
-    "ApiConfig",
-    "Config",
-    "ConfigError",
-    "ConfigErrors",
-    "MessageSpec",
-    "PollingConfig",
-    "ScheduleStep",
-    "SourceConfig",
-    "State",
-    "StatusMap",
-    "load_config",
-    "parse_config",
-    "parse_message",
-    "parse_messages",
-]
+The package itself holds no code, so importing a model type does not pull in the loader.
+"""

@@ -2,53 +2,20 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from exporter.domain import MessageSpec, StatusMap
 from exporter.secret import Secret
 from exporter.shard import Shard
 
+if TYPE_CHECKING:
+    from exporter.config.options import Options
+
 DEFAULT_BASE_URL = "https://api.mailpartner.fr/v1"
 DEFAULT_STATE_PATH = "mailpartner-exporter.db"
-
-
-class State(enum.StrEnum):
-    """Where a recipient stands; the ``state`` label of the recipient metrics."""
-
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    PENDING = "pending"
-    UNKNOWN = "unknown"
-
-
-DEFAULT_STATUSES: Mapping[State, tuple[str, ...]] = MappingProxyType(
-    {
-        State.DELIVERED: ("delivered",),
-        State.FAILED: ("not delivered", "ko", "bounced", "failed", "rejected"),
-        State.PENDING: ("waiting", "pending", "queued"),
-    }
-)
-
-
-@dataclass(frozen=True)
-class StatusMap:
-    """Raw upstream status (any case) to state; anything unlisted is ``unknown``."""
-
-    states: Mapping[str, State]
-
-    @classmethod
-    def default(cls) -> StatusMap:
-        return cls.from_lists(DEFAULT_STATUSES)
-
-    @classmethod
-    def from_lists(cls, lists: Mapping[State, tuple[str, ...]]) -> StatusMap:
-        return cls(MappingProxyType({raw.lower(): s for s, raws in lists.items() for raw in raws}))
-
-    def state_of(self, raw_status: str) -> State:
-        return self.states.get(raw_status.lower(), State.UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -99,21 +66,25 @@ class PollingConfig:
         return self.schedule[-1].every
 
 
-@dataclass(frozen=True)
-class MessageSpec:
-    """A message to track: its upstream ID, extra labels and when it was sent."""
+class SourceKind(Protocol):
+    """What the loader needs of a kind of source: how to read its section under ``sources:``.
 
-    id: str
-    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    sent_at: float | None = None
+    The kinds (``exporter.sources``: a ``Source`` class, or a bulk-status API described as
+    data) are handed to the loader by its caller; config knows nothing of what they poll.
+    """
+
+    def configure(self, options: Options, /) -> Mapping[str, Any]: ...
+
+    # Builds the source (an exporter.sources.Source) from its context and settings.
+    def __call__(self, context: Any, settings: Mapping[str, Any], /) -> Any: ...
 
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """An enabled source: its name under ``sources:``, its class and its checked settings."""
+    """An enabled source: its name under ``sources:``, its kind and its checked settings."""
 
     name: str
-    kind: Any  # a subclass of exporter.sources.Source (not imported: sources import config)
+    kind: SourceKind
     settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 

@@ -30,7 +30,7 @@ _MAX_NAME = 64
 class AccountSource(PeriodicSource):
     """Every numeric field of the ``credits`` object, as ``mailpartner_account_credits``."""
 
-    name: ClassVar[str] = "account"
+    name = "account"
     default_every: ClassVar[float] = 300.0
 
     def __init__(self, context: SourceContext, settings: Settings) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,18 +22,23 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from prometheus_client.core import Metric
 
 from exporter.client import PollError
+from exporter.config.model import ApiConfig, Config
+from exporter.state import MEMORY
+from exporter.stats import RequestStats
+from exporter.upstream import Upstream, connect
 
 if TYPE_CHECKING:
-    from exporter.config import ApiConfig, Config
-    from exporter.config.holder import ConfigHolder
     from exporter.config.options import Options
-    from exporter.poller import Upstream
-    from exporter.stats import RequestStats
 
 log = logging.getLogger(__name__)
 Settings = Mapping[str, Any]
 # A failed periodic poll is retried after this, doubling up to its interval.
 RETRY_AFTER = 10.0
+
+
+def spread() -> float:
+    """A factor around 1 for retry delays, so polls that failed together do not retry together."""
+    return random.uniform(0.9, 1.1)  # noqa: S311 - not secret
 
 
 @dataclass(frozen=True)
@@ -41,17 +47,22 @@ class SourceContext:
 
     ``connect`` gives a source that talks to another API (its own base URL and key) an
     ``Upstream`` of its own, with its own budget; requests and failures are counted in
-    ``stats`` under the source's metric prefix.
+    ``stats`` under the source's metric prefix. ``jitter`` spreads retries (tests hand in a
+    constant, as they hand in a clock).
     """
 
     config: Config
-    holder: ConfigHolder  # the config as loaded and reloaded, and whether the last load worked
     mailpartner: Upstream
-    clock: Callable[[], float]
-    connect: Callable[[ApiConfig, RequestStats], Upstream]
-    # Where sources that keep state between restarts keep it (":memory:": nowhere).
-    state_path: str
+    clock: Callable[[], float] = time.time
+    connect: Callable[[ApiConfig, RequestStats], Upstream] = connect
     demo: bool = False
+    jitter: Callable[[], float] = spread
+
+    @property
+    def state_path(self) -> str:
+        """Where sources that keep state between restarts keep it (":memory:": nowhere). The
+        demo's simulated world starts afresh each run: it keeps none."""
+        return MEMORY if self.demo else self.config.state_path
 
 
 class Poll(ABC):
@@ -81,7 +92,7 @@ class Source(ABC):
     when the config loads, and built with the context and the settings it returned.
     """
 
-    name: ClassVar[str] = ""  # its key under ``sources:``; set when it is registered
+    name: str = ""  # its key under ``sources:``; set when it is registered
 
     def __init__(self, context: SourceContext, settings: Settings) -> None:
         self.context = context
@@ -92,6 +103,12 @@ class Source(ABC):
     def configure(cls, options: Options) -> Settings:
         """Read and check this source's config section; report problems with ``options.fail``."""
         return {}
+
+    @property
+    def kind(self) -> object:
+        """What built it: its class, for a plain source. A reload that names another kind
+        under the same name builds a new source instead of reconfiguring this one."""
+        return type(self)
 
     @abstractmethod
     def due(self, now: float, limit: int) -> Sequence[Poll]:
@@ -190,8 +207,7 @@ class PeriodicSource(Source):
             else:
                 self._failures += 1
                 backoff = RETRY_AFTER * 2 ** min(self._failures - 1, 16)
-                jitter = random.uniform(0.9, 1.1)  # noqa: S311 - not secret
-                self._next = now + min(backoff, self.every) * jitter
+                self._next = now + min(backoff, self.every) * self.context.jitter()
         if error is not None:
             level = logging.WARNING if self._failures == 1 else logging.DEBUG
             log.log(level, "poll failed", extra={"source": self.name, "err": error})

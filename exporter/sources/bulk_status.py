@@ -3,7 +3,8 @@
 The messages come from the config's ``messages``, the ``message_files`` (re-read when they
 change), registrations over ``POST /api/v1/messages`` and, under ``--demo``, the
 simulator's sends; where two name the same ID, that order decides whose labels count.
-``smspartner_bulk_status`` is the same against SMS Partner, with its own API section.
+``smspartner_bulk_status`` is the same source handed SMS Partner's values (``SMS_PARTNER``):
+its report shape, metric prefix, and an API section and messages of its own.
 """
 
 from __future__ import annotations
@@ -13,32 +14,33 @@ import itertools
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor
-from typing import ClassVar
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client.core import Metric
 
 from exporter.aggregate import ReportAggregator
-from exporter.client import BULK_STATUS, MailPartnerClient, PollError
+from exporter.client import BULK_STATUS, PollError
 from exporter.collector import MailPartnerCollector
-from exporter.config import ApiConfig, Config, MessageSpec
-from exporter.config.holder import ConfigHolder
+from exporter.config.model import ApiConfig
 from exporter.config.options import Options
 from exporter.discovery import MessageFiles
+from exporter.domain import MessageSpec
 from exporter.parse import MAIL, SMS, ReportShape
-from exporter.poller import Poller, Upstream
 from exporter.sources.base import Poll, Settings, Source, SourceContext
-from exporter.state import MEMORY, StateStore, StateStoreError
+from exporter.state import StateStore, StateStoreError
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook, Phase, TrackedMessage
+from exporter.upstream import Upstream
 
 log = logging.getLogger(__name__)
 # How often the message files are checked for changes (a stat of each; reads only on change).
 FILE_CHECK_INTERVAL = 5.0
 # Registrations kept at most: a runaway sender cannot grow the exporter without end.
 MAX_REGISTERED = 100_000
+# How often registrations that this shard never tracks are checked for their end.
+REGISTRATION_SWEEP = 60.0
 # How long a /probe answer is kept: set it to the probe job's scrape interval, and Prometheus
 # replicas (which scrape at different offsets) share one request per interval.
 PROBE_CACHE = 60.0
@@ -50,26 +52,70 @@ class RegistrationsFull(Exception):
     """``MAX_REGISTERED`` messages are registered already."""
 
 
+@dataclass(frozen=True)
+class BulkStatusKind:
+    """A bulk-status API as a kind of source: all that tells SMS Partner from Mail Partner.
+
+    With ``own_api`` None the source polls Mail Partner's top-level ``api`` (shared with the
+    other sources) for the config's ``messages`` and ``message_files``; otherwise its section
+    holds an ``api`` of its own (these defaults, the key from ``key_env`` if the file has
+    none) beside its own ``messages`` and ``message_files``.
+    """
+
+    name: str  # its key under ``sources:``
+    prefix: str  # of every series name
+    shape: ReportShape
+    own_api: ApiConfig | None = None
+    key_env: str = ""
+    upstream: str = "Mail Partner"  # the API's name, in messages
+
+    def configure(self, options: Options) -> Settings:
+        settings: dict[str, Any] = {}
+        if self.own_api is not None:
+            settings["api"] = options.api("api", self.own_api, self.key_env, self.upstream)
+            settings["messages"] = options.messages("messages")
+            settings["message_files"] = options.globs("message_files")
+        settings["probe_cache"] = options.duration("probe_cache", PROBE_CACHE)
+        return settings
+
+    def __call__(self, context: SourceContext, settings: Settings) -> BulkStatusSource:
+        return BulkStatusSource(context, settings, self)
+
+
+MAIL_PARTNER = BulkStatusKind("bulk_status", "mailpartner", MAIL)
+SMS_PARTNER = BulkStatusKind(
+    "smspartner_bulk_status",
+    "smspartner",
+    SMS,
+    own_api=ApiConfig(base_url=SMSPARTNER_BASE_URL),
+    key_env=SMSPARTNER_KEY_ENV,
+    upstream="SMS Partner",
+)
+
+
 class BulkStatusSource(Source):
-    name: ClassVar[str] = "bulk_status"
-    prefix: ClassVar[str] = "mailpartner"  # of every series name
-    shape: ClassVar[ReportShape] = MAIL
+    """The messages one bulk-status API is polled for, and their series."""
 
     def __init__(
-        self, context: SourceContext, settings: Settings, book: MessageBook | None = None
+        self, context: SourceContext, settings: Settings, kind: BulkStatusKind = MAIL_PARTNER
     ) -> None:
         super().__init__(context, settings)
-        self.upstream = self.connect(context, settings)
-        self.book = book if book is not None else MessageBook(context.config.polling)
+        self._kind = kind
+        self.name = kind.name
+        self.upstream = _connect(context, settings, None)
+        self.book = MessageBook(context.config.polling, context.jitter)
         self._lock = threading.Lock()
+        # IDs the config or the files name: registrations and demo sends do not override them.
+        self._claimed: frozenset[str] = frozenset()
         self._registered: dict[str, MessageSpec] = {}
         # When each was registered (since the last start): ends one without sent_at that
         # this shard never tracks.
         self._registered_at: dict[str, float] = {}
         self._extra: dict[str, MessageSpec] = {}  # the demo's sends
+        self._swept = float("-inf")
         self._changes = 0  # registrations changed: the state needs saving
         self._saved: tuple[int, int] | None = None
-        self._store = StateStore(MEMORY if context.demo else context.state_path, source=self.name)
+        self._store = StateStore(context.state_path, source=self.name)
         self._restore()
         self._file_patterns: tuple[str, ...] = ()
         self._files = self._message_files(context, settings)
@@ -82,29 +128,23 @@ class BulkStatusSource(Source):
         self.collector = MailPartnerCollector(
             self.book,
             self.upstream.stats if own_api else None,
-            context.holder,
+            lambda: self.upstream.api,
             context.clock,
-            prefix=self.prefix,
-            api=lambda: self.upstream.api,
-            process=False,
+            prefix=kind.prefix,
         )
-        if book is None:  # a book handed in (tests, benchmarks) is tracked as it is
-            self.sync(context.clock())
+        self.sync(context.clock())
 
-    @classmethod
-    def configure(cls, options: Options) -> Settings:
-        return {"probe_cache": options.duration("probe_cache", PROBE_CACHE)}
+    @property
+    def kind(self) -> BulkStatusKind:
+        return self._kind
 
-    def connect(self, context: SourceContext, settings: Settings) -> Upstream:
-        """The API this source polls: Mail Partner's, shared with the other sources."""
-        return context.mailpartner
+    @property
+    def prefix(self) -> str:
+        return self._kind.prefix
 
-    def reconnect(self, context: SourceContext, settings: Settings) -> Upstream:
-        """The API to poll after a reload (the app reconfigures Mail Partner's itself)."""
-        return context.mailpartner
-
-    def configured(self) -> Sequence[MessageSpec]:
-        return self.context.config.messages
+    @property
+    def shape(self) -> ReportShape:
+        return self.kind.shape
 
     # -- which messages ---------------------------------------------------
     def sync(self, now: float) -> None:
@@ -113,17 +153,25 @@ class BulkStatusSource(Source):
             merged: dict[str, MessageSpec] = {}
             files = self._files.messages if self._files else ()
             # First come, first kept: the config, then the files, registrations, demo sends.
-            for spec in itertools.chain(
-                self.configured(), files, self._registered.values(), self._extra.values()
-            ):
+            for spec in itertools.chain(self._configured(), files):
+                merged.setdefault(spec.id, spec)
+            self._claimed = frozenset(merged)
+            for spec in itertools.chain(self._registered.values(), self._extra.values()):
                 merged.setdefault(spec.id, spec)
             self.book.sync(self.context.config.shard.select(tuple(merged.values())), now)
+
+    def _track(self, spec: MessageSpec) -> None:
+        """Track one new registration or demo send, without going over every message again
+        as ``sync`` does (a registration a second must not cost a pass over 100,000)."""
+        if spec.id not in self._claimed and self.context.config.shard.owns(spec.id):
+            self.book.add(spec, self.context.clock())
 
     def add(self, spec: MessageSpec) -> None:
         """Track ``spec`` until restart (a demo send)."""
         with self._lock:
             self._extra[spec.id] = spec
-        self.sync(self.context.clock())
+            if spec.id not in self._registered:
+                self._track(spec)
 
     def register(self, spec: MessageSpec) -> bool:
         """Track ``spec`` from now on, across restarts; False if it was registered as is."""
@@ -136,7 +184,7 @@ class BulkStatusSource(Source):
             self._registered[spec.id] = spec
             self._registered_at.setdefault(spec.id, self.context.clock())
             self._changes += 1
-        self.sync(self.context.clock())
+            self._track(spec)
         return True
 
     def unregister(self, message_id: str) -> bool:
@@ -151,22 +199,22 @@ class BulkStatusSource(Source):
 
     def _expire_registrations(self, expired: Sequence[str], now: float) -> None:
         """A registration ends with its message: once it is past retention, or (another
-        shard's, never tracked here) once it is older than any message is kept."""
+        shard's, never tracked here) once it is older than any message is kept. That second
+        case looks at every registration: once a minute, not on every turn of the poll loop."""
         polling = self.context.config.polling
         horizon = now - polling.final_after - polling.retention
-        ended = frozenset(expired)
         with self._lock:
-            gone = [
-                message_id
-                for message_id, spec in self._registered.items()
-                if message_id in ended
-                or (
-                    self.book.get(message_id) is None
+            gone = [message_id for message_id in expired if message_id in self._registered]
+            if now - self._swept >= REGISTRATION_SWEEP:
+                self._swept = now
+                gone += [
+                    message_id
+                    for message_id, spec in self._registered.items()
+                    if self.book.get(message_id) is None
                     and (spec.sent_at or self._registered_at.get(message_id, now)) < horizon
-                )
-            ]
+                ]
             for message_id in gone:
-                del self._registered[message_id]
+                self._registered.pop(message_id, None)
                 self._registered_at.pop(message_id, None)
             if gone:
                 self._changes += 1
@@ -207,7 +255,7 @@ class BulkStatusSource(Source):
                 self.sync(now)
 
     def reconfigure(self, context: SourceContext, settings: Settings) -> bool:
-        self.upstream = self.reconnect(context, settings)
+        self.upstream = _connect(context, settings, self.upstream)
         self.context, self.settings = context, settings
         self.book.reconfigure(context.config.polling)
         if self._patterns(context, settings) != self._file_patterns:
@@ -239,7 +287,7 @@ class BulkStatusSource(Source):
         clock = self.context.clock
         try:
             aggregate = self.upstream.client.bulk_status(
-                message_id, ReportAggregator(self.context.config.status_map), self.shape
+                message_id, ReportAggregator(self.context.config.status_map), self.kind.shape
             )
         except PollError as e:
             self.book.record_failure(message_id, str(e), clock())
@@ -271,51 +319,21 @@ class BulkStatusSource(Source):
             },
         )
 
+    def _configured(self) -> Sequence[MessageSpec]:
+        messages: Sequence[MessageSpec] = self.settings.get(
+            "messages", self.context.config.messages
+        )
+        return messages
+
     def _patterns(self, context: SourceContext, settings: Settings) -> tuple[str, ...]:
-        return context.config.message_files
+        patterns: tuple[str, ...] = settings.get("message_files", context.config.message_files)
+        return patterns
 
     def _message_files(self, context: SourceContext, settings: Settings) -> MessageFiles | None:
         patterns = self._file_patterns = self._patterns(context, settings)
         if not patterns:
             return None
         return MessageFiles(patterns, os.path.dirname(os.path.abspath(context.config.file)))
-
-
-class SmsPartnerBulkStatusSource(BulkStatusSource):
-    """SMS Partner's ``GET /v1/bulk-status``: the same polling, its own API and messages."""
-
-    name: ClassVar[str] = "smspartner_bulk_status"
-    prefix: ClassVar[str] = "smspartner"
-    shape: ClassVar[ReportShape] = SMS
-    key_env: ClassVar[str] = SMSPARTNER_KEY_ENV  # where the key comes from if the file has none
-
-    @classmethod
-    def configure(cls, options: Options) -> Settings:
-        return {
-            "api": options.api(
-                "api", ApiConfig(base_url=SMSPARTNER_BASE_URL), SMSPARTNER_KEY_ENV, "SMS Partner"
-            ),
-            "messages": options.messages("messages"),
-            "message_files": options.globs("message_files"),
-            **super().configure(options),
-        }
-
-    def connect(self, context: SourceContext, settings: Settings) -> Upstream:
-        return context.connect(settings["api"], RequestStats([BULK_STATUS]))
-
-    def reconnect(self, context: SourceContext, settings: Settings) -> Upstream:
-        if settings["api"] != self.upstream.api:
-            fresh = context.connect(settings["api"], self.upstream.stats)
-            self.upstream.reconfigure(fresh.api, fresh.client, context.clock())
-        return self.upstream
-
-    def configured(self) -> Sequence[MessageSpec]:
-        messages: Sequence[MessageSpec] = self.settings["messages"]
-        return messages
-
-    def _patterns(self, context: SourceContext, settings: Settings) -> tuple[str, ...]:
-        patterns: tuple[str, ...] = settings["message_files"]
-        return patterns
 
 
 class _MessagePoll(Poll):
@@ -338,23 +356,15 @@ class _MessagePoll(Poll):
         )
 
 
-def book_poller(
-    config: Config,
-    book: MessageBook,
-    client: MailPartnerClient,
-    *,
-    clock: Callable[[], float] = time.time,
-    executor: Executor | None = None,
-) -> Poller:
-    """A poller over one bulk_status source polling ``book`` through ``client`` (for tests and
-    benchmarks, which drive a book of their own)."""
-    upstream = Upstream(config.api, client, client.stats, clock())
-    context = SourceContext(
-        config,
-        ConfigHolder(config, clock()),
-        upstream,
-        clock,
-        connect=lambda api, stats: upstream,
-        state_path=":memory:",
-    )
-    return Poller([BulkStatusSource(context, {}, book=book)], clock=clock, executor=executor)
+def _connect(context: SourceContext, settings: Settings, current: Upstream | None) -> Upstream:
+    """The API to poll: Mail Partner's, shared with the other sources (the app reconfigures
+    it on reload), or the source's own ``api``, whose budget and counts outlive a reload."""
+    api: ApiConfig | None = settings.get("api")
+    if api is None:
+        return context.mailpartner
+    if current is None or current is context.mailpartner:
+        return context.connect(api, RequestStats([BULK_STATUS]))
+    if api != current.api:
+        fresh = context.connect(api, current.stats)
+        current.reconfigure(fresh.api, fresh.client, context.clock())
+    return current

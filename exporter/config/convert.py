@@ -1,0 +1,189 @@
+"""Reading YAML and checking values, the same way for every file the exporter reads.
+
+The config loader, source options, message files (``exporter.discovery``) and the web config
+(``exporter.webconfig``) all parse YAML with ``load_yaml`` and check values with the
+converters below, so a problem reads the same wherever it is found. A converter takes the
+raw value and returns the checked one, or raises ``TypeError``/``ValueError`` with the problem
+(``NotADuration`` for durations); the readers turn that into a ``file: key: problem`` error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import re
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from exporter.config.duration import parse_duration
+from exporter.config.errors import ConfigErrors, SyntaxConfigError
+
+_MESSAGE_ID = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
+_SIZE = re.compile(r"(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)")
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+}
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, file: str) -> object:
+    """The YAML document in ``text``; ``ConfigErrors`` naming ``file`` and the position.
+
+    Only the problem and the position are said: PyYAML's full text quotes the file's lines,
+    which may hold a key or a password hash.
+    """
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ConfigErrors([SyntaxConfigError(file, "", f"{where}{problem}")]) from None
+
+
+# -- words for problems ---------------------------------------------------------------------
+def kind(value: object) -> str:
+    """How a problem names the type of ``value``: ``a mapping``, ``a list``, ``empty``, …"""
+    return {dict: "a mapping", list: "a list", str: "a string", type(None): "empty"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def join(key: str, name: str) -> str:
+    """The key path of ``name`` inside ``key`` (``api`` + ``timeout``: ``api.timeout``)."""
+    return f"{key}.{name}" if key else name
+
+
+def unknown(name: object, allowed: frozenset[str]) -> str:
+    """The problem for a key not in ``allowed``, with the closest one as a hint."""
+    close = difflib.get_close_matches(str(name), sorted(allowed), n=1)
+    return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
+
+
+def describe(error: BaseException) -> str:
+    """An exception as ``Type: message``, short enough for one line of an error list."""
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+# -- converters ------------------------------------------------------------------------------
+class NotADuration(ValueError):
+    """Not a Prometheus duration such as ``30s`` or ``1h30m``."""
+
+
+def boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"must be true or false, not {kind(value)}")
+    return value
+
+
+def string(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"must be a string, not {kind(value)}")
+    return value
+
+
+def duration(value: object) -> float:
+    if not isinstance(value, str):
+        raise NotADuration(f"must be a duration such as 30s or 2h, not {kind(value)}")
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise NotADuration(str(e)) from None
+
+
+def positive_duration(value: object) -> float:
+    seconds = duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def positive_int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"must be an integer, not {kind(value)}")
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def byte_size(value: object) -> int:
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a size such as 256MiB or 64MB")
+    size = int(match[1]) * _SIZE_UNITS[match[2]]
+    if size < 1024:
+        raise ValueError("must be at least 1KiB")
+    return size
+
+
+def path(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError("must be a file path, or :memory: to keep no state")
+    return value
+
+
+def choice(*allowed: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return str(value)
+
+    return convert
+
+
+def base_url(value: object) -> str:
+    if not isinstance(value, str) or not re.match(r"https?://[^/\s]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def message_id(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise TypeError(f"must be a string, not {kind(value)}")
+    text = str(value)
+    if not _MESSAGE_ID.fullmatch(text):
+        raise ValueError("must be 1 to 128 characters without spaces or control characters")
+    return text
+
+
+def timestamp(value: object) -> float:
+    if isinstance(value, bool):
+        raise TypeError("must be a time such as 2026-11-26T10:00:00Z")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an RFC 3339 time such as 2026-11-26T10:00:00Z"
+            ) from None
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        value = dt.datetime(value.year, value.month, value.day)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.timestamp()
+    raise TypeError(f"must be a time such as 2026-11-26T10:00:00Z, not {kind(value)}")
