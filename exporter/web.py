@@ -216,7 +216,8 @@ def serve(
             server = _TLSServer((host, port), family, watcher, handshake_timeout)
         log.info("web config loaded", extra={"file": web_config_path, "tls": bool(config.tls)})
     server.set_app(app)
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    # shutdown() waits for the loop to look: at most a tenth of a second on SIGTERM.
+    threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True).start()
     return server
 
 

@@ -117,13 +117,24 @@ def bulk_status_poller(
     return source, Poller([source], clock=clock, executor=executor or InlineExecutor())
 
 
+# The Debian package each tool comes in (.ci/run installs them).
+DEBIAN_PACKAGES = {
+    "promtool": "prometheus",
+    "prometheus": "prometheus",
+    "amtool": "prometheus-alertmanager",
+    "prometheus-alertmanager": "prometheus-alertmanager",
+    "chromium": "chromium",
+    "systemd-analyze": "systemd",
+}
+
+
 def require_tool(name: str) -> str:
     """Path of a Debian tool; skip where it is missing, but fail in CI (CI=true)."""
     path = shutil.which(name)
     if path is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{name} is not installed; .ci/run must install it")
-        pytest.skip(f"{name} is not installed (Debian package prometheus)")
+        pytest.skip(f"{name} is not installed (Debian package {DEBIAN_PACKAGES.get(name, name)})")
     return path
 
 
@@ -155,7 +166,7 @@ class CraftedServer:
         self.paths: list[str] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
     def close(self) -> None:
