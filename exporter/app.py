@@ -105,8 +105,11 @@ class Exporter:
         demo: Demo | None = None,
         on_secrets: Callable[[Redactor], None] = lambda redactor: None,
         shard_flags: ShardFlags = NO_SHARD_FLAGS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        now = time.time()
+        """``clock`` is the wall clock every schedule reads (tests hand in a settable one)."""
+        self._clock = clock
+        now = clock()
         self._path = path
         self._shard_flags = shard_flags  # kept for reloads: flags beat the file
         self._demo = demo
@@ -124,7 +127,7 @@ class Exporter:
         )
         self.sources = self._sources_for(config, {})
         self._idle_book = MessageBook(config.polling)  # shown when bulk_status is off
-        self.poller = Poller(list(self.sources.values()))
+        self.poller = Poller(list(self.sources.values()), clock=clock)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_ExporterCollector(self, ProcessCollector(self.stats, self.holder)))
 
@@ -174,13 +177,13 @@ class Exporter:
         return SourceContext(
             config=config,
             mailpartner=self.mailpartner,
-            clock=time.time,
+            clock=self._clock,
             connect=self._connect,
             demo=self._demo is not None,
         )
 
     def _connect(self, api: ApiConfig, stats: RequestStats) -> Upstream:
-        return Upstream(api, self._client(api, stats), stats, time.time())
+        return Upstream(api, self._client(api, stats), stats, self._clock())
 
     def _client(self, api: ApiConfig, stats: RequestStats) -> MailPartnerClient:
         # Every key ever loaded stays scrubbed from the logs, old ones included.
@@ -203,7 +206,7 @@ class Exporter:
                 return self._reload_failed(str(e))
             if self._demo is not None:
                 config = self._demo.apply(config)
-            now = time.time()
+            now = self._clock()
             try:
                 sources = self._sources_for(config, self.sources)
             except ConfigErrors as e:  # a plugin's own words: they may quote a key
@@ -244,6 +247,7 @@ class Exporter:
             lambda: self.book,  # a reload may switch bulk_status off or on
             telemetry_path=telemetry_path,
             reload=self.reload,
+            clock=self._clock,
             more={
                 "/probe": probe_app(self.bulk_sources),
                 # A registration wakes the main loop, which saves it at once.
@@ -283,7 +287,7 @@ class Exporter:
 
     def save(self) -> None:
         """Write each source's state if anything changed; a failure is logged, never raised."""
-        now = time.time()
+        now = self._clock()
         for source in self.sources.values():
             source.save(now)
 
