@@ -38,7 +38,7 @@ def wait_until(check: Callable[[], T | None], within: float, what: str) -> T:
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {within}s")
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 class Service:

@@ -39,6 +39,7 @@ def run_tool(*command: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "command",
     [
@@ -119,6 +120,7 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Servi
         exporter.stop()
 
 
+@pytest.mark.e2e
 def test_every_dashboard_query_parses_and_returns_series(
     demo_stack: tuple[Service, Prometheus],
 ) -> None:
@@ -132,6 +134,7 @@ def test_every_dashboard_query_parses_and_returns_series(
     assert empty == [], "panels with no data"
 
 
+@pytest.mark.e2e
 def test_every_alert_expression_is_valid_promql(demo_stack: tuple[Service, Prometheus]) -> None:
     _, prometheus = demo_stack
     for rule in ALERTS:
@@ -142,6 +145,7 @@ def test_every_alert_expression_is_valid_promql(demo_stack: tuple[Service, Prome
     assert all(r["health"] == "ok" for g in loaded for r in g["rules"])
 
 
+@pytest.mark.e2e
 def test_every_metric_the_dashboard_and_rules_use_is_exposed(
     demo_stack: tuple[Service, Prometheus],
 ) -> None:
@@ -186,6 +190,7 @@ def by_message(answer: dict[str, Any]) -> dict[str, str]:
     return values
 
 
+@pytest.mark.e2e
 def test_the_shipped_probe_job_probes_each_message_through_prometheus(tmp_path: Path) -> None:
     exporter = start_exporter(tmp_path, "--demo", cwd=REPO)  # the shipped config.yaml
     try:
@@ -279,6 +284,7 @@ def quick_rules(tmp: Path) -> Path:
     return tmp / "alerts.yml"
 
 
+@pytest.mark.e2e
 def test_a_rejected_key_pages_through_alertmanager_and_resolves(tmp_path: Path) -> None:
     webhook = Webhook()
     services: list[Service] = []

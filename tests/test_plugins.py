@@ -147,6 +147,7 @@ def test_a_misspelt_source_lists_the_installed_ones(site: Path, tmp_path: Path) 
     ]
 
 
+@pytest.mark.e2e
 def test_config_check_reports_plugin_option_errors(site: Path, tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", {"example": {"every": "soon"}})
     env = {**os.environ, "PYTHONPATH": python_path(site), "MAILPARTNER_API_KEY": TEST_KEY}
@@ -203,6 +204,7 @@ def test_a_plugin_cannot_take_a_built_in_name(site: Path) -> None:
 # -- polling --------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_real_exporter_serves_the_plugin_series(
     site: Path, simulator: SimulatorServer, tmp_path: Path
 ) -> None:
@@ -321,6 +323,7 @@ def test_the_doc_shows_the_example_files_exactly() -> None:
         assert text == (REPO / "docs" / name).read_text(), f"docs/plugins.md's copy of {name}"
 
 
+@pytest.mark.e2e
 def test_the_example_builds_a_wheel_declaring_its_entry_point(tmp_path: Path) -> None:
     pytest.importorskip("hatchling", reason="the example's build backend (pip wheel, offline)")
     source = tmp_path / "src"
@@ -375,6 +378,7 @@ class Failing(PeriodicSource):
 """
 
 
+@pytest.mark.e2e
 def test_a_plugin_that_cannot_start_refuses_the_reload_without_quoting_the_key(
     site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -181,6 +181,7 @@ def test_registration_needs_the_web_config_password(
         server.server_close()
 
 
+@pytest.mark.e2e
 def test_registrations_survive_a_restart(upstream: SimulatorServer, tmp_path: Path) -> None:
     message = upstream.world.send(25).message_id
     path = write_config(tmp_path, upstream.url, state={"path": str(tmp_path / "state.db")})
@@ -205,6 +206,7 @@ def test_registrations_survive_a_restart(upstream: SimulatorServer, tmp_path: Pa
         second.stop()
 
 
+@pytest.mark.e2e
 def test_a_registration_is_on_disk_within_seconds_and_survives_a_kill(
     upstream: SimulatorServer, tmp_path: Path
 ) -> None:

@@ -125,6 +125,7 @@ def test_post_reload_over_http(
         server.server_close()
 
 
+@pytest.mark.e2e
 def test_sighup_reloads_a_running_process_and_sigterm_ends_it(
     upstream: SimulatorServer, tmp_path: Path
 ) -> None:

@@ -109,6 +109,7 @@ def test_logs_pages_and_metrics_are_clean(crafted: Crafted) -> None:
         assert "apiKey=<redacted>" in outputs[0] and "boom" in outputs[1]
 
 
+@pytest.mark.e2e
 def test_once_prints_nothing_of_the_key(crafted: Crafted, tmp_path: Path) -> None:
     server = crafted(echo)
     messages = "".join(f"  - id: {kind}\n" for kind in KINDS if kind != "xml")
@@ -135,6 +136,7 @@ def test_once_prints_nothing_of_the_key(crafted: Crafted, tmp_path: Path) -> Non
     assert TEST_KEY not in result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "broken",
     [

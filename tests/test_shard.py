@@ -63,6 +63,7 @@ def test_known_ids_go_to_known_shards(
     assert not Shard(count, (shard + 1) % count).owns(message_id)
 
 
+@pytest.mark.e2e
 def test_the_hash_is_the_same_in_every_process() -> None:
     """Python's hash() is salted per process; the shard must not be."""
     ids = ["300", "301", "abc", "ü-ünicode", *IDS]
@@ -475,6 +476,7 @@ def simulator() -> Iterator[SimulatorServer]:
         yield server
 
 
+@pytest.mark.e2e
 def test_three_shards_poll_each_message_once_and_add_up_to_one_exporter(
     simulator: SimulatorServer, tmp_path: Path
 ) -> None:

@@ -464,6 +464,7 @@ def test_demo_campaign(world: World, clock: FakeClock) -> None:
     assert again.due() == new
 
 
+@pytest.mark.e2e
 def test_cli_serves_until_sigterm() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "exporter.simulator", "--listen", "127.0.0.1:0", "--demo-sends"],

@@ -395,6 +395,7 @@ def test_default_sms_world_follows_the_mail_worlds_clock(
 # --- command line --------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_cli_serves_sms_partner_with_its_own_key() -> None:
     process = subprocess.Popen(
         [

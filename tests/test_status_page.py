@@ -7,6 +7,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -64,6 +65,7 @@ def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
+@pytest.mark.e2e
 def test_rendered_table_matches_the_metrics_and_is_screenshotted(
     scenario_url: str, tmp_path: Path
 ) -> None:

@@ -132,6 +132,7 @@ def test_a_stalled_client_does_not_block_a_scrape(scenario_url: str) -> None:
     assert response.status_code == 200 and "mailpartner_up" in response.text
 
 
+@pytest.mark.e2e
 def test_live_exposition_passes_promtool(scenario_url: str) -> None:
     promtool = require_tool("promtool")
     body = requests.get(f"{scenario_url}/metrics", timeout=3).content
