@@ -103,6 +103,7 @@ class Exporter:
         config: Config,
         path: str,
         demo: Demo | None = None,
+        *,
         on_secrets: Callable[[Redactor], None] = lambda redactor: None,
         shard_flags: ShardFlags = NO_SHARD_FLAGS,
         clock: Callable[[], float] = time.time,

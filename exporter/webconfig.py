@@ -26,7 +26,8 @@ from types import MappingProxyType
 from typing import Any
 
 from exporter.config import errors
-from exporter.config.convert import load_yaml, unknown
+from exporter.config.convert import load_yaml
+from exporter.config.reader import Reader
 
 TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -159,32 +160,14 @@ def _file_version(path: Path) -> tuple[int, ...] | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-class _Reader:
-    """Collects every problem of one file, like ``exporter.config.loader`` does."""
+class _Reader(Reader):
+    """Collects every problem of one file, like the config loader does."""
 
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.errors: list[errors.ConfigError] = []
-
-    def fail(self, kind: type[errors.ConfigError], key: str, problem: str) -> None:
-        self.errors.append(kind(self.file, key, problem))
-
-    def mapping(self, value: object, key: str, allowed: frozenset[str]) -> dict[Any, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.fail(
-                errors.InvalidTypeError, key, f"must be a mapping, not {type(value).__name__}"
-            )
-            return {}
-        for name in value:
-            if name in allowed:
-                continue
-            problem = unknown(name, allowed)
-            if name in _UNSUPPORTED:
-                problem = "not supported by this exporter"
-            self.fail(errors.UnknownKeyError, f"{key}.{name}" if key else str(name), problem)
-        return {k: v for k, v in value.items() if k in allowed}
+    def unknown(self, name: object, allowed: frozenset[str]) -> str:
+        # Keys exporter-toolkit has and this exporter refuses: say so, not "unknown key".
+        if name in _UNSUPPORTED:
+            return "not supported by this exporter"
+        return super().unknown(name, allowed)
 
     def text(self, section: Mapping[str, Any], key: str, choices: Collection[str] = ()) -> str:
         value = section.get(key.rpartition(".")[2])

@@ -81,10 +81,12 @@ class Reader:
             return {}
         for name in value:
             if name not in allowed:
-                self.fail(
-                    errors.UnknownKeyError, join(key, str(name)), convert.unknown(name, allowed)
-                )
+                self.fail(errors.UnknownKeyError, join(key, str(name)), self.unknown(name, allowed))
         return {k: v for k, v in value.items() if k in allowed}
+
+    def unknown(self, name: object, allowed: frozenset[str]) -> str:
+        """The problem with a key not in ``allowed``."""
+        return convert.unknown(name, allowed)
 
     def field(
         self,
