@@ -251,11 +251,16 @@ class Exporter:
             clock=self._clock,
             more={
                 "/probe": probe_app(self.bulk_sources),
-                # A registration wakes the main loop, which saves it at once.
-                MESSAGES_PATH: messages_app(self.bulk_sources, changed=self._wake.set),
+                MESSAGES_PATH: messages_app(self.bulk_sources, changed=self._registered),
             },
         )
         return serve(app, address, web_config_path)
+
+    def _registered(self) -> None:
+        """A registration came or went: the main loop saves it at once, and the poll loop
+        polls a new message now rather than at its next idle wake-up."""
+        self._wake.set()
+        self.poller.wake()
 
     def run(self, server: WSGIServer) -> int:
         """Poll and serve until ``request_stop``; then let polls in flight finish."""
