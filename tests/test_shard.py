@@ -15,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -179,7 +180,8 @@ def test_counts() -> None:
 
 def write_config(path: Path, url: str = "http://127.0.0.1:9/v1", shard: str = "") -> Path:
     lines = [
-        f"api: {{base_url: '{url}', api_key: k, timeout: 5s}}",
+        # A budget that polls all 30 messages within a second or two.
+        f"api: {{base_url: '{url}', api_key: k, timeout: 5s, max_requests_per_minute: 1900}}",
         "polling:",
         "  schedule: [{until: 1h, every: 1s}]",
         "  settled_recheck: 1s",
@@ -489,31 +491,22 @@ def test_three_shards_poll_each_message_once_and_add_up_to_one_exporter(
     shards = [Shard(3, i) for i in range(3)]
     # Each shard has something to do with these IDs (the hash is fixed, so this is too).
     assert all(owned_ids(shard) for shard in shards)
-    exporters: list[Service] = []
+    flags = [
+        ("--shard.count", "3", "--shard.index", "0"),
+        ("--shard.count", "3", "--shard.index", "1"),
+        ("--shard.count=3", "--shard.index=auto"),  # the third finds its index in its pod name
+        (),  # and one exporter for every message
+    ]
+    envs = [env, env, {**env, "HOSTNAME": f"{POD}-2"}, env]
+    # Started side by side: each waits for its own readiness.
+    with ThreadPoolExecutor(len(flags)) as pool:
+        starting = [
+            pool.submit(start_exporter, tmp_path, f"--config.file={config}", *args, env=env)
+            for args, env in zip(flags, envs, strict=True)
+        ]
+    exporters: list[Service] = [f.result() for f in starting if f.exception() is None]
     try:
-        for shard in shards[:2]:
-            exporters.append(
-                start_exporter(
-                    tmp_path,
-                    f"--config.file={config}",
-                    "--shard.count",
-                    "3",
-                    "--shard.index",
-                    str(shard.index),
-                    env=env,
-                )
-            )
-        # The third finds its index in its (StatefulSet pod) name.
-        exporters.append(
-            start_exporter(
-                tmp_path,
-                f"--config.file={config}",
-                "--shard.count=3",
-                "--shard.index=auto",
-                env={**env, "HOSTNAME": f"{POD}-2"},
-            )
-        )
-        exporters.append(start_exporter(tmp_path, f"--config.file={config}", env=env))
+        assert len(exporters) == len(flags), [f.exception() for f in starting]
         owned = [*map(owned_ids, shards), set(IDS)]
         *parts, whole = [
             final_scrape(service, len(ids)) for service, ids in zip(exporters, owned, strict=True)
