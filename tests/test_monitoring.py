@@ -84,7 +84,8 @@ def grafana_to_promql(expr: str) -> str:
 
 @pytest.fixture(scope="module")
 def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Prometheus]]:
-    """The exporter in --demo mode and a real Prometheus scraping it every second."""
+    """The exporter in --demo mode and a real Prometheus scraping it every second, and
+    probing two messages through it with the shipped probe job."""
     tmp = tmp_path_factory.mktemp("stack")
     exporter = start_exporter(tmp, "--demo", cwd=REPO)  # the shipped config.yaml
     try:
@@ -97,7 +98,8 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Servi
                     {
                         "job_name": "mailpartner-exporter",
                         "static_configs": [{"targets": [exporter.url.removeprefix("http://")]}],
-                    }
+                    },
+                    shipped_probe_job(exporter),
                 ],
             },
         )
@@ -191,45 +193,40 @@ def by_message(answer: dict[str, Any]) -> dict[str, str]:
 
 
 @pytest.mark.e2e
-def test_the_shipped_probe_job_probes_each_message_through_prometheus(tmp_path: Path) -> None:
-    exporter = start_exporter(tmp_path, "--demo", cwd=REPO)  # the shipped config.yaml
-    try:
-        prometheus = Prometheus(tmp_path, {"scrape_configs": [shipped_probe_job(exporter)]})
-        try:
-            probed = 'job="mailpartner-probe"'
-            wait_until(
-                lambda: prometheus.query(
-                    f'mailpartner_probe_success{{{probed},message_id="300"}} == 1'
-                )["data"]["result"],
-                30,
-                "message 300 probed successfully",
-            )
-            wait_until(
-                lambda: set(by_message(prometheus.query(f"up{{{probed}}} == 1"))) >= {"424242"},
-                30,
-                "message 424242 probed",
-            )
-            # An unknown message fails the probe, not the scrape.
-            assert by_message(prometheus.query(f"up{{{probed}}}")) == {"300": "1", "424242": "1"}
-            success = by_message(prometheus.query(f"mailpartner_probe_success{{{probed}}}"))
-            assert success == {"300": "1", "424242": "0"}
-            durations = prometheus.query(f"mailpartner_probe_duration_seconds{{{probed}}}")
-            assert set(by_message(durations)) == set(PROBE_TARGETS)
+def test_the_shipped_probe_job_probes_each_message_through_prometheus(
+    demo_stack: tuple[Service, Prometheus],
+) -> None:
+    _, prometheus = demo_stack
+    probed = 'job="mailpartner-probe"'
+    wait_until(
+        lambda: prometheus.query(f'mailpartner_probe_success{{{probed},message_id="300"}} == 1')[
+            "data"
+        ]["result"],
+        30,
+        "message 300 probed successfully",
+    )
+    wait_until(
+        lambda: set(by_message(prometheus.query(f"up{{{probed}}} == 1"))) >= {"424242"},
+        30,
+        "message 424242 probed",
+    )
+    # An unknown message fails the probe, not the scrape.
+    assert by_message(prometheus.query(f"up{{{probed}}}")) == {"300": "1", "424242": "1"}
+    success = by_message(prometheus.query(f"mailpartner_probe_success{{{probed}}}"))
+    assert success == {"300": "1", "424242": "0"}
+    durations = prometheus.query(f"mailpartner_probe_duration_seconds{{{probed}}}")
+    assert set(by_message(durations)) == set(PROBE_TARGETS)
 
-            recipients = prometheus.query(
-                f'mailpartner_message_recipients{{{probed},message_id="300"}}'
-            )["data"]["result"]
-            states = {s["metric"]["state"] for s in recipients}
-            assert states == {"delivered", "failed", "pending", "unknown"}
-            assert len(recipients) == len(states)
-            # honor_labels: the exporter's message_id is kept, not renamed exported_message_id.
-            every_series = prometheus.query(f"{{{probed}}}")["data"]["result"]
-            assert {s["metric"]["message_id"] for s in every_series} == set(PROBE_TARGETS)
-            assert [s["metric"] for s in every_series if "exported_message_id" in s["metric"]] == []
-        finally:
-            prometheus.stop()
-    finally:
-        exporter.stop()
+    recipients = prometheus.query(f'mailpartner_message_recipients{{{probed},message_id="300"}}')[
+        "data"
+    ]["result"]
+    states = {s["metric"]["state"] for s in recipients}
+    assert states == {"delivered", "failed", "pending", "unknown"}
+    assert len(recipients) == len(states)
+    # honor_labels: the exporter's message_id is kept, not renamed exported_message_id.
+    every_series = prometheus.query(f"{{{probed}}}")["data"]["result"]
+    assert {s["metric"]["message_id"] for s in every_series} == set(PROBE_TARGETS)
+    assert [s["metric"] for s in every_series if "exported_message_id" in s["metric"]] == []
 
 
 class Webhook:
