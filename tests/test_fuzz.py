@@ -31,8 +31,12 @@ from exporter.parse import (
     parse_xml,
 )
 
+# The same examples on every run, so a failure seen once is seen again. A hundred of the
+# structured ones, about 5 ms each, keeps every test near half a second on two cores; the
+# cheap ones run three hundred.
 FUZZ = settings(
-    max_examples=300,
+    max_examples=100,
+    derandomize=True,
     deadline=None,
     database=None,  # nothing written into the repository
     suppress_health_check=[HealthCheck.too_slow],
@@ -141,7 +145,7 @@ fuzz_bytes = st.builds(
 )
 
 
-@FUZZ
+@settings(FUZZ, max_examples=300)
 @given(raw=st.binary(max_size=4096) | fuzz_bytes, fmt=st.sampled_from(sorted(PARSERS)))
 def test_arbitrary_bytes_are_parsed_or_refused(raw: bytes, fmt: str) -> None:
     result = parse(fmt, raw)
@@ -345,7 +349,8 @@ def report_lists(draw: st.DrawFn) -> list[Report]:
     """Up to about 30 distinct statuses (one may be missing), each reported 1 to 3 times
     in any order and spelling: statuses repeat, tie, and pass the 20-status cap about half
     of the time. Each report's cost, stopMail and date come from a few drawn values,
-    dealt out by a drawn ``Random``: much faster than drawing every field."""
+    dealt out by a ``Random`` seeded with a drawn integer: much faster than drawing every
+    field, and as reproducible."""
     if draw(st.booleans()):  # many: past the cap
         known, texts = list(KNOWN_STATUSES), draw(st.lists(status_text, min_size=8, max_size=20))
     else:
@@ -356,7 +361,7 @@ def report_lists(draw: st.DrawFn) -> list[Report]:
     pool = list({status_name(s): s for s in [*known, *texts, *missing]}.values())
     cost_pool = draw(st.lists(costs, min_size=1, max_size=6))
     date_pool = draw(st.lists(dates, min_size=1, max_size=6))
-    rnd = draw(st.randoms(use_true_random=True))
+    rnd = random.Random(draw(st.integers(0, 2**32 - 1)))
     order = [s for s in pool for _ in range(rnd.randint(1, 3))]
     rnd.shuffle(order)
     return [
@@ -415,11 +420,10 @@ def render_xml(reports: list[Report], cdata: list[bool]) -> bytes:
 
 
 @FUZZ
-@given(reports=report_lists(), rnd=st.randoms(use_true_random=True))
-def test_json_and_xml_renderings_aggregate_identically(
-    reports: list[Report], rnd: random.Random
-) -> None:
-    cdata = [rnd.random() < 0.5 for _ in reports]  # CDATA or escaped text, field by field
+@given(reports=report_lists(), seed=st.integers(0, 2**32 - 1))
+def test_json_and_xml_renderings_aggregate_identically(reports: list[Report], seed: int) -> None:
+    rnd = random.Random(seed)
+    cdata = [rnd.random() < 0.5 for _ in reports]  # CDATA or escaped text, report by report
     as_json = json.dumps(
         {"success": True, "code": 200, "messageId": "300", LIST: [r.as_json() for r in reports]}
     ).encode()
@@ -429,7 +433,7 @@ def test_json_and_xml_renderings_aggregate_identically(
     assert same(from_json, from_xml), (from_json, from_xml)
 
 
-@FUZZ
+@settings(FUZZ, max_examples=300)
 @given(
     code=st.integers(min_value=0, max_value=10**6).filter(lambda c: c != 200)
     | st.sampled_from(["E42", "x", "4 2", " 7 "]),

@@ -19,7 +19,7 @@ from exporter.app import Exporter, load_runnable
 from exporter.domain import MessageSpec
 from exporter.simulator import SimulatorServer, World
 from exporter.sources.bulk_status import FILE_CHECK_INTERVAL, BulkStatusSource
-from tests.conftest import TEST_KEY
+from tests.conftest import TEST_KEY, FakeClock
 from tests.stack import start_exporter, wait_until
 
 
@@ -90,6 +90,23 @@ def test_files_are_followed_as_they_change(upstream: SimulatorServer, tmp_path: 
     assert value("mailpartner_message_poll_success", {"message_id": a, "campaign": "x"}) is None
 
 
+def test_a_new_file_is_polled_at_the_next_file_check(
+    upstream: SimulatorServer, tmp_path: Path, clock: FakeClock
+) -> None:
+    message = upstream.world.send(15).message_id
+    path = config(tmp_path, upstream.url)
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path), clock=clock)
+    atomic_write(tmp_path / "messages.d" / "new.yaml", [{"id": message, "labels": {"app": "shop"}}])
+    clock.advance(FILE_CHECK_INTERVAL)
+    # One turn of the poll loop: it checks the files, then polls what is due.
+    exporter.poller.run_pending()
+    assert exporter.poller.drain(30)
+    assert upstream.stats().polls == {message: 1}
+    value = exporter.registry.get_sample_value
+    assert value("mailpartner_message_poll_success", {"app": "shop", "message_id": message}) == 1
+
+
+@pytest.mark.e2e  # a real process, and the real FILE_CHECK_INTERVAL
 def test_a_running_exporter_picks_up_a_new_file_within_seconds(
     upstream: SimulatorServer, tmp_path: Path
 ) -> None:

@@ -41,7 +41,7 @@ SMS_EXAMPLE = "smspartner-bulk-status.json"
 Parser = Callable[[Body, ReportAggregator, ReportShape], None]
 # parse_json counts plain reports on its fast path; parse_json_exact is the walker alone.
 JSON_PARSERS: dict[str, Parser] = {"fast": parse_json, "exact": parse_json_exact}
-COMPACT = {"separators": (",", ":")}
+COMPACT: dict[str, Any] = {"separators": (",", ":")}
 LAYOUTS: dict[str, dict[str, Any]] = {"compact": COMPACT, "spaced": {}, "pretty": {"indent": 2}}
 PLACEHOLDERS = {"email": "a@example.com", "token": "t0", "phoneNumber": "+33600000000"}
 ABSENT = object()  # a key left out of the report
@@ -254,7 +254,8 @@ def sms_bodies(draw: st.DrawFn) -> bytes:
 
 
 @settings(
-    max_examples=150,
+    max_examples=100,  # about half a second on two cores
+    derandomize=True,  # the same bodies on every run: a failure seen once is seen again
     deadline=None,
     database=None,  # nothing written into the repository
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -1,5 +1,10 @@
 """/probe?message_id=ID: a message polled at scrape time, within the scrape's timeout and the
-request budget, cached briefly. Over real HTTP against the simulator on loopback."""
+request budget, cached briefly. Over real HTTP against the simulator on loopback.
+
+The exporter and the simulated world share the ``clock`` fixture: it only moves when a test
+says so, so each probe's deadline, cache age and request budget are exact numbers, not races
+with the machine's speed.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,16 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.app import Exporter, load_runnable
+from exporter.parse import MAIL, ReportShape
+from exporter.probe import MARGIN
 from exporter.simulator import SimulatorServer, World
 from tests.conftest import TEST_KEY, FakeClock
 
 Probe = Callable[..., requests.Response]
+# How long a probe answer may take before the test calls it hung: a failure guard only.
+PATIENCE = 30.0
 
 
 @pytest.fixture
@@ -29,12 +39,12 @@ def upstream(clock: FakeClock) -> Iterator[SimulatorServer]:
 
 
 def start(
-    tmp_path: Path, upstream: SimulatorServer, **document: Any
+    tmp_path: Path, upstream: SimulatorServer, clock: FakeClock, **document: Any
 ) -> Iterator[tuple[Exporter, Probe]]:
     path = tmp_path / "config.yaml"
     api = {"base_url": upstream.url, "api_key": TEST_KEY, **document.pop("api", {})}
     path.write_text(yaml.safe_dump({"api": api, "state": {"path": ":memory:"}, **document}))
-    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path), clock=clock)
     server = exporter.serve("127.0.0.1:0", "/metrics")
 
     def get(
@@ -46,7 +56,7 @@ def start(
             f"http://127.0.0.1:{server.server_port}/probe",
             params=query,
             headers=headers,
-            timeout=30,
+            timeout=PATIENCE,
         )
 
     yield exporter, get
@@ -55,8 +65,30 @@ def start(
 
 
 @pytest.fixture
-def probing(upstream: SimulatorServer, tmp_path: Path) -> Iterator[tuple[Exporter, Probe]]:
-    yield from start(tmp_path, upstream)
+def probing(
+    upstream: SimulatorServer, tmp_path: Path, clock: FakeClock
+) -> Iterator[tuple[Exporter, Probe]]:
+    yield from start(tmp_path, upstream, clock)
+
+
+def request_timeouts(exporter: Exporter, monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
+    """The ``timeout`` each bulk-status request is given from now on (the requests still go
+    through): what a probe computed from the scrape's timeout, whatever the machine's speed."""
+    client = exporter.mailpartner.client
+    real = client.bulk_status
+    timeouts: list[float | None] = []
+
+    def recording(
+        message_id: str,
+        aggregator: ReportAggregator,
+        shape: ReportShape = MAIL,
+        timeout: float | None = None,
+    ) -> MessageAggregate:
+        timeouts.append(timeout)
+        return real(message_id, aggregator, shape, timeout=timeout)
+
+    monkeypatch.setattr(client, "bulk_status", recording)
+    return timeouts
 
 
 def samples(answer: requests.Response) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -137,29 +169,39 @@ def test_probes_of_one_message_at_once_make_one_request(
 
 
 def test_a_probe_ends_within_the_scrape_timeout(
-    probing: tuple[Exporter, Probe], upstream: SimulatorServer
+    probing: tuple[Exporter, Probe], upstream: SimulatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, get = probing
+    exporter, get = probing
+    timeouts = request_timeouts(exporter, monkeypatch)
     message = upstream.world.send(10).message_id
-    upstream.faults.latency = 5
+    scrape_timeout = MARGIN + 0.25
+    upstream.faults.latency = 10  # far longer than the scrape: only the timeout ends the poll
     started = time.monotonic()
-    found = samples(get(message, timeout=1.5))
-    assert time.monotonic() - started < 1.5  # Prometheus still gets the answer
+    found = samples(get(message, timeout=scrape_timeout))
+    # The request gets what is left of the scrape less the margin for the answer's way back,
+    # so Prometheus still gets the answer.
+    assert timeouts == [pytest.approx(scrape_timeout - MARGIN)]
     assert one(found, "mailpartner_probe_success") == 0
     assert not any(name == "mailpartner_message_recipients" for name, _ in found)
+    # A guard, not the measurement: waiting for the upstream's answer would take 10 s.
+    assert time.monotonic() - started < scrape_timeout + 5
 
 
 def test_a_failed_probe_keeps_the_last_good_values(
-    upstream: SimulatorServer, tmp_path: Path
+    upstream: SimulatorServer, tmp_path: Path, clock: FakeClock
 ) -> None:
-    for _, get in start(tmp_path, upstream, sources={"bulk_status": {"probe_cache": "1ms"}}):
-        failed_probe_keeps_the_last_good_values(get, upstream)
+    cache = {"sources": {"bulk_status": {"probe_cache": "1s"}}}
+    for _, get in start(tmp_path, upstream, clock, **cache):
+        failed_probe_keeps_the_last_good_values(get, upstream, clock)
 
 
-def failed_probe_keeps_the_last_good_values(get: Probe, upstream: SimulatorServer) -> None:
+def failed_probe_keeps_the_last_good_values(
+    get: Probe, upstream: SimulatorServer, clock: FakeClock
+) -> None:
     message = upstream.world.send(30).message_id
     good = samples(get(message))
     upstream.faults.http_status = 502
+    clock.advance(1)  # the first answer is past the probe cache
     bad = samples(get(message))
     assert one(bad, "mailpartner_probe_success") == 0
     assert one(bad, "mailpartner_message_poll_success", message_id=message) == 0
@@ -185,21 +227,26 @@ def test_an_unknown_message_fails_the_probe_not_the_scrape(
     )
 
 
-def test_probes_spend_the_same_request_budget(upstream: SimulatorServer, tmp_path: Path) -> None:
+def test_probes_spend_the_same_request_budget(
+    upstream: SimulatorServer, tmp_path: Path, clock: FakeClock
+) -> None:
     a, b = (upstream.world.send(5).message_id for _ in range(2))
-    for _, get in start(tmp_path, upstream, api={"max_requests_per_minute": 1}):
+    for _, get in start(tmp_path, upstream, clock, api={"max_requests_per_minute": 1}):
         assert one(samples(get(a)), "mailpartner_probe_success") == 1
-        started = time.monotonic()
+        # The next token is a minute away, past the scrape's deadline: refused at once, without
+        # a request (with the clock standing still, waiting for it would never end).
         refused = samples(get(b, timeout=2))
-        assert time.monotonic() - started < 2
         assert one(refused, "mailpartner_probe_success") == 0
+        assert one(refused, "mailpartner_probe_duration_seconds") == 0
     assert upstream.stats().polls == {a: 1}
 
 
-def test_a_tracked_message_keeps_its_labels(upstream: SimulatorServer, tmp_path: Path) -> None:
+def test_a_tracked_message_keeps_its_labels(
+    upstream: SimulatorServer, tmp_path: Path, clock: FakeClock
+) -> None:
     message = upstream.world.send(5).message_id
     tracked = {"messages": [{"id": message, "labels": {"campaign": "spring"}}]}
-    for _, get in start(tmp_path, upstream, **tracked):
+    for _, get in start(tmp_path, upstream, clock, **tracked):
         found = samples(get(message))
         assert (
             one(found, "mailpartner_message_poll_success", message_id=message, campaign="spring")
@@ -224,10 +271,10 @@ def test_a_bad_probe_request_is_refused(
 
 
 def test_a_tracked_message_is_answered_from_its_last_poll(
-    upstream: SimulatorServer, tmp_path: Path
+    upstream: SimulatorServer, tmp_path: Path, clock: FakeClock
 ) -> None:
     message = upstream.world.send(5).message_id
-    for exporter, get in start(tmp_path, upstream, messages=[{"id": message}]):
+    for exporter, get in start(tmp_path, upstream, clock, messages=[{"id": message}]):
         assert exporter.poller.poll_all()
         found = samples(get(message))
         assert one(found, "mailpartner_probe_success") == 1

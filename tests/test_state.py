@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import random
 import re
 import signal
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 
@@ -66,6 +68,10 @@ def big_state(k: int, base: int = 3000) -> StoredState:
         recipients_total={s: k * 1000 + n for n, s in enumerate(State)},
         cost_total=sum(0.0105 * i for i in range(k + 1)),
         saved_at=START + k,
+        registered=tuple(
+            MessageSpec(f"r{k}-{i}", MappingProxyType({"k": str(k)}), START + k)
+            for i in range(1 + k % 3)
+        ),
     )
 
 
@@ -433,53 +439,159 @@ def test_saves_from_another_thread(tmp_path: Path) -> None:
     store.save(realistic_state())  # after close: ignored, no error
 
 
+# The child saves the pickled state and stops where told (at the n-th statement after BEGIN
+# IMMEDIATE, before COMMIT, or once save has returned), says so, and waits for its SIGKILL.
+# A page cache of four pages makes SQLite write the open transaction's pages into the -wal
+# before COMMIT, as a save bigger than the cache does: the kill leaves half a save on disk.
 _CHILD = """
-import itertools, sys, time
+import os, pickle, signal, sqlite3, sys
 from exporter.state import StateStore
-from tests.test_state import big_state
-store = StateStore(sys.argv[1], source="bulk_status")
-assert store.load() is None or store.problem is None, store.problem
-took = 0.0
-for k in itertools.count(int(sys.argv[2])):
-    state = big_state(k)
-    print(k, took, flush=True)
-    began = time.perf_counter()
-    store.save(state)
-    took = time.perf_counter() - began
+
+path, pickled, where = sys.argv[1:]
+signal.alarm(30)  # ends itself should the parent never kill it
+with open(pickled, "rb") as f:
+    state = pickle.load(f)
+armed = in_save = False
+statements = 0
+
+def stop(at):
+    print("stopped", at, flush=True)
+    sys.stdin.read()
+    os._exit(1)
+
+def trace(sql):
+    global in_save, statements
+    if armed and sql.startswith("BEGIN"):
+        in_save, statements = True, 0
+    elif in_save:
+        statements += 1
+        if sql == "COMMIT" and where == "COMMIT":
+            stop(f"before COMMIT, {statements - 1} statements into the save")
+        elif sql == "COMMIT" and where.isdigit():
+            print("committed before statement", where, flush=True)
+            os._exit(2)
+        elif where == str(statements):
+            stop(f"at statement {statements} of the save: {sql[:32]}")
+
+connect = sqlite3.connect
+def traced(*args, **kwargs):
+    conn = connect(*args, **kwargs)
+    conn.execute("PRAGMA cache_size = 4")
+    conn.set_trace_callback(trace)
+    return conn
+sqlite3.connect = traced
+
+store = StateStore(path, source="bulk_status")
+store.load()
+armed = True
+store.save(state)
+stop("after save returned")
 """
+KILL_BASE = 200  # messages in the kill test's states: 200 to 1,700
 
 
-def test_a_kill_during_save_leaves_one_whole_state(tmp_path: Path) -> None:
-    """SIGKILL a process that saves in a loop: the file holds a state it wrote, whole."""
-    path = tmp_path / "state.db"
-    rng = random.Random(3)
-    outcomes = []
-    for round_ in range(6):
-        start = round_ * 10
-        child = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(path), str(start)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert child.stdout is not None
-        started = [child.stdout.readline().split() for _ in range(3)]  # two saves done
-        assert [int(k) for k, _ in started] == [start, start + 1, start + 2]
-        # Kill somewhere in the third save, or just after it: where is the point of the test.
-        time.sleep(rng.uniform(0.0, 1.5 * float(started[-1][1])))
-        child.send_signal(signal.SIGKILL)
+class _PlainPickler(pickle.Pickler):
+    """Pickles read-only mappings as dicts (which compare equal), so the child needs no
+    more than the exporter to read them."""
+
+    def reducer_override(self, obj: object) -> Any:
+        if type(obj) is MappingProxyType:
+            return dict, (dict(obj),)
+        return NotImplemented
+
+
+def _wal_frames(path: Path) -> tuple[int, int]:
+    """The -wal's frames of its current generation: how many up to the last commit frame,
+    and how many written after it, uncommitted.
+
+    A frame's header holds its page number, the database size (on commit frames only),
+    then the salts of its generation and a checksum; an open transaction that has rewritten
+    one of its own frames leaves those 16 bytes zero in its later ones until COMMIT.
+    """
+    wal = Path(f"{path}-wal")
+    data = wal.read_bytes() if wal.exists() else b""
+    if len(data) < 32:
+        return 0, 0
+    frame_size = 24 + int.from_bytes(data[8:12], "big")
+    frames = committed = 0
+    for offset in range(32, len(data) - frame_size + 1, frame_size):
+        header = data[offset : offset + 24]
+        if header[8:16] != data[16:24] and header[8:24] != bytes(16):
+            break  # a frame of an earlier generation, past the end of this one
+        frames += 1
+        if int.from_bytes(header[4:8], "big"):  # the database size, on commit frames only
+            committed = frames
+    return committed, frames - committed
+
+
+def _kill_while_saving(path: Path, state: StoredState, where: str) -> tuple[str, int, int]:
+    """SIGKILL a child saving ``state`` where it stopped: what it said, and the -wal's
+    committed and uncommitted frames it left."""
+    pickled = path.with_suffix(".pickle")
+    with pickled.open("wb") as f:
+        _PlainPickler(f).dump(state)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), str(pickled), where],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        said = child.stdout.readline().strip()
+    finally:
+        child.kill()
         child.wait()
-        last = [start + 2, *(int(line.split()[0]) for line in child.stdout)][-1]
+        child.stdin.close()
         child.stdout.close()
+    assert said.startswith("stopped"), (where, said)
+    assert child.returncode == -signal.SIGKILL, (where, said, child.returncode)
+    return (said, *_wal_frames(path))
+
+
+# Where each child stops, for a state of n messages. After BEGIN IMMEDIATE a save runs:
+# DELETE messages, n INSERTs, DELETE totals, 4 INSERTs, DELETE registered, an INSERT for
+# each, the sources row, COMMIT. Were that to change, any n-th before COMMIT is still inside.
+_STOPS: list[Callable[[int], str]] = [
+    lambda n: "1",  # the write lock taken, nothing changed yet
+    lambda n: str(n // 2),  # the messages deleted, about half written back
+    lambda n: "returned",  # a whole save, which the kills after it must keep
+    lambda n: str(n + 2),  # every message written, the totals untouched
+    lambda n: str(n + 8),  # the totals written, the registered messages deleted
+    lambda n: "COMMIT",  # every row written, none committed
+]
+
+
+@pytest.mark.e2e
+def test_a_kill_during_save_leaves_one_whole_state(tmp_path: Path) -> None:
+    """SIGKILL a process at each step of a save: the file holds the last whole state saved
+    before it; or, killed once save has returned, the new one."""
+    path = tmp_path / "state.db"
+    store = StateStore(str(path), source=MAIL)
+    store.save(big_state(0, base=KILL_BASE))
+    store.close()
+    whole = 0
+    kills = []
+    for k, stop in enumerate(_STOPS, start=1):
+        state = big_state(k, base=KILL_BASE)
+        where = stop(len(state.messages))
+        said, committed, uncommitted = _kill_while_saving(path, state, where)
 
         loaded, problem = reopen(path)
         assert problem is None
         assert loaded is not None
-        k = round(loaded.saved_at - START)
-        assert k in (last - 1, last)  # every finished save is there, nothing half-written
-        assert loaded == big_state(k)
-        outcomes.append("lost the save under way" if k < last else "after the save")
-    print("\nkills:", {o: outcomes.count(o) for o in set(outcomes)})
+        got = round(loaded.saved_at - START)
+        kills.append(f"{said}: -wal frames {committed} committed, {uncommitted} not; got {got}")
+        assert loaded == big_state(got, base=KILL_BASE)  # every row of one state
+        if where == "returned":
+            assert (got, uncommitted) == (k, 0)
+            whole = k
+        else:
+            assert got == whole
+            # The first statement has not run yet; after it, the save's pages are on disk.
+            assert (uncommitted > 0) is (where != "1"), said
+    print("\nkills:\n" + "\n".join(kills))
 
 
 def test_saving_ten_thousand_messages(tmp_path: Path) -> None:
