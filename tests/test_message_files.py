@@ -147,6 +147,22 @@ def test_the_config_beats_a_file_which_beats_a_registration(
     source.tick(time.time() + FILE_CHECK_INTERVAL)
     assert tracked(exporter) == {a: {"from": "config"}, b: {"from": "registration"}}
 
+    # Demo sends come last: one never relabels a registration, a registration relabels one.
+    c = upstream.world.send(5).message_id
+    source.add(MessageSpec(b, MappingProxyType({"from": "demo"})))
+    source.add(MessageSpec(c, MappingProxyType({"from": "demo"})))
+    assert tracked(exporter) == {
+        a: {"from": "config"},
+        b: {"from": "registration"},
+        c: {"from": "demo"},
+    }
+    source.register(MessageSpec(c, MappingProxyType({"from": "registration"})))
+    assert tracked(exporter)[c] == {"from": "registration"}
+    # And a full pass over every origin agrees with the one-message updates.
+    before = tracked(exporter)
+    source.sync(time.time())
+    assert tracked(exporter) == before
+
 
 def test_a_reload_that_adds_a_glob_keeps_the_file_messages_running(
     upstream: SimulatorServer, tmp_path: Path

@@ -144,7 +144,7 @@ class BulkStatusSource(Source):
 
     @property
     def shape(self) -> ReportShape:
-        return self.kind.shape
+        return self._kind.shape
 
     # -- which messages ---------------------------------------------------
     def sync(self, now: float) -> None:
