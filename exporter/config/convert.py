@@ -128,6 +128,30 @@ def positive_int(value: object) -> int:
     return value
 
 
+def non_negative_int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"must be an integer, not {kind(value)}")
+    if value < 0:
+        raise ValueError("must be at least 0")
+    return value
+
+
+def increasing_numbers(value: object) -> tuple[float, ...]:
+    """A non-empty list of positive numbers, each greater than the one before (bucket bounds)."""
+    if not isinstance(value, list) or not value:
+        raise TypeError(f"must be a non-empty list of numbers, not {kind(value)}")
+    numbers: list[float] = []
+    for number in value:
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise TypeError(f"must be a list of numbers; {number!r} is {kind(number)}")
+        if not 0 < number < float("inf"):
+            raise ValueError(f"{number!r} is not a positive, finite number")
+        if numbers and number <= numbers[-1]:
+            raise ValueError(f"must increase: {number!r} follows {numbers[-1]!r}")
+        numbers.append(float(number))
+    return tuple(numbers)
+
+
 def byte_size(value: object) -> int:
     match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if match is None:

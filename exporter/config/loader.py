@@ -16,14 +16,11 @@ from exporter.config.model import (
     DEFAULT_STATE_PATH,
     ApiConfig,
     Config,
-    PollingConfig,
-    ScheduleStep,
     SourceConfig,
     SourceKind,
 )
 from exporter.config.options import Options
-from exporter.config.reader import Reader
-from exporter.domain import DEFAULT_STATUSES, State, StatusMap
+from exporter.config.sections import SectionReader
 from exporter.secret import Redactor, Secret
 from exporter.shard import NO_SHARD_FLAGS, ShardFlags, check_index, parse_count, parse_index
 
@@ -32,7 +29,17 @@ UPSTREAM_RATE_LIMIT = 2000
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Parts of SPEC §4 that later releases bring; named so the error says so.
 _TOP_KEYS = frozenset(
-    {"api", "polling", "status_map", "messages", "message_files", "state", "shard", "sources"}
+    {
+        "api",
+        "polling",
+        "status_map",
+        "messages",
+        "message_files",
+        "state",
+        "shard",
+        "sources",
+        "metrics",
+    }
 )
 
 T = TypeVar("T")
@@ -95,7 +102,7 @@ def api_keys(config: Config) -> list[Secret | None]:
     return keys
 
 
-class _ConfigReader(Reader):
+class _ConfigReader(SectionReader):
     def __init__(self, file: str, environ: Mapping[str, str]) -> None:
         super().__init__(file)
         self.environ = environ
@@ -112,6 +119,7 @@ class _ConfigReader(Reader):
         state = self.mapping(top.get("state"), "state", frozenset({"path"}))
         state_path = self.field(state, "path", "state", DEFAULT_STATE_PATH, convert.path)
         shard_count, shard_index = self.shard(top.get("shard"), shard_flags)
+        metrics = self.metrics(top.get("metrics"))
         return Config(
             self.file,
             api,
@@ -124,6 +132,7 @@ class _ConfigReader(Reader):
             shard_index,
             message_files,
             sources,
+            metrics,
         )
 
     def api(
@@ -259,92 +268,6 @@ class _ConfigReader(Reader):
 
     def shard_index(self, value: object) -> int:
         return parse_index(value, self.environ)
-
-    def polling(self, value: object) -> PollingConfig:
-        keys = frozenset({"schedule", "settled_recheck", "final_after", "retention"})
-        section = self.mapping(value, "polling", keys)
-        d = PollingConfig()
-        polling = PollingConfig(
-            schedule=self.schedule(section["schedule"]) if "schedule" in section else d.schedule,
-            settled_recheck=self.field(
-                section, "settled_recheck", "polling", d.settled_recheck, convert.positive_duration
-            ),
-            final_after=self.field(
-                section, "final_after", "polling", d.final_after, convert.positive_duration
-            ),
-            retention=self.field(section, "retention", "polling", d.retention, convert.duration),
-        )
-        if polling.schedule and polling.final_after < polling.schedule[-1].until:
-            self.fail(
-                errors.InvalidValueError,
-                "polling.final_after",
-                "is before the last schedule step's until; that step would never run",
-            )
-        return polling
-
-    def schedule(self, value: object) -> tuple[ScheduleStep, ...]:
-        if not isinstance(value, list) or not value:
-            self.fail(
-                errors.InvalidTypeError,
-                "polling.schedule",
-                "must be a non-empty list of {until, every}",
-            )
-            return PollingConfig().schedule
-        steps: list[ScheduleStep] = []
-        for i, item in enumerate(value):
-            key = f"polling.schedule[{i}]"
-            step = self.mapping(item, key, frozenset({"until", "every"}))
-            for name in ("until", "every"):
-                if name not in step:
-                    self.fail(errors.MissingKeyError, join(key, name), "is required")
-            until = self.field(step, "until", key, 0.0, convert.positive_duration)
-            every = self.field(step, "every", key, 0.0, convert.positive_duration)
-            if steps and until and until <= steps[-1].until:
-                self.fail(
-                    errors.ScheduleOrderError,
-                    join(key, "until"),
-                    "must be greater than the previous step's until",
-                )
-            steps.append(ScheduleStep(until, every))
-        return tuple(steps)
-
-    def status_map(self, value: object) -> StatusMap:
-        section = self.mapping(value, "status_map", frozenset(s.value for s in State))
-        lists = dict(DEFAULT_STATUSES)
-        for state in State:
-            raws = section.get(state.value)
-            if state.value not in section:
-                continue
-            if not isinstance(raws, list) or not all(isinstance(r, str) and r for r in raws):
-                self.fail(
-                    errors.InvalidTypeError,
-                    f"status_map.{state.value}",
-                    "must be a list of status strings",
-                )
-                continue
-            lists[state] = tuple(raws)
-        # Claims made in the file come first, so a clash with a default list is
-        # reported at the key the operator wrote.
-        owner: dict[str, State] = {}
-        for state in sorted(lists, key=lambda st: st.value not in section):
-            for raw in lists[state]:
-                first = owner.setdefault(raw.lower(), state)
-                if first == state:
-                    continue
-                if state.value in section:
-                    self.fail(
-                        errors.InvalidValueError,
-                        f"status_map.{state.value}",
-                        f"status {raw!r} is already mapped to {first.value}",
-                    )
-                else:
-                    self.fail(
-                        errors.InvalidValueError,
-                        f"status_map.{first.value}",
-                        f"status {raw!r} is also in the default list of {state.value}; "
-                        f"set status_map.{state.value} without it",
-                    )
-        return StatusMap.from_lists(lists)
 
     def sources(self, value: object, kinds: Kinds) -> tuple[SourceConfig, ...]:
         """``sources``: each enabled source's kind and checked settings."""

@@ -66,6 +66,27 @@ class PollingConfig:
         return self.schedule[-1].every
 
 
+# Seconds from send to delivery: a transactional stream's SLO sits at the low end, a campaign
+# held through the night at the high end (48 h: reports stop changing).
+DEFAULT_DELAY_BUCKETS = (
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0,
+    86400.0, 172800.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``metrics``: what the aggregate series carry, and how many per-message series there are."""
+
+    # Message labels the aggregate series carry (a message without one has it empty).
+    aggregate_by: tuple[str, ...] = ("campaign",)
+    # Distinct label sets kept; more fold into one whose labels are all "__other__".
+    max_aggregate_label_sets: int = 500
+    # Messages with per-message series: unfinished first, then the newest sent.
+    per_message_limit: int = 1000
+    delivery_delay_buckets: tuple[float, ...] = DEFAULT_DELAY_BUCKETS
+
+
 class SourceKind(Protocol):
     """What the loader needs of a kind of source: how to read its section under ``sources:``.
 
@@ -109,6 +130,7 @@ class Config:
     # The enabled sources in the order configured; None (objects built in code) is the
     # default: bulk_status alone.
     sources: tuple[SourceConfig, ...] | None = None
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def shard(self) -> Shard:

@@ -170,20 +170,8 @@ class Reader:
         labels: dict[str, str] = {}
         for name, label_value in value.items():
             where = join(key, str(name))
-            if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name):
-                self.fail(
-                    errors.LabelNameError,
-                    where,
-                    "is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)",
-                )
-            elif name.startswith("__"):
-                self.fail(errors.LabelNameError, where, "names starting with __ are reserved")
-            elif name in RESERVED_LABELS:
-                self.fail(
-                    errors.LabelNameError,
-                    where,
-                    "shadows a label the exporter or Prometheus sets itself; choose another name",
-                )
+            if problem := label_name_problem(name):
+                self.fail(errors.LabelNameError, where, problem)
             elif isinstance(label_value, dict | list) or label_value is None:
                 self.fail(errors.InvalidTypeError, where, "label values must be scalars")
             else:
@@ -191,3 +179,14 @@ class Reader:
                     str(label_value).lower() if isinstance(label_value, bool) else str(label_value)
                 )
         return MappingProxyType(dict(sorted(labels.items())))
+
+
+def label_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a message label (None if it can)."""
+    if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name):
+        return "is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+    if name.startswith("__"):
+        return "names starting with __ are reserved"
+    if name in RESERVED_LABELS:
+        return "shadows a label the exporter or Prometheus sets itself; choose another name"
+    return None
