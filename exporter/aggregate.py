@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import reduce
@@ -26,6 +27,13 @@ class MessageAggregate:
     cost: float
     unsubscribed: int
     last_report: float | None
+    # Delivered recipients by delivery delay (report date less the send's time): one count
+    # per bucket of the configured bounds, then +Inf (not cumulative); empty when not asked.
+    delays: tuple[int, ...] = ()
+    delay_sum: float = 0.0
+    # Delivered recipients whose report is dated before the send (clock skew): counted in
+    # the lowest bucket.
+    skewed: int = 0
 
     @property
     def recipients(self) -> int:
@@ -44,16 +52,30 @@ class ReportAggregator:
     """
 
     __slots__ = (
+        "_bounds",
         "_cost",
+        "_delay_sum",
+        "_delays",
         "_last",
         "_max_statuses",
         "_overflow",
         "_raw",
+        "_sent_at",
+        "_skewed",
         "_status_map",
         "_unsubscribed",
     )
 
-    def __init__(self, status_map: StatusMap, max_statuses: int = MAX_STATUSES) -> None:
+    def __init__(
+        self,
+        status_map: StatusMap,
+        max_statuses: int = MAX_STATUSES,
+        *,
+        sent_at: float | None = None,
+        delay_buckets: tuple[float, ...] = (),
+    ) -> None:
+        """With ``sent_at`` and ``delay_buckets``, delivered recipients are also counted by
+        their delivery delay (``MessageAggregate.delays``)."""
         self._status_map = status_map
         self._max_statuses = max_statuses
         self._raw: dict[str, int] = {}
@@ -61,6 +83,18 @@ class ReportAggregator:
         self._cost = 0.0
         self._unsubscribed = 0
         self._last: float | None = None
+        self._sent_at = sent_at
+        self._bounds = delay_buckets if sent_at is not None else ()
+        self._delays = [0] * (len(self._bounds) + 1) if self._bounds else []
+        self._delay_sum = 0.0
+        self._skewed = 0
+
+    @property
+    def counts_delays(self) -> bool:
+        return bool(self._bounds)
+
+    def delivered(self, status: str) -> bool:
+        return self._status_map.state_of(status) is State.DELIVERED
 
     def add(self, status: str, cost: float, stop_mail: bool, date: float | None) -> None:
         raw = self._raw
@@ -71,6 +105,8 @@ class ReportAggregator:
         else:
             state = self._status_map.state_of(status)
             self._overflow[state] = self._overflow.get(state, 0) + 1
+        if date is not None and self._bounds and self.delivered(status):
+            self.add_delivered({date: 1})
         self._cost += cost
         if stop_mail:
             self._unsubscribed += 1
@@ -101,6 +137,20 @@ class ReportAggregator:
         if last is not None and (self._last is None or last > self._last):
             self._last = last
 
+    def add_delivered(self, dates: Mapping[float, int]) -> None:
+        """Count delivered recipients by report date (``{date: recipients}``) into the delay
+        buckets; a date before the send counts in the lowest bucket, as ``skewed``."""
+        if not self._bounds or self._sent_at is None:
+            return
+        bounds, delays, sent_at = self._bounds, self._delays, self._sent_at
+        for date, count in dates.items():
+            delay = date - sent_at
+            if delay < 0:
+                self._skewed += count
+                delay = 0.0
+            delays[bisect.bisect_left(bounds, delay)] += count
+            self._delay_sum += delay * count
+
     def result(self) -> MessageAggregate:
         states = dict.fromkeys(State, 0)
         statuses: dict[str, int] = {}
@@ -118,6 +168,9 @@ class ReportAggregator:
             cost=self._cost,
             unsubscribed=self._unsubscribed,
             last_report=self._last,
+            delays=tuple(self._delays),
+            delay_sum=self._delay_sum,
+            skewed=self._skewed,
         )
 
 

@@ -24,7 +24,7 @@ import ijson
 from exporter.aggregate import ReportAggregator
 from exporter.parse.report import Body, InvalidResponse, status_text
 from exporter.parse.shape import MAIL, ReportShape
-from exporter.parse.walk import Chained, JsonWalk, parse_json_exact, walk_events
+from exporter.parse.walk import Chained, JsonWalk, WalkerBody, parse_json_exact, walk_events
 
 
 def parse_json(body: Body, aggregator: ReportAggregator, shape: ReportShape = MAIL) -> None:
@@ -70,7 +70,6 @@ _COST = re.compile(rb',"cost":([^,]*+),')
 _PLAIN_COST = re.compile(_NUMBER + b"|null")
 _MAX_DATE_DIGITS = 15  # well past any date, and within a float's exact integers
 _BLANK = b" \t\n\r"
-_BOM = b"\xef\xbb\xbf"
 # Raw status literals remembered with their status, per body.
 _MAX_NAMES = 256
 
@@ -136,33 +135,6 @@ class _Unusual(Exception):
     """What the fast path does not handle: the walker reads the body from the start."""
 
 
-class _Source:
-    """The body as the walker reads it: a UTF-8 BOM dropped from the first chunk, nothing
-    after the end, and a failed read raised again by each later one, so that the walker
-    meets it after what came before, as it would have."""
-
-    def __init__(self, body: Body) -> None:
-        self._body = body
-        self._first = True
-        self._ended = False
-        self.failure: Exception | None = None
-
-    def read(self, size: int = -1, /) -> bytes:
-        if self.failure is not None:
-            raise self.failure
-        if self._ended:
-            return b""
-        try:
-            chunk = self._body.read(size)
-        except Exception as e:
-            self.failure = e
-            raise
-        if self._first and chunk:
-            chunk, self._first = chunk.removeprefix(_BOM), False
-        self._ended = not chunk and size != 0  # read(0) is ijson's sniff
-        return chunk
-
-
 class _RefuseReports:
     """The walker's aggregator while it reads the envelope: a report there is unusual."""
 
@@ -182,7 +154,7 @@ class _FastJson:
     """
 
     def __init__(self, body: Body, aggregator: ReportAggregator, shape: ReportShape) -> None:
-        self._source = _Source(body)
+        self._source = WalkerBody(body)
         self._aggregator = aggregator
         self._shape = shape
         self._fast = _fast_patterns(shape)
@@ -353,24 +325,17 @@ class _FastJson:
         values: Iterable[float] = map(float, costs)
         if same and costs:  # one price: read it once
             values = repeat(float(costs[0]), len(statuses))
-        newest = 0
-        if digits:
-            longest = max(map(len, digits))
-            if longest > _MAX_DATE_DIGITS:
-                return False
-            top = max(digits)
-            # Without leading zeros the greatest is among the longest, where text and
-            # number order agree.
-            if len(top) == longest and min(digits)[:1] != b"0":
-                newest = int(top)
-            else:
-                newest = max(map(int, digits))
+        newest = _newest(digits) if digits else 0
+        if newest is None:
+            return False
         self._aggregator.add_many(
             self._named(Counter(statuses)),
             values,
             unsubscribed,
             float(newest) if newest > 0 else None,
         )
+        if digits and self._aggregator.counts_delays:
+            self._delivered(statuses, dates)
         self._reports += len(statuses)
         self._chunks = None
         return True
@@ -379,10 +344,34 @@ class _FastJson:
         """Counts by raw status literal to counts by status, in order of first sight."""
         named: dict[str, int] = {}
         for literal, count in literals.items():
-            name = self._names.get(literal)
-            if name is None:
-                name = status_text(None if literal == b"null" else literal[1:-1].decode())
-                if len(self._names) < _MAX_NAMES:
-                    self._names[literal] = name
+            name = self._name(literal)
             named[name] = named.get(name, 0) + count
         return named
+
+    def _name(self, literal: bytes) -> str:
+        name = self._names.get(literal)
+        if name is None:
+            name = status_text(None if literal == b"null" else literal[1:-1].decode())
+            if len(self._names) < _MAX_NAMES:
+                self._names[literal] = name
+        return name
+
+    def _delivered(self, statuses: list[bytes], dates: list[bytes | None]) -> None:
+        """The delivered reports' dates, counted by date, for the delay histogram."""
+        aggregator = self._aggregator
+        delivered = {s for s in set(statuses) if aggregator.delivered(self._name(s))}
+        if delivered:
+            when = Counter(d for s, d in zip(statuses, dates, strict=True) if d and s in delivered)
+            aggregator.add_delivered({float(d): n for d, n in when.items() if int(d) > 0})
+
+
+def _newest(digits: list[bytes]) -> int | None:
+    """The greatest of some dates' digits; None if one is too long to be a plain date."""
+    longest = max(map(len, digits))
+    if longest > _MAX_DATE_DIGITS:
+        return None
+    top = max(digits)
+    # Without leading zeros the greatest is among the longest, where text and number agree.
+    if len(top) == longest and min(digits)[:1] != b"0":
+        return int(top)
+    return max(map(int, digits))

@@ -144,3 +144,34 @@ class Chained:
         if self._pieces:
             return self._pieces.popleft()
         return self._rest.read(size)
+
+
+# A UTF-8 byte order mark, which yajl does not skip.
+_BOM = b"\xef\xbb\xbf"
+
+
+class WalkerBody:
+    """The body as the walker reads it: a UTF-8 BOM dropped from the first chunk, nothing
+    after the end, and a failed read raised again by each later one, so that the walker
+    meets it after what came before, as it would have."""
+
+    def __init__(self, body: Body) -> None:
+        self._body = body
+        self._first = True
+        self._ended = False
+        self.failure: Exception | None = None
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self.failure is not None:
+            raise self.failure
+        if self._ended:
+            return b""
+        try:
+            chunk = self._body.read(size)
+        except Exception as e:
+            self.failure = e
+            raise
+        if self._first and chunk:
+            chunk, self._first = chunk.removeprefix(_BOM), False
+        self._ended = not chunk and size != 0  # read(0) is ijson's sniff
+        return chunk
