@@ -3,13 +3,15 @@
 Sample exposition::
 
     mailpartner_message_recipients{campaign="newsletter",message_id="300",state="delivered"} 2.0
-    mailpartner_recipients_total{state="delivered"} 2.0
+    mailpartner_recipients_total{campaign="newsletter",state="delivered"} 2.0
+    mailpartner_delivery_delay_seconds_bucket{campaign="newsletter",le="60.0"} 2.0
     mailpartner_api_errors_total{code="10",endpoint="bulk-status"} 0.0
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import operator
 import time
 from collections import Counter
@@ -26,6 +28,7 @@ from exporter.config.model import ApiConfig
 from exporter.domain import MessageSpec, State
 from exporter.exposition import MessageLines, Samples, gauge
 from exporter.stats import DURATION_BUCKETS, RequestStats
+from exporter.totals import TotalsSnapshot, label_sets
 from exporter.tracker import MessageBook, Phase, TrackedMessage
 
 # A poll this late is not just waiting for the loop's next turn: the budget or
@@ -62,26 +65,14 @@ class MailPartnerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         messages, totals = self._book.snapshot()
+        limit = self._book.metrics.per_message_limit
         summary = self._summary
-        if summary.messages != messages:  # the same objects: a pointer check per message
-            summary = self._summary = _summarize(messages)
+        # The same objects: a pointer check per message.
+        if summary.messages != messages or summary.limit != limit:
+            summary = self._summary = _summarize(messages, limit)
         # Built lazily: the fast path (exporter.exposition) reads their cached lines instead.
-        yield from self._lines.metrics(summary.by_id)
-
-        recipients = Metric(
-            f"{self._p}_recipients",
-            "Recipients observed reaching each state over the exporter's life.",
-            "counter",
-        )
-        for state in State:
-            recipients.add_sample(
-                f"{self._p}_recipients_total", {"state": state}, totals.recipients[state]
-            )
-        yield recipients
-        cost = Metric(f"{self._p}_cost", "Cost observed over the exporter's life.", "counter")
-        cost.add_sample(f"{self._p}_cost_total", {}, totals.cost)
-        yield cost
-
+        yield from self._lines.metrics(summary.shown)
+        yield from aggregate_metrics(totals, self._p)
         if self._stats is not None:
             yield from api_metrics(self._stats, self._p)
         yield from self._exporter_metrics(summary)
@@ -94,6 +85,11 @@ class MailPartnerCollector(Collector):
                 f"{self._p}_exporter_messages", {"phase": phase}, summary.phases[phase]
             )
         yield phases
+        yield gauge(
+            f"{self._p}_exporter_per_message_withheld",
+            "Tracked messages whose per-message series metrics.per_message_limit withholds.",
+            len(summary.messages) - len(summary.shown),
+        )
         waiting = summary.waiting
         yield gauge(
             f"{self._p}_exporter_request_budget_per_minute",
@@ -226,21 +222,77 @@ class _Summary(NamedTuple):
     """What a scrape needs from all the messages at once; kept while they stay the same."""
 
     messages: tuple[TrackedMessage, ...]
-    by_id: list[TrackedMessage]
+    limit: int
+    shown: list[TrackedMessage]  # those with per-message series, by ID
     phases: Counter[Phase]
     per_minute: float  # polls the schedule asks for
     waiting: list[float]  # next polls of messages neither final nor in flight, sorted
 
 
-def _summarize(messages: tuple[TrackedMessage, ...]) -> _Summary:
+def _summarize(messages: tuple[TrackedMessage, ...], limit: int = 0) -> _Summary:
     live = [m for m in messages if m.phase != Phase.FINAL]
+    shown = (
+        messages if len(messages) <= limit else heapq.nsmallest(limit, messages, key=_shown_first)
+    )
     return _Summary(
         messages,
-        sorted(messages, key=_BY_ID),
+        limit,
+        sorted(shown, key=_BY_ID),
         Counter(map(_PHASE, messages)),
         sum(60.0 / m.interval for m in live),
         sorted(m.next_poll for m in live if not m.in_flight),
     )
+
+
+def _shown_first(message: TrackedMessage) -> tuple[bool, float, str]:
+    """Which messages keep per-message series: unfinished ones first, then the newest sent."""
+    return message.phase == Phase.FINAL, -message.sent_at, message.spec.id
+
+
+def aggregate_metrics(totals: TotalsSnapshot, prefix: str) -> Iterator[Metric]:
+    """The counters by ``metrics.aggregate_by`` label set, and the delivery-delay histogram."""
+    recipients = Metric(
+        f"{prefix}_recipients", "Recipients observed reaching each state.", "counter"
+    )
+    cost = Metric(f"{prefix}_cost", "Cost observed.", "counter")
+    unsubscribed = Metric(
+        f"{prefix}_unsubscribed_recipients",
+        "Recipients observed on the unsubscribe list (stopMail true).",
+        "counter",
+    )
+    messages = Metric(f"{prefix}_messages", "Messages tracked, counted when first seen.", "counter")
+    delay = Metric(
+        f"{prefix}_delivery_delay_seconds",
+        "Delivered recipients by report date less the message's send time.",
+        "histogram",
+    )
+    bounds = (*totals.buckets, float("inf"))
+    for labels, tally in sorted(label_sets(totals), key=lambda item: sorted(item[0].items())):
+        for state in State:
+            recipients.add_sample(
+                f"{prefix}_recipients_total", {**labels, "state": state}, tally.recipients[state]
+            )
+        cost.add_sample(f"{prefix}_cost_total", labels, tally.cost)
+        unsubscribed.add_sample(
+            f"{prefix}_unsubscribed_recipients_total", labels, tally.unsubscribed
+        )
+        messages.add_sample(f"{prefix}_messages_total", labels, tally.messages)
+        cumulative = 0
+        for bound, count in zip(bounds, tally.delays, strict=True):
+            cumulative += count
+            delay.add_sample(
+                f"{prefix}_delivery_delay_seconds_bucket", {**labels, "le": _le(bound)}, cumulative
+            )
+        delay.add_sample(f"{prefix}_delivery_delay_seconds_count", labels, cumulative)
+        delay.add_sample(f"{prefix}_delivery_delay_seconds_sum", labels, tally.delay_sum)
+    yield from (recipients, cost, unsubscribed, messages, delay)
+    overflow = Metric(
+        f"{prefix}_exporter_aggregate_overflow",
+        "Messages counted under the __other__ label set: max_aggregate_label_sets was reached.",
+        "counter",
+    )
+    overflow.add_sample(f"{prefix}_exporter_aggregate_overflow_total", {}, totals.overflow)
+    yield overflow
 
 
 def message_families(prefix: str) -> tuple[tuple[str, str], ...]:

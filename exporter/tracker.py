@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import random
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from exporter.aggregate import MessageAggregate
-from exporter.config.model import PollingConfig
-from exporter.domain import MessageSpec, State
+from exporter.config.model import MetricsConfig, PollingConfig
+from exporter.domain import MessageSpec
 from exporter.queue import TimeQueue
 from exporter.state import StoredMessage, StoredState
+from exporter.totals import Totals, TotalsSnapshot
 
+log = logging.getLogger(__name__)
 # First retry of a failed poll; each further failure doubles it, up to the interval.
 RETRY_AFTER = 10.0
 
@@ -54,17 +57,17 @@ class TrackedMessage:
         return self.spec.sent_at if self.spec.sent_at is not None else self.first_seen
 
 
-@dataclass(frozen=True)
-class Totals:
-    recipients: Mapping[State, int]
-    cost: float
-
-
 class MessageBook:
     """Thread-safe registry of tracked messages; the poller and scrapes share it."""
 
-    def __init__(self, polling: PollingConfig, jitter: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        polling: PollingConfig,
+        jitter: Callable[[], float] | None = None,
+        metrics: MetricsConfig = MetricsConfig(),  # noqa: B008 - frozen
+    ) -> None:
         self._polling = polling
+        self._metrics = metrics
         # Spreads retries of messages that failed together; tests pass a constant.
         self._jitter = jitter or (lambda: random.uniform(0.9, 1.1))  # noqa: S311 - not secret
         self._lock = threading.Lock()
@@ -77,15 +80,21 @@ class MessageBook:
         # Messages saved before a restart, until the config names them again.
         self._stored: dict[str, StoredMessage] = {}
         self.changes = 0  # bumped on every change, so a saver can skip idle periods
-        self._recipients = dict.fromkeys(State, 0)
-        self._cost = 0.0
+        self._totals = Totals(metrics)
         self._due = TimeQueue()  # next polls
         self._finals = TimeQueue()  # when final messages became final, for retention
 
-    def reconfigure(self, polling: PollingConfig) -> None:
-        """Use ``polling`` from each message's next poll on."""
+    def reconfigure(self, polling: PollingConfig, metrics: MetricsConfig | None = None) -> None:
+        """Use ``polling`` from each message's next poll on, and count by ``metrics``."""
         with self._lock:
             self._polling = polling
+            if metrics is not None:
+                self._metrics = metrics
+                self._totals.reconfigure(metrics)
+
+    @property
+    def metrics(self) -> MetricsConfig:
+        return self._metrics
 
     def sync(self, specs: Iterable[MessageSpec], now: float) -> None:
         """Track exactly ``specs``: add new ones, update changed ones, drop the rest."""
@@ -133,6 +142,8 @@ class MessageBook:
         elif spec.id not in self._expired:
             # New messages are due at once: the first poll gives them values.
             _, last = self._removed.pop(spec.id, (now, None))
+            if last is None:  # not one that went away and came back
+                self._totals.seen(spec.labels)
             self._write(
                 TrackedMessage(
                     spec,
@@ -197,7 +208,12 @@ class MessageBook:
             current = self._messages.get(message_id)
             if current is None:
                 return
-            self._count(current.aggregate, aggregate)
+            self._totals.grow(current.spec.labels, current.aggregate, aggregate)
+            if aggregate.skewed and not (current.aggregate and current.aggregate.skewed):
+                log.warning(
+                    "reports dated before the send: counted as delivered at once",
+                    extra={"message_id": message_id, "recipients": aggregate.skewed},
+                )
             phase, next_poll, interval = self._next(current, aggregate, now)
             self._write(
                 dataclasses.replace(
@@ -266,8 +282,7 @@ class MessageBook:
     def restore(self, state: StoredState) -> None:
         """Take back what a previous run saved; call before the first ``sync``."""
         with self._lock:
-            self._recipients = {s: state.recipients_total.get(s, 0) for s in State}
-            self._cost = state.cost_total
+            self._totals.restore(state.totals)
             self._stored = dict(state.messages)
             # Saved messages the config no longer names still must not count twice.
             self._removed.update(
@@ -298,11 +313,11 @@ class MessageBook:
                     message_id,
                     StoredMessage(message_id, final_at, Phase.FINAL.value, final_at, None, None),
                 )
-            return StoredState(messages, dict(self._recipients), self._cost, now)
+            return StoredState(messages, self._totals.snapshot(), now)
 
-    def snapshot(self) -> tuple[tuple[TrackedMessage, ...], Totals]:
+    def snapshot(self) -> tuple[tuple[TrackedMessage, ...], TotalsSnapshot]:
         with self._lock:
-            return (tuple(self._messages.values()), Totals(dict(self._recipients), self._cost))
+            return tuple(self._messages.values()), self._totals.snapshot()
 
     # -- schedule ------------------------------------------------------------
     def _interval(self, message: TrackedMessage, now: float) -> float:
@@ -325,13 +340,3 @@ class MessageBook:
             min(now + polling.settled_recheck, final_at),
             polling.settled_recheck,
         )
-
-    def _count(self, before: MessageAggregate | None, after: MessageAggregate) -> None:
-        """Grow the totals by what this poll added (counts only ever move up here)."""
-        for state, count in after.states.items():
-            growth = count - (before.states[state] if before else 0)
-            if growth > 0:
-                self._recipients[state] += growth
-        cost_growth = after.cost - (before.cost if before else 0.0)
-        if cost_growth > 0:
-            self._cost += cost_growth

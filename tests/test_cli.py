@@ -202,12 +202,14 @@ def test_delivered_counts_grow_while_the_exporter_runs(
         tmp_path, "--config.file", str(config), env={"MAILPARTNER_API_KEY": TEST_KEY}
     )
     try:
-        pattern = re.compile(r'mailpartner_recipients_total\{state="delivered"\} (\S+)')
+        # The message's campaign (write_config labels it c<ID>), counted by the aggregates.
+        total = (
+            rf'mailpartner_recipients_total\{{campaign="c{send.message_id}",state="delivered"\}}'
+        )
+        pattern = re.compile(total + r" (\S+)")
         # Generous guards from readiness: polls every 1 s, and the world delivers as it goes.
         first = pattern.findall(scrape_until(exporter.url, pattern, within=5))[0]
-        changed = re.compile(
-            rf'mailpartner_recipients_total\{{state="delivered"\}} (?!{re.escape(first)}\n)'
-        )
+        changed = re.compile(total + rf" (?!{re.escape(first)}\n)")
         later = scrape_until(exporter.url, changed, within=10)
         assert float(pattern.findall(later)[0]) > float(first)
     finally:

@@ -7,6 +7,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from exporter.domain import State
+from tests.conftest import START
 from tests.scenario import report, scenario
 
 EXPECTED = Path(__file__).parent / "expected" / "exposition.txt"
@@ -19,7 +20,8 @@ def test_exposition_is_exactly_as_expected() -> None:
 
 def test_totals_keep_counting_after_messages_leave() -> None:
     registry, book, clock = scenario()
-    before = registry.get_sample_value("mailpartner_recipients_total", {"state": "delivered"})
+    delivered = {"campaign": "newsletter", "state": "delivered"}
+    before = registry.get_sample_value("mailpartner_recipients_total", delivered)
     book.sync([], clock())
     assert (
         registry.get_sample_value(
@@ -27,12 +29,12 @@ def test_totals_keep_counting_after_messages_leave() -> None:
         )
         is None
     )
-    assert (
-        registry.get_sample_value("mailpartner_recipients_total", {"state": "delivered"})
-        == before
-        == 3
-    )
-    assert registry.get_sample_value("mailpartner_cost_total") == 2.042
+    assert registry.get_sample_value("mailpartner_recipients_total", delivered) == before == 2
+    cost = [
+        registry.get_sample_value("mailpartner_cost_total", {"campaign": c})
+        for c in ("newsletter", "welcome", "")
+    ]
+    assert cost == [2.0, 0.042, 0.0]
 
 
 def test_totals_grow_by_the_positive_change_of_each_message() -> None:
@@ -45,8 +47,39 @@ def test_totals_grow_by_the_positive_change_of_each_message() -> None:
     book.start_poll("301", clock())
     book.record_success("301", report(later), clock())
     total = {
-        s: registry.get_sample_value("mailpartner_recipients_total", {"state": s}) for s in State
+        s: registry.get_sample_value(
+            "mailpartner_recipients_total", {"campaign": "welcome", "state": s}
+        )
+        for s in State
     }
-    # 301 went from 1 delivered / 1 pending to 2 delivered / 0 pending: +1 delivered,
-    # and pending never goes down in a counter.
-    assert total == {"delivered": 4, "failed": 1, "pending": 1, "unknown": 1}
+    # 301 (campaign welcome) went from 1 delivered / 1 pending to 2 delivered / 0 pending:
+    # +1 delivered, and pending never goes down in a counter.
+    assert total == {"delivered": 2, "failed": 1, "pending": 1, "unknown": 1}
+
+
+def test_each_delivered_recipient_counts_once_in_the_delay_histogram() -> None:
+    registry, book, clock = scenario()
+
+    def bucket(le: str) -> float | None:
+        labels = {"campaign": "welcome", "le": le}
+        return registry.get_sample_value("mailpartner_delivery_delay_seconds_bucket", labels)
+
+    # 301 was first seen at START: its one delivered report, 100 s later, is in le=120.
+    assert (bucket("60.0"), bucket("120.0"), bucket("+Inf")) == (0, 1, 1)
+    again = (
+        b'{"success":true,"code":200,"StatutResponseList":['
+        b'{"status":"Delivered","cost":0.0105,"stopMail":false,"date":"1795687300"},'
+        b'{"status":"Delivered","cost":0.0105,"stopMail":false,"date":"1795690800"}]}'
+    )
+    for _ in range(2):  # the same delivered recipients, polled twice: counted once
+        book.start_poll("301", clock())
+        book.record_success("301", report(again, START), clock())
+    # le is inclusive: a delay of exactly 3600 s is in le="3600.0".
+    assert (bucket("120.0"), bucket("1800.0"), bucket("3600.0"), bucket("+Inf")) == (1, 1, 2, 2)
+    total = registry.get_sample_value(
+        "mailpartner_delivery_delay_seconds_sum", {"campaign": "welcome"}
+    )
+    assert total == 100 + 3600
+    # The spec's example (message 300) is dated years before the send: the lowest bucket.
+    newsletter = {"campaign": "newsletter", "le": "1.0"}
+    assert registry.get_sample_value("mailpartner_delivery_delay_seconds_bucket", newsletter) == 2

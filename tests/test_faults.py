@@ -123,7 +123,7 @@ def test_flapping_errors_keep_values_monotonic_and_counters_exact(
         )
         == expected_failures
     )
-    assert exporter.value("mailpartner_recipients_total", state="delivered") == last
+    assert exporter.value("mailpartner_recipients_total", campaign="", state="delivered") == last
 
 
 @pytest.fixture

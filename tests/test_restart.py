@@ -87,7 +87,8 @@ def test_totals_continue_and_final_messages_are_not_polled_again(
             )
             for m in (old.message_id, young.message_id)
         )
-        assert sample(second.stdout, f'mailpartner_recipients_total{{state="{state}"}}') == shown
+        total = f'mailpartner_recipients_total{{campaign="",state="{state}"}}'
+        assert sample(second.stdout, total) == shown
     assert "state restored" in second.stderr
 
 

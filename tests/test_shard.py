@@ -537,9 +537,10 @@ def test_three_shards_poll_each_message_once_and_add_up_to_one_exporter(
     union = sorted(s for part in parts for s in per_message(part))
     assert union == per_message(whole)
     assert {name for name, _, _ in union} == set(COMPARED)
-    # Totals are per shard: Prometheus adds them up (sum without (instance)).
-    for state in ("delivered", "failed", "pending", "unknown"):
-        name = "mailpartner_recipients_total"
-        assert sum(one(p, name, state=state) for p in parts) == one(whole, name, state=state)
-    cost = sum(one(p, "mailpartner_cost_total") for p in parts)
-    assert cost == pytest.approx(one(whole, "mailpartner_cost_total"))
+    # Totals are per shard: Prometheus adds them up (sum without (instance)), per campaign.
+    for campaign in ("c0", "c1", "c2", "c3"):
+        for state in ("delivered", "failed", "pending", "unknown"):
+            name, by = "mailpartner_recipients_total", {"campaign": campaign, "state": state}
+            assert sum(one(p, name, **by) for p in parts) == one(whole, name, **by)
+        cost = sum(one(p, "mailpartner_cost_total", campaign=campaign) for p in parts)
+        assert cost == pytest.approx(one(whole, "mailpartner_cost_total", campaign=campaign))

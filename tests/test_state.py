@@ -23,6 +23,7 @@ import pytest
 from exporter.aggregate import OTHER_STATUS, MessageAggregate
 from exporter.domain import MessageSpec, State
 from exporter.state import MEMORY, StateStore, StoredMessage, StoredState
+from exporter.totals import Tally, TotalsSnapshot
 from exporter.tracker import Phase
 from tests.conftest import START, FakeClock
 
@@ -46,7 +47,25 @@ def aggregate(n: int, pending: int = 0) -> MessageAggregate:
         cost=0.0105 * (n + pending),
         unsubscribed=n // 50,
         last_report=START + n + 0.25,
+        delays=(n // 2, n - n // 2 - failed, 0, 0),
+        delay_sum=n * 30.5,
     )
+
+
+BUCKETS = (1.0, 60.0, 3600.0)
+
+
+def totals(recipients: dict[State, int], cost: float, **labels: str) -> TotalsSnapshot:
+    """Counters of one label set, with a delay histogram over ``BUCKETS``."""
+    tally = Tally(
+        {**dict.fromkeys(State, 0), **recipients},
+        cost,
+        unsubscribed=recipients.get(State.DELIVERED, 0) // 50,
+        messages=7,
+        delays=[1, 2, 3, recipients.get(State.DELIVERED, 0)],
+        delay_sum=1234.5,
+    )
+    return TotalsSnapshot((), BUCKETS, {tuple(sorted(labels.items())): tally}, overflow=2)
 
 
 def big_state(k: int, base: int = 3000) -> StoredState:
@@ -65,8 +84,7 @@ def big_state(k: int, base: int = 3000) -> StoredState:
         )
     return StoredState(
         messages=messages,
-        recipients_total={s: k * 1000 + n for n, s in enumerate(State)},
-        cost_total=sum(0.0105 * i for i in range(k + 1)),
+        totals=totals({s: k * 1000 + n for n, s in enumerate(State)}, 0.0105 * k),
         saved_at=START + k,
         registered=tuple(
             MessageSpec(f"r{k}-{i}", MappingProxyType({"k": str(k)}), START + k)
@@ -86,13 +104,11 @@ def realistic_state() -> StoredState:
     ]
     return StoredState(
         messages={m.id: m for m in messages},
-        recipients_total={
-            State.DELIVERED: 1101,
-            State.FAILED: 180,
-            State.PENDING: 60,
-            State.UNKNOWN: 3,
-        },
-        cost_total=sum(m.aggregate.cost for m in messages if m.aggregate) + 0.0105 * 3,
+        totals=totals(
+            {State.DELIVERED: 1101, State.FAILED: 180, State.PENDING: 60, State.UNKNOWN: 3},
+            sum(m.aggregate.cost for m in messages if m.aggregate) + 0.0105 * 3,
+            campaign="newsletter",
+        ),
         saved_at=START + 7300.125,
     )
 
@@ -105,8 +121,7 @@ def sms_state() -> StoredState:
     ]
     return StoredState(
         messages={m.id: m for m in messages},
-        recipients_total={**dict.fromkeys(State, 0), State.DELIVERED: 3},
-        cost_total=0.0315,
+        totals=totals({State.DELIVERED: 3}, 0.0315),
         saved_at=START + 650.5,
         registered=(MessageSpec("sms-9", MappingProxyType({"campaign": "rappel"}), START + 5),),
     )
@@ -133,7 +148,8 @@ def test_round_trip_keeps_every_field_exactly(tmp_path: Path) -> None:
     assert problem is None
     assert loaded == state
     assert loaded is not None
-    assert loaded.cost_total == state.cost_total  # exact: REAL round-trips every bit
+    assert loaded.totals.cost == state.totals.cost  # exact: REAL round-trips every bit
+    assert loaded.messages["302"].aggregate == state.messages["302"].aggregate  # with delays
     assert [m.aggregate.cost for m in loaded.messages.values() if m.aggregate] == [
         m.aggregate.cost for m in state.messages.values() if m.aggregate
     ]
@@ -161,7 +177,7 @@ def test_a_save_replaces_the_previous_one(tmp_path: Path) -> None:
     store.save(first)
     kept = {k: v for k, v in first.messages.items() if k != "302"}
     kept["303"] = StoredMessage("303", START - 9, Phase.FINAL, START + 7300, START + 7300, None)
-    second = StoredState(kept, dict.fromkeys(State, 1), 0.0105 * 3, START + 9000)
+    second = StoredState(kept, totals(dict.fromkeys(State, 1), 0.0105 * 3), START + 9000)
     store.save(second)
     assert store.load() == second  # a second load reads what this store wrote
     store.close()
@@ -231,7 +247,7 @@ def _bad_row_of_another_source(path: Path) -> None:
 def _newer_schema(path: Path) -> None:
     _saved(path)
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 3")
+    conn.execute("PRAGMA user_version = 4")
     conn.close()
 
 
@@ -268,7 +284,7 @@ def _newer_schema(path: Path) -> None:
         (
             _newer_schema,
             "newer",
-            re.escape("was written by a newer exporter (schema version 3, this one reads up to 2)"),
+            re.escape("was written by a newer exporter (schema version 4, this one reads up to 3)"),
         ),
     ],
     ids=[
@@ -359,7 +375,7 @@ def test_rows_of_an_unknown_source_are_left_alone(tmp_path: Path) -> None:
     other.save(sms_state())
     other.close()
     with sqlite3.connect(path) as conn:  # rows of a source never saved: not read
-        conn.execute("INSERT INTO totals VALUES ('telex', 'delivered', 5)")
+        conn.execute("INSERT INTO aggregates VALUES ('telex', '{}', '{}', 5, 0, 0, '[]', 0)")
     conn.close()
 
     assert reopen(path) == (None, None)
@@ -605,3 +621,75 @@ def test_saving_ten_thousand_messages(tmp_path: Path) -> None:
     store.close()
     print(f"\nsaving {len(state.messages)} messages took {took * 1000:.0f} ms")
     assert reopen(tmp_path / "state.db") == (state, None)
+
+
+# What version 2 of the state file (the first release's) created, verbatim: its unlabelled
+# totals and message rows must come through the migration exactly.
+V2_SCHEMA = """
+CREATE TABLE sources (source TEXT PRIMARY KEY, cost_total REAL NOT NULL, saved_at REAL NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE messages (
+    source TEXT NOT NULL, id TEXT NOT NULL, first_seen REAL NOT NULL, phase TEXT NOT NULL,
+    final_at REAL, last_success REAL, states_json TEXT, statuses_json TEXT, cost REAL,
+    unsubscribed INTEGER, last_report REAL, PRIMARY KEY (source, id)
+) WITHOUT ROWID;
+CREATE TABLE totals (
+    source TEXT NOT NULL, state TEXT NOT NULL, recipients INTEGER NOT NULL,
+    PRIMARY KEY (source, state)
+) WITHOUT ROWID;
+CREATE TABLE registered (
+    source TEXT NOT NULL, position INTEGER NOT NULL, id TEXT NOT NULL, labels_json TEXT NOT NULL,
+    sent_at REAL, PRIMARY KEY (source, position)
+) WITHOUT ROWID;
+PRAGMA application_id = 1297106264;
+PRAGMA user_version = 2;
+"""
+
+
+def test_a_version_2_file_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V2_SCHEMA)
+    with conn:
+        conn.execute("INSERT INTO sources VALUES ('bulk_status', 12.9885, ?)", (START + 7300,))
+        conn.executemany(
+            "INSERT INTO totals VALUES ('bulk_status', ?, ?)",
+            [("delivered", 1101), ("failed", 180), ("pending", 0), ("unknown", 3)],
+        )
+        conn.execute(
+            "INSERT INTO messages VALUES ('bulk_status', '302', ?, 'settled', NULL, ?, ?, ?,"
+            " 12.957, 24, ?)",
+            (
+                START + 2,
+                START + 95.5,
+                '{"delivered": 1058, "failed": 176, "pending": 0, "unknown": 0}',
+                '{"delivered": 1058, "not delivered": 176}',
+                START + 1236.25,
+            ),
+        )
+        conn.execute("INSERT INTO registered VALUES ('bulk_status', 0, '302', '{}', NULL)")
+    conn.close()
+
+    loaded, problem = reopen(path)
+    assert problem is None and loaded is not None
+    # The unlabelled totals are the empty label set's, with no delays counted yet.
+    assert loaded.totals.recipients == {
+        State.DELIVERED: 1101,
+        State.FAILED: 180,
+        State.PENDING: 0,
+        State.UNKNOWN: 3,
+    }
+    assert loaded.totals.cost == 12.9885
+    assert list(loaded.totals.tallies) == [()]
+    settled = loaded.messages["302"].aggregate
+    assert settled is not None and settled.states[State.DELIVERED] == 1058
+    assert settled.delays == () and settled.cost == 12.957
+    assert [spec.id for spec in loaded.registered] == ["302"]
+
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+    assert tables == {"sources", "messages", "aggregates", "registered"}
+    conn.close()
+    assert not list(tmp_path.glob("state.db.*"))  # migrated, not moved aside
+    assert reopen(path) == (loaded, None)  # and read again as version 3

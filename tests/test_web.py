@@ -68,7 +68,9 @@ def test_metrics_plain_gzip_and_openmetrics(app: Any) -> None:
         app, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"}
     )
     assert headers["Content-Type"].startswith("application/openmetrics-text")
-    assert om.endswith(b"# EOF\n") and b'mailpartner_recipients_total{state="delivered"} 3.0' in om
+    assert om.endswith(b"# EOF\n")
+    assert b'mailpartner_recipients_total{campaign="newsletter",state="delivered"} 2.0' in om
+    assert b'mailpartner_delivery_delay_seconds_bucket{campaign="welcome",le="120.0"} 1.0' in om
 
 
 def test_custom_telemetry_path() -> None:
@@ -152,7 +154,9 @@ def test_empty_exporter_still_exposes_known_series() -> None:
     )
     body = call(create_app(registry, book), "/metrics")[2].decode()
     for line in (
-        'mailpartner_recipients_total{state="unknown"} 0.0',
+        'mailpartner_recipients_total{campaign="",state="unknown"} 0.0',
+        'mailpartner_delivery_delay_seconds_bucket{campaign="",le="+Inf"} 0.0',
+        "mailpartner_exporter_per_message_withheld 0.0",
         'mailpartner_api_errors_total{code="429",endpoint="bulk-status"} 0.0',
         'mailpartner_api_request_failures_total{endpoint="bulk-status",reason="timeout"} 0.0',
         'mailpartner_exporter_messages{phase="final"} 0.0',

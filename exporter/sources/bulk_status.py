@@ -103,7 +103,7 @@ class BulkStatusSource(Source):
         self._kind = kind
         self.name = kind.name
         self.upstream = _connect(context, settings, None)
-        self.book = MessageBook(context.config.polling, context.jitter)
+        self.book = MessageBook(context.config.polling, context.jitter, context.config.metrics)
         self._lock = threading.Lock()
         # IDs the config or the files name: registrations and demo sends do not override them.
         self._claimed: frozenset[str] = frozenset()
@@ -257,7 +257,7 @@ class BulkStatusSource(Source):
     def reconfigure(self, context: SourceContext, settings: Settings) -> bool:
         self.upstream = _connect(context, settings, self.upstream)
         self.context, self.settings = context, settings
-        self.book.reconfigure(context.config.polling)
+        self.book.reconfigure(context.config.polling, context.config.metrics)
         if self._patterns(context, settings) != self._file_patterns:
             self._files = self._message_files(context, settings)
             self._files_checked = context.clock()
@@ -286,9 +286,13 @@ class BulkStatusSource(Source):
         message_id = message.spec.id
         clock = self.context.clock
         try:
-            aggregate = self.upstream.client.bulk_status(
-                message_id, ReportAggregator(self.context.config.status_map), self.kind.shape
+            config = self.context.config
+            aggregator = ReportAggregator(
+                config.status_map,
+                sent_at=message.sent_at,
+                delay_buckets=config.metrics.delivery_delay_buckets,
             )
+            aggregate = self.upstream.client.bulk_status(message_id, aggregator, self.kind.shape)
         except PollError as e:
             self.book.record_failure(message_id, str(e), clock())
             level = logging.DEBUG if message.last_error else logging.WARNING
