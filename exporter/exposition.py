@@ -1,4 +1,5 @@
-"""``/metrics`` in the text format 0.0.4, byte for byte what ``generate_latest`` writes, fast.
+"""``/metrics`` in the text format 0.0.4 or OpenMetrics 1.0, byte for byte what prometheus_client
+writes in that format, fast.
 
 Per-message families are rendered a message at a time and kept between scrapes, keyed on
 the ``TrackedMessage`` object (replaced whole on every change) and then on the view of it
@@ -6,7 +7,9 @@ that its series depend on, so a poll that starts, or changes nothing, re-renders
 The lines live joined in blocks of about ``CHUNK`` messages, one chunk per family: a scrape
 sends the chunks as they are, rebuilds only blocks holding a changed message (from slices
 of the old chunks) and deflates only those for gzip. Every other family (a few dozen
-samples) goes through ``generate_latest`` itself. Label names are written as they are: the
+samples) goes through prometheus_client's own writer for the format. A gauge's sample lines
+are the same bytes in both formats (the same label escaping and float formatting); only the
+headers differ, and OpenMetrics ends with ``# EOF``. Label names are written as they are: the
 configuration only accepts legacy names (``[a-zA-Z_][a-zA-Z0-9_]*``), which need no escaping.
 """
 
@@ -22,6 +25,7 @@ from typing import Generic, NamedTuple, TypeVar
 
 from prometheus_client import generate_latest
 from prometheus_client.core import Metric
+from prometheus_client.openmetrics.exposition import generate_latest as _openmetrics_latest
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -37,6 +41,7 @@ CHUNK = 128
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, no mtime, unknown OS
 _LAST_BLOCK = b"\x03\x00"  # an empty final deflate block
 _go_float: Callable[[float], str] = floatToGoString  # untyped in prometheus_client
+_write_openmetrics: Callable[[Collector], bytes] = _openmetrics_latest  # untyped there too
 
 
 class Chunk:
@@ -72,6 +77,7 @@ class MessageLines(Generic[View]):
         self.view = view
         self.samples = samples
         self._headers = [Chunk(generate_latest(FixedMetrics([gauge(*f)]))) for f in families]
+        self.openmetrics_headers = [Chunk(openmetrics([gauge(*f)])) for f in families]
         self._lock = threading.Lock()  # two scrapes at once update the caches in turn
         # By message ID: the message last seen, its view, and its lines (where in a block).
         self._lines: dict[str, tuple[TrackedMessage, View, Row | _Place]] = {}
@@ -223,8 +229,12 @@ class MessageFamily(Metric):
     def samples(self, samples: list[Sample]) -> None:
         self._built = samples
 
-    def chunks(self) -> list[Chunk]:
-        return self._scrape.chunks()[self._index]
+    def chunks(self, openmetrics: bool = False) -> list[Chunk]:
+        """The family's header (in the format asked for), then its sample lines."""
+        header, *lines = self._scrape.chunks()[self._index]
+        if openmetrics:
+            header = self._scrape.openmetrics_header(self._index)
+        return [header, *lines]
 
 
 class _Scrape:
@@ -235,6 +245,9 @@ class _Scrape:
         self._messages = messages
         self._chunks: list[list[Chunk]] | None = None
         self._samples: list[Sequence[Samples]] | None = None
+
+    def openmetrics_header(self, index: int) -> Chunk:
+        return self._lines.openmetrics_headers[index]
 
     def chunks(self) -> list[list[Chunk]]:
         if self._chunks is None:
@@ -266,12 +279,12 @@ class TextExposition:
         self._compressor = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
         self._lock = threading.Lock()
 
-    def plain(self) -> list[bytes]:
-        return [part.raw for part in self._parts() if part.raw]
+    def plain(self, openmetrics: bool = False) -> list[bytes]:
+        return [part.raw for part in self._parts(openmetrics) if part.raw]
 
-    def gzipped(self) -> list[bytes]:
+    def gzipped(self, openmetrics: bool = False) -> list[bytes]:
         """One gzip member: the parts' deflate streams back to back, then the trailer."""
-        parts = [part for part in self._parts() if part.raw]
+        parts = [part for part in self._parts(openmetrics) if part.raw]
         crcs: list[tuple[weakref.ref[Chunk], int]] = []
         kept, crc, same = self._crcs, 0, True
         for i, part in enumerate(parts):
@@ -289,19 +302,22 @@ class TextExposition:
     def _deflate(self, raw: bytes) -> bytes:
         return self._compressor.compress(raw) + self._compressor.flush(zlib.Z_FULL_FLUSH)
 
-    def _parts(self) -> list[Chunk]:
+    def _parts(self, openmetrics: bool) -> list[Chunk]:
+        write = openmetrics_body if openmetrics else generate_latest
         parts: list[Chunk] = []
         others: list[Metric] = []
         for metric in self._registry.collect():
             if isinstance(metric, MessageFamily):
                 if others:
-                    parts.append(Chunk(generate_latest(FixedMetrics(others))))
+                    parts.append(Chunk(write(FixedMetrics(others))))
                     others = []
-                parts.extend(metric.chunks())
+                parts.extend(metric.chunks(openmetrics))
             else:
                 others.append(metric)
         if others:
-            parts.append(Chunk(generate_latest(FixedMetrics(others))))
+            parts.append(Chunk(write(FixedMetrics(others))))
+        if openmetrics:
+            parts.append(_EOF)
         return parts
 
 
@@ -321,6 +337,20 @@ def gauge(name: str, documentation: str, value: float | None = None) -> Metric:
     if value is not None:
         metric.add_sample(name, {}, float(value))
     return metric
+
+
+_EOF_LINE = b"# EOF\n"
+_EOF = Chunk(_EOF_LINE)
+
+
+def openmetrics_body(registry: Collector) -> bytes:
+    """OpenMetrics' text for ``registry``'s families, without the ``# EOF`` that ends a whole
+    exposition (the fast path puts one at the very end)."""
+    return _write_openmetrics(registry).removesuffix(_EOF_LINE)
+
+
+def openmetrics(metrics: list[Metric]) -> bytes:
+    return openmetrics_body(FixedMetrics(metrics))
 
 
 def _lines(name: str, samples: Samples, pairs: dict[tuple[str, str], str]) -> bytes:

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import bcrypt
-from prometheus_client import generate_latest, make_wsgi_app
+from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import CollectorRegistry
 
@@ -31,6 +31,10 @@ from exporter.wsgi import StartResponse, WSGIApp, respond
 
 log = logging.getLogger(__name__)
 _CHALLENGE = 'Basic realm="mailpartner-exporter"'
+# What the fast path writes: the text format 0.0.4 and OpenMetrics 1.0.0 (what a Prometheus asks
+# for); anything else prometheus_client negotiates (OpenMetrics 2.0) goes to its own writer.
+_TEXT_0_0_4 = "text/plain; version=0.0.4"
+_OPENMETRICS_1_0 = "application/openmetrics-text; version=1.0.0"
 # bcrypt of a random password, checked for unknown users so they cost as much as known ones.
 _DECOY_HASH = b"$2b$10$jb6mSkTEHB5QkYb71N19peyk2P9UGt2Ekak7ZPU5WsznWpA4.J.Tu"
 
@@ -97,26 +101,27 @@ def create_app(
 
 
 def _metrics_app(registry: CollectorRegistry) -> WSGIApp:
-    """Text format 0.0.4, plain or gzip, from ``TextExposition`` (the same bytes, faster);
-    OpenMetrics, ``name[]`` filters and other methods from prometheus_client's own app.
-    """
+    """Text format 0.0.4 or OpenMetrics, plain or gzip, from ``TextExposition`` (the bytes
+    prometheus_client writes, faster); ``name[]`` filters and other methods from
+    prometheus_client's own app."""
     fallback: WSGIApp = make_wsgi_app(registry)
     exposition = TextExposition(registry)
 
     def metrics(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT") or "")
+        _, content_type = choose_encoder(environ.get("HTTP_ACCEPT") or "")
+        openmetrics = content_type.startswith(_OPENMETRICS_1_0)
         if (
             environ.get("REQUEST_METHOD") != "GET"
-            or encoder is not generate_latest
+            or not (openmetrics or content_type.startswith(_TEXT_0_0_4))
             or "name[]" in parse_qs(environ.get("QUERY_STRING") or "")
         ):
             return fallback(environ, start_response)
         headers = [("Content-Type", content_type)]
         if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):
-            body = exposition.gzipped()
+            body = exposition.gzipped(openmetrics)
             headers.append(("Content-Encoding", "gzip"))
         else:
-            body = exposition.plain()
+            body = exposition.plain(openmetrics)
         start_response("200 OK", [*headers, ("Content-Length", str(sum(map(len, body))))])
         return body
 

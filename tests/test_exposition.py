@@ -15,6 +15,7 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.aggregate import MessageAggregate
@@ -103,6 +104,11 @@ def test_scenario_renders_exactly_as_generate_latest() -> None:
     assert plain(exposition) == generate_latest(registry) == EXPECTED.read_bytes()
     for _ in range(2):  # the second time from what the first kept
         assert gunzip_one_member(exposition.gzipped()) == EXPECTED.read_bytes()
+    # OpenMetrics, as a Prometheus asks first: the same samples in that format, byte for byte.
+    openmetrics = generate_openmetrics(registry)
+    assert b"".join(exposition.plain(openmetrics=True)) == openmetrics
+    assert gunzip_one_member(exposition.gzipped(openmetrics=True)) == openmetrics
+    assert openmetrics.endswith(b"# EOF\n") and openmetrics.count(b"# EOF") == 1
 
 
 def test_random_books_render_exactly_as_generate_latest_as_they_change() -> None:
@@ -114,6 +120,9 @@ def test_random_books_render_exactly_as_generate_latest_as_they_change() -> None
         assert b'\\"' in expected and b"\\\\" in expected and b"\\n" in expected
         assert plain(exposition) == expected
         assert gzip.decompress(b"".join(exposition.gzipped())) == expected
+        openmetrics = generate_openmetrics(registry)
+        assert b"".join(exposition.plain(openmetrics=True)) == openmetrics
+        assert gzip.decompress(b"".join(exposition.gzipped(openmetrics=True))) == openmetrics
         clock.advance(rng.randint(1, 4000))
         messages, _ = book.snapshot()
         for message in rng.sample(messages, 40):
@@ -196,7 +205,14 @@ def test_lines_of_messages_gone_are_forgotten() -> None:
     assert len(lines) == 10
 
 
-def test_only_plain_text_goes_the_fast_way_and_all_answers_agree() -> None:
+# What Prometheus 2.x and 3.x send when they scrape.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def test_both_formats_prometheus_reads_go_the_fast_way_and_all_answers_agree() -> None:
     registry, book, clock = random_book(random.Random(4), 100)
     app = create_app(registry, book, clock=clock)
     headers, body = get(app)
@@ -204,6 +220,10 @@ def test_only_plain_text_goes_the_fast_way_and_all_answers_agree() -> None:
     assert int(headers["Content-Length"]) == len(body) and body == generate_latest(registry)
     headers, packed = get(app, headers={"Accept-Encoding": "gzip, deflate"})
     assert headers["Content-Encoding"] == "gzip" and gzip.decompress(packed) == body
+    scrape = {"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"}
+    headers, packed = get(app, headers=scrape)
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert gzip.decompress(packed) == generate_openmetrics(registry)
     # Everything else is prometheus_client's own answer.
     headers, _ = get(app, headers={"Accept": "text/plain; version=1.0.0"})
     assert "escaping=underscores" in headers["Content-Type"]
