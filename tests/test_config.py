@@ -136,7 +136,7 @@ CASES = {
     "yaml_syntax": (
         e.SyntaxConfigError,
         "",
-        "line 3, column 2: expected <block end>, but found '<block mapping start>'",
+        "line 3, column 2: did not find expected key",
     ),
     "duplicate_yaml_key": (
         e.SyntaxConfigError,

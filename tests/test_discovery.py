@@ -131,7 +131,7 @@ def test_an_edited_file_changes_its_messages(tmp_path: Path) -> None:
 
 
 BAD_FILES = {
-    "bad_syntax.yaml": "line 4, column 7: expected ',' or '}', but got ':'",
+    "bad_syntax.yaml": "line 4, column 7: did not find expected ',' or '}'",
     "bad_label_name.yaml": "messages[1].labels.bad-name: is not a valid Prometheus label name"
     " ([a-zA-Z_][a-zA-Z0-9_]*)",
     "messages_not_a_list.yaml": "messages: must be a list, not a string",

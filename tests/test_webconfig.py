@@ -155,7 +155,7 @@ def test_changed_password_and_certificate_apply_to_the_next_request(site: Site) 
 @pytest.mark.parametrize(
     ("broken", "logged"),
     [
-        ("tls_server_config: [\n", "web.yml: line 2, column 1: expected the node content"),
+        ("tls_server_config: [\n", "web.yml: line 2, column 1: did not find expected node content"),
         (TLS + "basic_auth_users:\n  prometheus: plain\n", "prometheus: not a bcrypt hash"),
         (TLS + "  client_auth_type: Sometimes\n", "client_auth_type: 'Sometimes' is not one"),
         (USERS.format(hash=hashed(b"new")), "turning TLS on or off needs a restart"),
