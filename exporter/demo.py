@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
+from collections import deque
 from collections.abc import Iterable
 from types import MappingProxyType
 
@@ -11,6 +13,8 @@ from exporter.config.model import ApiConfig, Config, SourceConfig
 from exporter.domain import MessageSpec
 from exporter.secret import Secret
 from exporter.simulator import DemoCampaign, SimulatedSend, SimulatorServer, World
+from exporter.simulator.demo import KEEP, MAX_RECIPIENTS
+from exporter.simulator.model import Clock
 
 DEMO_KEY = "demo-key"
 DEMO_SMS_KEY = "demo-sms-key"
@@ -19,18 +23,23 @@ DEMO_SMS_KEY = "demo-sms-key"
 class Demo:
     """Runs the simulator and tells the exporter about every send it makes."""
 
-    def __init__(self, seed: int = 1) -> None:
-        self._world = World(seed=seed)
+    def __init__(self, seed: int = 1, clock: Clock = time.time) -> None:
+        self._world = World(seed=seed, clock=clock)
         self._server = SimulatorServer(self._world, api_key=DEMO_KEY, sms_api_key=DEMO_SMS_KEY)
+        # Campaigns every three minutes and a one-recipient send every five seconds.
         self._campaign = DemoCampaign(self._world)
-        self._sends: list[MessageSpec] = []
+        self._started: list[MessageSpec] = []
+        # The later sends, oldest first, for as long as the simulator keeps them: a reload
+        # puts them in the new config, and the stream makes 17,000 a day.
+        self._new: deque[MessageSpec] = deque()
 
     def start(self) -> None:
         self._server.start()
-        self._sends = [_spec(send) for send in self._campaign.start()]
+        self._started = [_spec(send) for send in self._campaign.start()]
 
     def apply(self, config: Config) -> Config:
-        """``config`` pointed at the simulator, with every demo send added.
+        """``config`` pointed at the simulator, with the demo's sends added (the later ones
+        for as long as the simulator keeps them).
 
         The configured messages are sent by the simulator too (sizes derived
         from their IDs), so the shipped ``config.yaml`` shows data as-is; so are
@@ -42,7 +51,7 @@ class Demo:
             api=dataclasses.replace(
                 config.api, base_url=self._server.url, api_key=Secret(DEMO_KEY)
             ),
-            messages=(*config.messages, *self._sends),
+            messages=(*config.messages, *self._started, *self._new),
             sources=None if config.sources is None else tuple(map(self._sms, config.sources)),
         )
 
@@ -58,7 +67,10 @@ class Demo:
     def new_messages(self) -> list[MessageSpec]:
         """Sends the simulator made since the last call."""
         new = [_spec(send) for send in self._campaign.due()]
-        self._sends += new
+        self._new += new
+        horizon = self._world.clock() - KEEP
+        while self._new and (self._new[0].sent_at or 0.0) < horizon:
+            self._new.popleft()
         return new
 
     def stop(self) -> None:
@@ -69,7 +81,8 @@ def _send_all(world: World, messages: Iterable[MessageSpec]) -> None:
     for spec in messages:
         if world.get(spec.id) is None:
             world.send(
-                500 + zlib.crc32(spec.id.encode()) % 4500,
+                # 50 to 500 recipients: one message ID is one send, at most 500 recipients.
+                50 + zlib.crc32(spec.id.encode()) % (MAX_RECIPIENTS - 50 + 1),
                 message_id=spec.id,
                 sent_at=spec.sent_at,
                 campaign=spec.labels.get("campaign", "demo"),

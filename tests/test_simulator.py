@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 import subprocess
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 
+from exporter.config.model import Config
+from exporter.demo import Demo
 from exporter.simulator import (
     DemoCampaign,
     Faults,
@@ -23,6 +26,8 @@ from exporter.simulator import (
     SimulatorServer,
     World,
 )
+from exporter.simulator.cli import parse_args
+from exporter.simulator.demo import KEEP, MAX_RECIPIENTS, TRANSACTIONAL
 from tests.conftest import START, TEST_KEY, FakeClock
 
 Serve = Callable[..., SimulatorServer]
@@ -440,34 +445,218 @@ def test_stats_count_every_v1_request(
 # --- demo campaign and command line --------------------------------------------------------
 
 
+BUILT_IN = {
+    "1000": "welcome",
+    "1001": "password-reset",
+    "1002": "newsletter",
+    "1003": "promo",
+    "1004": "invoice",
+    "1005": "reactivation",
+}  # deploy/docker/config.yaml lists these IDs with these campaigns
+
+
+def is_stream(send: SimulatedSend) -> bool:
+    return send.recipients == 1 and send.campaign in TRANSACTIONAL
+
+
 def test_demo_campaign(world: World, clock: FakeClock) -> None:
     demo = DemoCampaign(world, interval=180)
-    built_in = demo.start()
-    assert len(built_in) == 6
-    assert len({s.campaign for s in built_in}) == 6
-    ages = sorted(T0 - s.sent_at for s in built_in)
-    assert ages[0] < 60 and ages[-1] < HOURS_48
-    assert min(s.recipients for s in built_in) >= 100
-    assert max(s.recipients for s in built_in) == 5000
+    started = demo.start()
+    assert [s.message_id for s in started] == [str(i) for i in range(1000, 1000 + len(started))]
+    assert {s.message_id: s.campaign for s in started[:6]} == BUILT_IN
+    # Sends of every age, from the stream's of the last minute to a campaign of 47 hours.
+    ages = sorted(T0 - s.sent_at for s in started)
+    assert ages[0] == 0 and ages[-1] < HOURS_48
+    bounds = (0, 60, 600, 3600, 4 * 3600, 24 * 3600, HOURS_48)
+    assert all(any(a < age < b for age in ages) for a, b in itertools.pairwise(bounds))
+    campaigns = [s for s in started if not is_stream(s)]
+    assert max(s.recipients for s in started) == MAX_RECIPIENTS
+    by_label: Counter[str] = Counter()
+    for send in campaigns:
+        by_label[send.campaign] += send.recipients
+    assert max(by_label.values()) > MAX_RECIPIENTS, "a big campaign is several sends"
+    history = [s for s in started[6:] if is_stream(s)]
+    assert sorted(T0 - s.sent_at for s in history) == [5.0 * k for k in range(12)]
+    assert {s.campaign for s in history} == set(TRANSACTIONAL)
 
     assert demo.due() == []
     clock.advance(400)
     new = demo.due()
-    assert [s.sent_at for s in new] == [T0 + 180, T0 + 360]
-    assert all(50 <= s.recipients <= 5000 for s in new)
+    assert [s.sent_at for s in new] == sorted(s.sent_at for s in new), "in time order"
+    assert {s.sent_at for s in new if not is_stream(s)} == {T0 + 180, T0 + 360}
+    assert [s.sent_at for s in new if is_stream(s)] == [T0 + 5 * k for k in range(1, 81)]
+    assert all(1 <= s.recipients <= MAX_RECIPIENTS for s in new)
     assert demo.due() == []
 
     replay = World(seed=7, clock=FakeClock(T0))
     again = DemoCampaign(replay, interval=180)
-    again.start()
+    assert again.start() == started
     replay.clock = clock
     assert again.due() == new
+
+
+def test_demo_campaigns_are_sends_of_at_most_500_with_one_label(
+    world: World, clock: FakeClock
+) -> None:
+    demo = DemoCampaign(world, interval=180, transactional_interval=0)
+    demo.start()
+    clock.advance(180 * 200)
+    by_slot: dict[float, list[SimulatedSend]] = {}
+    for send in demo.due():
+        by_slot.setdefault(send.sent_at, []).append(send)
+    assert sorted(by_slot) == [T0 + 180 * k for k in range(1, 201)]
+    for sends in by_slot.values():
+        assert len({s.campaign for s in sends}) == 1
+        assert set(TRANSACTIONAL).isdisjoint({s.campaign for s in sends})
+        *full, last = [s.recipients for s in sends]
+        assert full == [MAX_RECIPIENTS] * len(full) and 0 < last <= MAX_RECIPIENTS
+        assert 50 <= sum(s.recipients for s in sends) <= 2000
+    assert max(len(sends) for sends in by_slot.values()) > 1
+    assert all(s.recipients <= MAX_RECIPIENTS for s in world.sends())
+
+
+def test_the_transactional_stream_is_one_recipient_sends_every_interval() -> None:
+    def stream(seed: int, step: float) -> list[SimulatedSend]:
+        """Two minutes of a 2-second stream, asking for the sends every ``step`` seconds."""
+        clock = FakeClock(T0)
+        demo = DemoCampaign(World(seed=seed, clock=clock), interval=3600, transactional_interval=2)
+        demo.start()
+        sends: list[SimulatedSend] = []
+        while clock.now < T0 + 120:
+            clock.advance(step)
+            sends += demo.due()
+        return sends
+
+    sends = stream(7, 120)
+    assert [s.sent_at for s in sends] == [T0 + 2 * k for k in range(1, 61)]
+    assert all(is_stream(s) for s in sends)
+    counts = Counter(s.campaign for s in sends)
+    assert set(counts) == set(TRANSACTIONAL) and min(counts.values()) > 10
+    # Whenever due() is called, the same sends with the same IDs: dated by slot, not by call.
+    assert stream(7, 3) == sends
+    assert [s.campaign for s in stream(8, 120)] != [s.campaign for s in sends]
+
+
+@pytest.mark.parametrize("off", [0, None])
+def test_transactional_interval_zero_turns_the_stream_off(
+    world: World, clock: FakeClock, off: float | None
+) -> None:
+    demo = DemoCampaign(world, interval=180, transactional_interval=off)
+    started = demo.start()
+    assert {s.message_id: s.campaign for s in started[:6]} == BUILT_IN
+    clock.advance(400)
+    new = demo.due()
+    assert [s.sent_at for s in new] == sorted(s.sent_at for s in new)
+    assert {s.sent_at for s in new} == {T0 + 180, T0 + 360}
+    assert not any(is_stream(s) for s in started[6:] + new)
+
+    # The campaigns do not depend on the stream: they draw from their own generator.
+    with_stream = World(seed=7, clock=FakeClock(T0))
+    demo = DemoCampaign(with_stream, interval=180)
+    demo.start()
+    with_stream.clock = clock
+    campaigns = [s for s in demo.due() if not is_stream(s)]
+    assert [(s.sent_at, s.recipients, s.campaign) for s in campaigns] == [
+        (s.sent_at, s.recipients, s.campaign) for s in new
+    ]
+    with pytest.raises(ValueError, match="transactional_interval"):
+        DemoCampaign(world, transactional_interval=-1)
+
+
+def test_the_demo_forgets_its_sends_after_49_hours(world: World, clock: FakeClock) -> None:
+    demo = DemoCampaign(world, interval=600, transactional_interval=60)
+    started = demo.start()
+    sizes: list[int] = []
+    made = 0
+    for _ in range(5 * 24):
+        clock.advance(3600)
+        new = demo.due()
+        assert new and all(world.get(s.message_id) == s for s in new)
+        made += len(new)
+        sizes.append(len(world.sends()))
+    kept = world.sends()
+    assert min(s.sent_at for s in kept if s.message_id not in BUILT_IN) >= clock() - KEEP
+    # 49 hours of sends (60 an hour from the stream, at most 6 x 4 from the campaigns) and
+    # the built-in ones, which are never forgotten: the same after two days as after five.
+    assert max(sizes[49:]) <= 49 * (60 + 6 * 4) + 6 < made / 2
+    assert [s.message_id for s in started if world.get(s.message_id)] == list(BUILT_IN)
+    forgotten = started[-1].message_id
+    assert world.get(forgotten) is None
+    with pytest.raises(KeyError):
+        world.truth(forgotten)
+
+
+def test_the_exporters_demo_hands_over_each_send_once(clock: FakeClock) -> None:
+    demo = Demo(seed=3, clock=clock)
+    demo.start()
+    try:
+        config = demo.apply(Config(file="demo.yaml"))
+        started = {spec.id for spec in config.messages}
+        assert len(started) == 6 + 4 + 12  # built-in sends, bigger campaigns' others, stream
+        assert demo.new_messages() == []
+        clock.advance(60)
+        assert [spec.sent_at for spec in demo.new_messages()] == [T0 + 5 * k for k in range(1, 13)]
+        labels: set[str] = set()
+        for _ in range(60):
+            clock.advance(3600)
+            new = demo.new_messages()
+            assert len(new) >= 720 and started.isdisjoint(spec.id for spec in new)
+            labels |= {spec.labels["campaign"] for spec in new}
+        assert set(TRANSACTIONAL) < labels
+        # A reload: only the later sends the simulator still has, 49 hours' rather than 61.
+        config = demo.apply(Config(file="demo.yaml"))
+        later = [spec for spec in config.messages if spec.id not in started]
+        assert min(spec.sent_at or 0 for spec in later) >= clock() - KEEP
+        assert len(later) <= 49 * (720 + 20 * 4)
+    finally:
+        demo.stop()
+
+
+def test_simulator_flags() -> None:
+    args = parse_args([])
+    assert (args.demo_sends, args.send_interval, args.transactional_interval) == (
+        False,
+        180.0,
+        5.0,
+    )
+    args = parse_args(["--demo-sends", "--transactional-interval", "2.5"])
+    assert (args.demo_sends, args.transactional_interval) == (True, 2.5)
+    assert parse_args(["--transactional-interval", "0"]).transactional_interval == 0.0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--transactional-interval", "-1"],
+        ["--transactional-interval", "soon"],
+        ["--transactional-interval", "nan"],
+        ["--send-interval", "0"],
+    ],
+)
+def test_simulator_flags_refuse_bad_intervals(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv)
+    assert exited.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_simulator_help_documents_the_stream(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--transactional-interval" in text
+    assert "0 turns them off" in text
 
 
 @pytest.mark.e2e
 def test_cli_serves_until_sigterm() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "exporter.simulator", "--listen", "127.0.0.1:0", "--demo-sends"],
+        [
+            *(sys.executable, "-m", "exporter.simulator", "--listen", "127.0.0.1:0"),
+            *("--demo-sends", "--transactional-interval", "0.5"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -477,8 +666,14 @@ def test_cli_serves_until_sigterm() -> None:
         line = process.stdout.readline()
         match = re.search(r"(http://127\.0\.0\.1:\d+/v1); message IDs: 1000 1001 .* 1005", line)
         assert match, line
+        assert len(line.split()) > 120, "the stream's last minute: a send every 0.5 s"
         me = requests.get(f"{match[1]}/me", params={"apiKey": "demo-key"}, timeout=5)
         assert me.json()["code"] == 200
+        process.stdout.readline()  # where SMS Partner is served
+        new = process.stdout.readline()  # within a second: the loop runs every second
+        assert re.fullmatch(
+            r"new send: message ID \d+ \((password-reset|invoice), 1 recipient\)\n", new
+        )
     finally:
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=5)

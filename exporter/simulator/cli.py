@@ -4,6 +4,7 @@ it, until SIGINT or SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -20,6 +21,30 @@ def _address(value: str) -> tuple[str, int]:
     if not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host or "0.0.0.0", int(port)
+
+
+def _positive(value: str) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {value!r}")
+    return seconds
+
+
+def _not_negative(value: str) -> float:
+    seconds = _seconds(value)
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
+    return seconds
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, got {value!r}")
+    return seconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,10 +68,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--demo-sends",
         action="store_true",
-        help="create a built-in set of sends of every age, then a new one every interval",
+        help=(
+            "create sends of every age (IDs 1000 to 1005, then more) and the last minute of"
+            " transactional sends, then a new campaign every --send-interval and a"
+            " transactional send every --transactional-interval; all but 1000 to 1005 are"
+            " forgotten 49 hours after they were made"
+        ),
     )
     parser.add_argument(
-        "--send-interval", type=float, default=180.0, help="seconds between new demo sends"
+        "--send-interval",
+        type=_positive,
+        default=180.0,
+        help="seconds between new demo campaigns (each up to 2,000 recipients, 500 per send)",
+    )
+    parser.add_argument(
+        "--transactional-interval",
+        type=_not_negative,
+        default=5.0,
+        help=(
+            "seconds between the demo's one-recipient transactional sends (campaign"
+            " password-reset or invoice); 0 turns them off"
+        ),
     )
     return parser.parse_args(argv)
 
@@ -68,7 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"mailpartner-simulator: cannot listen on {host}:{port}: {err}", file=sys.stderr)
         return 1
-    campaign = DemoCampaign(world, interval=args.send_interval) if args.demo_sends else None
+    campaign = (
+        DemoCampaign(
+            world,
+            interval=args.send_interval,
+            transactional_interval=args.transactional_interval,
+        )
+        if args.demo_sends
+        else None
+    )
     sends = campaign.start() if campaign else []
 
     stopping = threading.Event()
@@ -87,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         while not stopping.wait(1.0):
             for sent in campaign.due() if campaign else []:
+                recipients = (
+                    "1 recipient" if sent.recipients == 1 else f"{sent.recipients} recipients"
+                )
                 print(
-                    f"new send: message ID {sent.message_id} "
-                    f"({sent.campaign}, {sent.recipients} recipients)",
+                    f"new send: message ID {sent.message_id} ({sent.campaign}, {recipients})",
                     flush=True,
                 )
     return 0

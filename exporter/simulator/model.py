@@ -210,6 +210,14 @@ class World:
         with self._lock:
             self._fates.pop(message_id, None)
 
+    def forget(self, message_id: str) -> None:
+        """Drop a send and its draws, as if it had never been made: ``get`` no longer finds it
+        and ``sends`` no longer lists it. A world that keeps sending (the demo's stream, one
+        every few seconds) stays the same size by forgetting sends nobody polls any more."""
+        with self._lock:
+            self._sends.pop(message_id, None)
+            self._fates.pop(message_id, None)
+
     def _lookup(self, message_id: str) -> tuple[SimulatedSend, _Fates]:
         with self._lock:
             sent = self._sends[message_id]
