@@ -18,7 +18,7 @@ OTHER_STATUS = "other"
 _MAX_RAW_SPELLINGS = 256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageAggregate:
     """What one bulk-status response says about a message, summed over recipients."""
 

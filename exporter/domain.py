@@ -51,7 +51,7 @@ class StatusMap:
         return self.states.get(raw_status.lower(), State.UNKNOWN)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageSpec:
     """A message to track: its upstream ID, extra labels and when it was sent."""
 

@@ -34,7 +34,7 @@ class Phase(enum.StrEnum):
     FINAL = "final"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrackedMessage:
     """One message's state; replaced whole on every change, so snapshots stay consistent."""
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from exporter.cli import main
+from exporter.config import convert
 from exporter.config import errors as e
 from exporter.config.duration import format_duration, parse_duration
 from exporter.config.errors import ConfigErrors
@@ -269,3 +272,43 @@ def test_durations(text: str, seconds: float) -> None:
 def test_not_durations(text: str) -> None:
     with pytest.raises(ValueError, match="is not a duration"):
         parse_duration(text)
+
+
+YAML_CASES = [
+    "",
+    "# only a comment\n",
+    "a: 1\nb: 1.5\nc: true\nd: no\ne: null\nf: ~\ng: 2026-11-26\nh: 2026-11-26T10:00:00Z\n",
+    "messages:\n  - {id: '300', labels: {campaign: x}}\n  - id: 301\n    sent_at: 1795687200\n",
+    "- [1, 2, [3, {x: y}]]\n- 'quoted: #'\n- \"esc\\t\"\n- !!str 12\n- !!int '7'\n",
+    "base: &b {x: 1}\nother: *b\n",  # anchors and aliases: the node-based loader
+    "base: &b {x: 1}\nmerged: {<<: *b, y: 2}\n",  # a merge key
+    "s: !!set {a, b}\n",  # an explicit collection tag
+    "a: 1\n---\nb: 2\n",  # two documents: refused as the node-based loader refuses them
+    "a: 1\nb: {c: 2, c: 3}\n",  # a key twice
+    "x: !custom 1\n",  # a tag nobody constructs
+    "a: [1, 2\n",  # not valid YAML
+    "? [1, 2]\n: x\n",  # a list as a key
+]
+
+
+@pytest.mark.parametrize("text", YAML_CASES)
+def test_yaml_read_from_events_is_what_the_node_based_loader_reads(text: str) -> None:
+    """Config, message files and the web config are read from the parser's events (no tree
+    of nodes, for memory); the outcome must be the loader's own, value or error."""
+
+    def outcome(load: Callable[[], object]) -> object:
+        try:
+            return ("value", load())
+        except ConfigErrors as e:
+            return ("error", str(e))
+
+    def reference() -> object:
+        try:
+            return yaml.load(text, Loader=convert.UniqueKeyLoader)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = getattr(err, "problem", None) or "not valid YAML"
+            raise ConfigErrors([e.SyntaxConfigError("f.yaml", "", f"{where}{problem}")]) from None
+
+    assert outcome(lambda: convert.load_yaml(text, "f.yaml")) == outcome(reference)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import yaml
@@ -46,6 +46,8 @@ class UniqueKeyLoader(_SafeLoader):  # type: ignore[valid-type,misc]
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # a list or a mapping as a key
+                raise _unhashable(key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice", key_node.start_mark
@@ -62,12 +64,83 @@ def load_yaml(text: str, file: str) -> object:
     which may hold a key or a password hash.
     """
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        try:
+            return _streamed(text)
+        except _NotPlain:
+            return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or "not valid YAML"
         raise ConfigErrors([SyntaxConfigError(file, "", f"{where}{problem}")]) from None
+
+
+class _NotPlain(Exception):
+    """Anchors, aliases, merge keys, explicit collection tags or several documents: the
+    node-based loader reads it, for exactly its outcome."""
+
+
+def _streamed(text: str) -> object:
+    """The document built straight from the parser's events, as the loader would build it but
+    without its tree of nodes, which costs several times the document itself: a message list
+    of 30,000 entries then needs tens of MB less, for good (the freed memory stays mapped)."""
+    loader = UniqueKeyLoader(text)
+    try:
+        loader.get_event()  # the stream's start
+        if loader.check_event(yaml.StreamEndEvent):
+            return None
+        loader.get_event()  # the document's start
+        document = _event_value(loader)
+        loader.get_event()  # the document's end
+        if not loader.check_event(yaml.StreamEndEvent):
+            raise _NotPlain
+        return document
+    finally:
+        loader.dispose()
+
+
+def _event_value(loader: UniqueKeyLoader) -> Any:
+    event = loader.get_event()
+    if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+        raise _NotPlain
+    if isinstance(event, yaml.ScalarEvent):
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+        if tag == "tag:yaml.org,2002:merge" or tag not in loader.yaml_constructors:
+            raise _NotPlain
+        # libyaml's marks, as its own composer passes them (the stubs know only PyYAML's).
+        start: Any = event.start_mark
+        end: Any = event.end_mark
+        node = yaml.ScalarNode(tag, event.value, start, end, event.style)
+        return loader.yaml_constructors[tag](loader, node)
+    if event.tag not in (None, "!", _SEQ, _MAP):
+        raise _NotPlain
+    if isinstance(event, yaml.SequenceStartEvent):
+        items = []
+        while not loader.check_event(yaml.SequenceEndEvent):
+            items.append(_event_value(loader))
+        loader.get_event()
+        return items
+    mapping: dict[Any, Any] = {}
+    while not loader.check_event(yaml.MappingEndEvent):
+        mark = loader.peek_event().start_mark
+        key = _event_value(loader)
+        if not isinstance(key, Hashable):  # a list or a mapping as a key
+            raise _unhashable(mark)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", mark)
+        mapping[key] = _event_value(loader)
+    loader.get_event()
+    return mapping
+
+
+def _unhashable(mark: Any) -> yaml.constructor.ConstructorError:
+    return yaml.constructor.ConstructorError(None, None, "found unhashable key", mark)
+
+
+_SEQ = "tag:yaml.org,2002:seq"
+_MAP = "tag:yaml.org,2002:map"
 
 
 # -- words for problems ---------------------------------------------------------------------
