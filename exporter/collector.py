@@ -11,7 +11,6 @@ Sample exposition::
 from __future__ import annotations
 
 import bisect
-import heapq
 import operator
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from exporter.domain import MessageSpec, State
 from exporter.exposition import MessageLines, Samples, gauge
 from exporter.stats import DURATION_BUCKETS, RequestStats
 from exporter.totals import TotalsSnapshot, label_sets
-from exporter.tracker import MessageBook, Phase, TrackedMessage
+from exporter.tracker import MessageBook, Phase, TrackedMessage, with_series
 
 # A poll this late is not just waiting for the loop's next turn: the budget or
 # the concurrency cannot keep up with the schedule.
@@ -231,9 +230,7 @@ class _Summary(NamedTuple):
 
 def _summarize(messages: tuple[TrackedMessage, ...], limit: int = 0) -> _Summary:
     live = [m for m in messages if m.phase != Phase.FINAL]
-    shown = (
-        messages if len(messages) <= limit else heapq.nsmallest(limit, messages, key=_shown_first)
-    )
+    shown = with_series(messages, limit)
     return _Summary(
         messages,
         limit,
@@ -242,11 +239,6 @@ def _summarize(messages: tuple[TrackedMessage, ...], limit: int = 0) -> _Summary
         sum(60.0 / m.interval for m in live),
         sorted(m.next_poll for m in live if not m.in_flight),
     )
-
-
-def _shown_first(message: TrackedMessage) -> tuple[bool, float, str]:
-    """Which messages keep per-message series: unfinished ones first, then the newest sent."""
-    return message.phase == Phase.FINAL, -message.sent_at, message.spec.id
 
 
 def aggregate_metrics(totals: TotalsSnapshot, prefix: str) -> Iterator[Metric]:

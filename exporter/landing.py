@@ -10,7 +10,7 @@ from collections.abc import Callable
 from exporter import __version__
 from exporter.config.duration import format_duration
 from exporter.domain import State
-from exporter.tracker import MessageBook, TrackedMessage
+from exporter.tracker import MessageBook, TrackedMessage, with_series
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse}th,td{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left}
@@ -31,7 +31,11 @@ def render_landing(
 ) -> str:
     messages, _ = book.snapshot()
     now = clock()
-    rows = "\n".join(_row(m, now) for m in sorted(messages, key=lambda m: -m.sent_at))
+    # The messages that have series: a page of 100,000 rows would help nobody.
+    shown = sorted(with_series(messages, book.metrics.per_message_limit), key=lambda m: -m.sent_at)
+    rows = "\n".join(_row(m, now) for m in shown)
+    withheld = len(messages) - len(shown)
+    more = f" {withheld} more, without per-message series, are not listed." if withheld else ""
     path = html.escape(telemetry_path)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Mail Partner exporter</title><style>{_STYLE}</style></head>
@@ -39,7 +43,7 @@ def render_landing(
 <p>Version {__version__} · <a href="{path}">Metrics</a> · <a href="/-/healthy">Health</a> ·
 <a href="/-/ready">Readiness</a></p>
 <h2>Tracked messages ({len(messages)})</h2>
-<p class="key">Newest send first.{_legend()}</p>
+<p class="key">Newest send first.{more}{_legend()}</p>
 <table><thead><tr><th>Message</th><th>Labels</th><th>Phase</th><th>Recipients</th>
 <th>Delivered</th><th>Failed</th><th>Pending</th><th>Unknown</th><th>Cost</th><th>Sent</th>
 <th>Last poll</th><th>Last error</th></tr></thead><tbody>

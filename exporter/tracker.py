@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from exporter.aggregate import MessageAggregate
@@ -340,3 +341,15 @@ class MessageBook:
             min(now + polling.settled_recheck, final_at),
             polling.settled_recheck,
         )
+
+
+def with_series(messages: Sequence[TrackedMessage], limit: int) -> Sequence[TrackedMessage]:
+    """The messages that get per-message series (``metrics.per_message_limit``): unfinished
+    ones first, then the newest sent."""
+    if len(messages) <= limit:
+        return messages
+    return heapq.nsmallest(limit, messages, key=_series_order)
+
+
+def _series_order(message: TrackedMessage) -> tuple[bool, float, str]:
+    return message.phase == Phase.FINAL, -message.sent_at, message.spec.id

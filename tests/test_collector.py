@@ -6,8 +6,10 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
+from exporter.config.model import MetricsConfig
 from exporter.domain import State
-from tests.conftest import START
+from exporter.landing import render_landing
+from tests.conftest import START, make_config
 from tests.scenario import report, scenario
 
 EXPECTED = Path(__file__).parent / "expected" / "exposition.txt"
@@ -83,3 +85,34 @@ def test_each_delivered_recipient_counts_once_in_the_delay_histogram() -> None:
     # The spec's example (message 300) is dated years before the send: the lowest bucket.
     newsletter = {"campaign": "newsletter", "le": "1.0"}
     assert registry.get_sample_value("mailpartner_delivery_delay_seconds_bucket", newsletter) == 2
+
+
+def test_per_message_series_for_at_most_the_limit_unfinished_then_newest() -> None:
+    registry, book, clock = scenario()
+    config = make_config("http://127.0.0.1:9/v1")
+
+    def with_series() -> set[str]:
+        return {
+            s.labels["message_id"]
+            for m in registry.collect()
+            if m.name == "mailpartner_message_final"
+            for s in m.samples
+        }
+
+    def withheld() -> float | None:
+        return registry.get_sample_value("mailpartner_exporter_per_message_withheld")
+
+    assert (with_series(), withheld()) == ({"300", "301", "302"}, 0)
+    # 300 was sent first (10 minutes before the others were first seen): withheld first.
+    book.reconfigure(config.polling, MetricsConfig(per_message_limit=2))
+    assert (with_series(), withheld()) == ({"301", "302"}, 1)
+    # A final message gives way to any unfinished one, however old.
+    for message_id in ("301", "302"):
+        book.start_poll(message_id, clock())
+        book.record_failure(message_id, "gone", clock() + 3 * 86400)
+    book.reconfigure(config.polling, MetricsConfig(per_message_limit=1))
+    assert (with_series(), withheld()) == ({"300"}, 2)
+    # The aggregates still count every message.
+    assert registry.get_sample_value("mailpartner_messages_total", {"campaign": ""}) == 1
+    page = render_landing(book, "/metrics", clock)
+    assert page.count("<tr data-message-id=") == 1 and "2 more, without per-message" in page
