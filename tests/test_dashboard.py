@@ -28,21 +28,57 @@ DS_REF = {"type": "prometheus", "uid": "${datasource}"}
 BUILTIN_VARIABLES = {"__rate_interval", "__interval", "__range"}
 MESSAGE_FILTERS = ('campaign=~"$campaign"', 'message_id=~"$message_id"')
 INSTANCE_FILTERS = ('job=~"$job"', 'instance=~"$instance"')
+CAMPAIGN_FILTERS = ('campaign=~"$campaign"',)
+# The aggregate series: labelled by metrics.aggregate_by (campaign), never by message_id.
+AGGREGATES = (
+    "mailpartner_recipients_total",
+    "mailpartner_cost_total",
+    "mailpartner_unsubscribed_recipients_total",
+    "mailpartner_messages_total",
+    "mailpartner_delivery_delay_seconds_",
+)
 # Labels a `by (...)` clause may name: the exporter's, the scrape's, a message's `campaign`.
 KNOWN_LABELS = RESERVED_LABELS | {"campaign"}
 
 HISTOGRAM_BUCKET = "mailpartner_api_request_duration_seconds_bucket{"
+DELAY_BUCKET = "mailpartner_delivery_delay_seconds_bucket{"
 # Panel title -> fragments (whitespace-insensitive) that one of its expressions must contain.
 REQUIRED_PANELS: dict[str, list[str]] = {
-    "Delivered": ['sum(mailpartner_message_recipients{state="delivered"'],
-    "Failed": ['sum(mailpartner_message_recipients{state="failed"'],
-    "Pending": ['sum(mailpartner_message_recipients{state="pending"'],
+    # totals over the time range, from the aggregates
+    "Delivered": ['sum(increase(mailpartner_recipients_total{state="delivered"', "[$__range]))"],
+    "Failed": ['sum(increase(mailpartner_recipients_total{state="failed"', "[$__range]))"],
+    "Unknown": ['sum(increase(mailpartner_recipients_total{state="unknown"', "[$__range]))"],
     "Delivery ratio": [
-        'sum(mailpartner_message_recipients{state="delivered"',
-        '/ (sum(mailpartner_message_recipients{state=~"delivered|failed"',
+        'sum(increase(mailpartner_recipients_total{state="delivered"',
+        '/ (sum(increase(mailpartner_recipients_total{state=~"delivered|failed"',
     ],
-    "Cost over time": ["sum(mailpartner_message_cost{", "increase(mailpartner_cost_total{"],
-    "Recipients by state": ["sum by (state) (mailpartner_message_recipients{"],
+    "Cost": ["sum(increase(mailpartner_cost_total{", "[$__range]))"],
+    # pending now: a gauge; unfinished messages keep their per-message series first
+    "Pending": ['sum(mailpartner_message_recipients{state="pending"'],
+    # per campaign
+    "Delivered per campaign": [
+        'sum by (campaign) (increase(mailpartner_recipients_total{state="delivered"'
+    ],
+    "Failed per campaign": [
+        'sum by (campaign) (increase(mailpartner_recipients_total{state="failed"'
+    ],
+    "Newly pending per campaign": [
+        'sum by (campaign) (increase(mailpartner_recipients_total{state="pending"'
+    ],
+    "Failure ratio per campaign": [
+        'sum by (campaign) (increase(mailpartner_recipients_total{state="failed"',
+        '/ (sum by (campaign) (increase(mailpartner_recipients_total{state=~"delivered|failed"',
+    ],
+    "Delivery delay per campaign": [
+        f"histogram_quantile({q}, sum by (campaign, le) (rate({DELAY_BUCKET}"
+        for q in ("0.5", "0.95", "0.99")
+    ],
+    "Cost per campaign": ["sum by (campaign) (increase(mailpartner_cost_total{"],
+    "Messages per campaign": ["sum by (campaign) (increase(mailpartner_messages_total{"],
+    "New reports by state": ["sum by (state) (increase(mailpartner_recipients_total{"],
+    "Recipients by raw status": ["sum by (status) (mailpartner_message_recipients_by_status{"],
+    "Per-message series withheld": ["sum(mailpartner_exporter_per_message_withheld{"],
+    "Aggregate overflow": ["sum(increase(mailpartner_exporter_aggregate_overflow_total{"],
     "API errors by code": ["sum by (code) (increase(mailpartner_api_errors_total{"],
     "Request failures by reason": [
         "sum by (reason) (increase(mailpartner_api_request_failures_total{"
@@ -78,6 +114,23 @@ REQUIRED_PANELS: dict[str, list[str]] = {
     ],
     "Credits used per hour": ["clamp_min(-delta(mailpartner_account_credits{"],
 }
+# Delivery, failures and cost come from the aggregates, which count every tracked message:
+# the per-message gauges are only for the messages that have series (metrics.per_message_limit).
+AGGREGATE_PANELS = [
+    "Delivered",
+    "Failed",
+    "Unknown",
+    "Delivery ratio",
+    "Cost",
+    "Delivered per campaign",
+    "Failed per campaign",
+    "Newly pending per campaign",
+    "Failure ratio per campaign",
+    "Delivery delay per campaign",
+    "Cost per campaign",
+    "Messages per campaign",
+    "New reports by state",
+]
 CREDITS_ROW = "Credits"
 MESSAGES_TABLE = "Messages"
 # Series the per-message table must show, as fragments of its expressions.
@@ -256,7 +309,8 @@ def test_messages_table(dashboard: dict[str, Any]) -> None:
 def test_template_variables(dashboard: dict[str, Any]) -> None:
     found = variables(dashboard)
     expected = {
-        "campaign": ("mailpartner_message_recipients", "campaign"),
+        # every campaign with aggregates, also those whose messages have no per-message series
+        "campaign": ("mailpartner_messages_total", "campaign"),
         "message_id": ("mailpartner_message_recipients", "message_id"),
         "job": ("mailpartner_", "job"),
         "instance": ("mailpartner_", "instance"),
@@ -289,9 +343,9 @@ def test_expressions_use_only_known_variables(dashboard: dict[str, Any]) -> None
 
 def test_metric_names_are_exposed() -> None:
     exposed = readme_metric_names()
-    # the README tables: 10 per-message, 7 totals (one a histogram), 10 of the exporter's own,
-    # 3 of the account's, 4 of the message files, 2 of /probe
-    assert len(exposed) == 38, sorted(exposed)
+    # the README tables: 5 aggregates (one a histogram), 10 per-message, 5 of the API (one a
+    # histogram), 12 of the exporter's own, 3 of the account's, 4 of the message files, 2 of /probe
+    assert len(exposed) == 45, sorted(exposed)
     used: set[str] = set()
     for title, expr in dashboard_expressions():
         names = set(re.findall(r"\bmailpartner_\w+", expr))
@@ -299,6 +353,12 @@ def test_metric_names_are_exposed() -> None:
         assert names <= exposed, (title, names - exposed)
         used |= names
     for name in (
+        "mailpartner_recipients_total",
+        "mailpartner_cost_total",
+        "mailpartner_messages_total",
+        "mailpartner_delivery_delay_seconds_bucket",
+        "mailpartner_exporter_per_message_withheld",
+        "mailpartner_exporter_aggregate_overflow_total",
         "mailpartner_message_recipients",
         "mailpartner_message_unsubscribed_recipients",
         "mailpartner_message_final",
@@ -345,11 +405,51 @@ def test_selectors_filter_by_the_template_variables() -> None:
     for title, expr in dashboard_expressions():
         for name, matchers in re.findall(r"\b(mailpartner_\w+)(\{[^}]*\})?", expr):
             assert matchers, (title, name)
-            needed = INSTANCE_FILTERS
+            needed: tuple[str, ...] = INSTANCE_FILTERS
             if name.startswith("mailpartner_message_"):
                 needed += MESSAGE_FILTERS
+            if name.startswith(AGGREGATES):
+                needed += CAMPAIGN_FILTERS
+                # no message_id on the aggregates: picking a message would empty the panel
+                assert "message_id" not in matchers, (title, name)
             for matcher in needed:
                 assert matcher in matchers, (title, name, matcher)
+
+
+def test_delivery_failures_and_cost_come_from_the_aggregates(dashboard: dict[str, Any]) -> None:
+    for title in AGGREGATE_PANELS:
+        for target in panel_by_title(dashboard, title)["targets"]:
+            names = set(re.findall(r"\bmailpartner_\w+", target["expr"]))
+            assert names and all(name.startswith(AGGREGATES) for name in names), (title, names)
+            # counters: only their increase or rate means something
+            assert re.search(r"\b(?:increase|rate)\(mailpartner_", target["expr"]), title
+    # the one total left on the per-message gauges: pending now (unfinished messages keep their
+    # series first)
+    per_message = {
+        title
+        for title, expr in dashboard_expressions()
+        if re.search(r"\bsum(?: by \([^)]*\))? ?\(mailpartner_message_(?:recipients|cost)\{", expr)
+    }
+    assert per_message == {"Pending"}, per_message
+
+
+def test_panel_descriptions_say_what_they_count(dashboard: dict[str, Any]) -> None:
+    for title in AGGREGATE_PANELS:
+        description = panel_by_title(dashboard, title).get("description", "")
+        assert "campaign" in description, title
+    for title in ("Messages", "Pending", "Recipients by raw status"):
+        assert "per-message series" in panel_by_title(dashboard, title)["description"], title
+
+
+def test_quantiles_use_the_histogram_per_campaign(dashboard: dict[str, Any]) -> None:
+    panel = panel_by_title(dashboard, "Delivery delay per campaign")
+    assert panel["fieldConfig"]["defaults"]["unit"] == "s"
+    legends = sorted(target["legendFormat"] for target in panel["targets"])
+    assert legends == ["p50 {{campaign}}", "p95 {{campaign}}", "p99 {{campaign}}"]
+    for target in panel["targets"]:
+        # quantiles of a sum of rates, never of a single bucket series or of raw counters
+        assert squash(f"rate({DELAY_BUCKET}") in squash(target["expr"]), target["refId"]
+        assert "[$__rate_interval]" in target["expr"], target["refId"]
 
 
 def test_aggregations_use_known_labels() -> None:

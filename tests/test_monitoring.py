@@ -116,6 +116,16 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Servi
             60,
             "three scrapes",
         )
+        # Recipients newly delivered between two scrapes, which the ratio and delay panels need:
+        # the demo's transactional sends and young campaigns deliver within seconds, seen at
+        # their next poll (every 20 s while young).
+        wait_until(
+            lambda: prometheus.query(
+                'sum(increase(mailpartner_recipients_total{state="delivered"}[1m])) > 0'
+            )["data"]["result"],
+            60,
+            "recipients newly delivered",
+        )
         yield exporter, prometheus
     finally:
         prometheus.stop()
@@ -145,6 +155,36 @@ def test_every_alert_expression_is_valid_promql(demo_stack: tuple[Service, Prome
     loaded = requests.get(f"{prometheus.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
     assert {r["name"] for g in loaded for r in g["rules"]} == {r["alert"] for r in ALERTS}
     assert all(r["health"] == "ok" for g in loaded for r in g["rules"])
+
+
+# A string, a selector's label matchers, or a comparison operator (not already `bool`).
+COMPARISON = re.compile(r'"(?:[^"\\]|\\.)*"|\{[^}]*\}|(==|!=|[<>]=?)(?!=)(?!\s*bool\b)')
+
+
+def judged(expr: str) -> str:
+    """``expr`` with every comparison made ``bool``: all the series the rule judges, at 0 or 1,
+    instead of only those past its thresholds (``and``/``or``/``unless`` still match labels)."""
+    return COMPARISON.sub(lambda m: f"{m.group(1)} bool" if m.group(1) else m.group(0), expr)
+
+
+def test_judged_keeps_matchers_and_strings() -> None:
+    expr = 'a{code!="10",x=~">"} > 0.1 and on (job) b >= bool 50 or c == 0'
+    want = 'a{code!="10",x=~">"} > bool 0.1 and on (job) b >= bool 50 or c == bool 0'
+    assert judged(expr) == want
+
+
+@pytest.mark.e2e
+def test_every_rule_judges_series_from_the_demo(demo_stack: tuple[Service, Prometheus]) -> None:
+    """Each rule's selectors, aggregations and label matching find the demo's series: with its
+    thresholds made ``bool``, every expression returns something (the alerts need not fire)."""
+    _, prometheus = demo_stack
+    empty = []
+    for rule in ALERTS:
+        answer = prometheus.query(judged(rule["expr"]))
+        assert answer["status"] == "success", (rule["alert"], answer)
+        if not answer["data"]["result"]:
+            empty.append(rule["alert"])
+    assert empty == [], "rules that judge no series"
 
 
 @pytest.mark.e2e

@@ -160,8 +160,9 @@ def test_smspartner_messages_poll_their_own_api_under_their_own_names(
     assert value(exporter, "smspartner_up") == 1
     # The same aggregates, by campaign, under SMS Partner's names; none under Mail Partner's.
     otp = {"campaign": "otp"}
-    assert value(exporter, "smspartner_recipients_total", **otp, state="delivered") == (
-        polled["delivered"]
+    assert (
+        value(exporter, "smspartner_recipients_total", **otp, state="delivered")
+        == (polled["delivered"])
     )
     assert value(exporter, "smspartner_messages_total", **otp) == 1
     delivered = value(exporter, "smspartner_delivery_delay_seconds_count", **otp)
