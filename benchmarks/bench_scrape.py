@@ -17,6 +17,7 @@ with an in-process client (no HTTP, no parsing).
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import random
 import statistics
@@ -181,12 +182,12 @@ def measure(url: str, book: MessageBook, expected: bytes, scrapes: int) -> dict[
         if gzip.decompress(scrape(session, url, True)) != expected:
             raise AssertionError("gzip /metrics differs from generate_latest(registry)")
         for packed, name in ((False, "plain"), (True, "gzip")):
-            times[name] = timed(lambda p=packed: scrape(session, url, p), scrapes)
+            times[name] = timed(functools.partial(scrape, session, url, packed), scrapes)
         for packed, name in ((False, "plain churn"), (True, "gzip churn")):
             times[name] = []
             for _ in range(max(5, scrapes // 5)):
                 churn(rng, book)
-                times[name] += timed(lambda p=packed: scrape(session, url, p), 1)
+                times[name] += timed(functools.partial(scrape, session, url, packed), 1)
     return times
 
 

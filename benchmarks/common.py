@@ -31,6 +31,8 @@ def print_results(title: str, results: list[Result]) -> None:
     width = max(len(r.name) for r in results)
     for r in results:
         value = f"{r.value:,.1f}" if isinstance(r.value, float) else f"{r.value:,}"
+        if isinstance(r.value, float) and 0 < abs(r.value) < 1:
+            value = f"{r.value:.3f}"  # e.g. requests per message early in a run
         status = "PASS" if r.ok else "FAIL"
         print(
             f"  {r.name:<{width}}  {value:>12} {r.unit:<8} target {r.target:,.0f}  "

@@ -18,11 +18,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
     quick = parser.parse_args().quick
+    short, short_pairs = (["--seconds", "20"], ["--pairs", "2"]) if quick else ([], [])
     runs = [
         ["benchmarks.bench_freshness", *(["--quick"] if quick else [])],
         ["benchmarks.bench_parse", "--recipients", "200000" if quick else "1000000"],
         ["benchmarks.bench_scrape"],
         ["benchmarks.bench_memory"],
+        # The real exporter process against the simulator: about 1.5 and 3 minutes.
+        ["benchmarks.bench_process", "--scenario", "transactional", *short],
+        ["benchmarks.bench_process", "--scenario", "per-message", *short, *short_pairs],
     ]
     failed = []
     for module, *args in runs:
