@@ -28,7 +28,8 @@ from exporter.domain import MessageSpec, State
 from exporter.exposition import MessageLines, Samples, gauge
 from exporter.stats import DURATION_BUCKETS, RequestStats
 from exporter.totals import TotalsSnapshot, label_sets
-from exporter.tracker import MessageBook, Phase, TrackedMessage, with_series
+from exporter.tracked import Phase, TrackedMessage, with_series
+from exporter.tracker import MessageBook
 
 # A poll this late is not just waiting for the loop's next turn: the budget or
 # the concurrency cannot keep up with the schedule.

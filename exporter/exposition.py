@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from exporter.tracker import TrackedMessage
+from exporter.tracked import TrackedMessage
 
 Samples = Sequence[tuple[Mapping[str, str], float]]
 Row = tuple[bytes, ...]  # one message's lines, per family

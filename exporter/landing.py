@@ -10,7 +10,8 @@ from collections.abc import Callable
 from exporter import __version__
 from exporter.config.duration import format_duration
 from exporter.domain import State
-from exporter.tracker import MessageBook, TrackedMessage, with_series
+from exporter.tracked import TrackedMessage, with_series
+from exporter.tracker import MessageBook
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse}th,td{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left}

@@ -9,13 +9,11 @@ polled again and are forgotten ``retention`` after they became final.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import heapq
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from exporter.aggregate import MessageAggregate
 from exporter.config.model import MetricsConfig, PollingConfig
@@ -23,39 +21,22 @@ from exporter.domain import MessageSpec
 from exporter.queue import TimeQueue
 from exporter.state import StoredMessage, StoredState
 from exporter.totals import Totals, TotalsSnapshot
+from exporter.tracked import Phase, TrackedMessage, with_series
 
 log = logging.getLogger(__name__)
+# How often, at most, final messages without series give up their values (a pass over all).
+COMPACT_EVERY = 60.0
 # First retry of a failed poll; each further failure doubles it, up to the interval.
 RETRY_AFTER = 10.0
 
 
-class Phase(enum.StrEnum):
-    ACTIVE = "active"
-    SETTLED = "settled"
-    FINAL = "final"
+class _Gone(NamedTuple):
+    """A message that left the config (or, after a restart, was saved but is not named yet)."""
 
-
-@dataclass(frozen=True, slots=True)
-class TrackedMessage:
-    """One message's state; replaced whole on every change, so snapshots stay consistent."""
-
-    spec: MessageSpec
+    at: float
+    aggregate: MessageAggregate | None  # its last values: one that comes back resumes from them
+    final_at: float | None  # it was final: it comes back final
     first_seen: float
-    next_poll: float
-    interval: float
-    phase: Phase = Phase.ACTIVE
-    aggregate: MessageAggregate | None = None
-    last_poll: float | None = None
-    last_success: float | None = None
-    last_error: str = ""
-    poll_ok: bool = False
-    final_at: float | None = None
-    in_flight: bool = False
-    failures: int = 0  # consecutive failed polls
-
-    @property
-    def sent_at(self) -> float:
-        return self.spec.sent_at if self.spec.sent_at is not None else self.first_seen
 
 
 class MessageBook:
@@ -77,7 +58,9 @@ class MessageBook:
         self._expired: dict[str, float] = {}
         # Last values of messages dropped from the config, so one that comes back
         # resumes from them instead of adding its counts to the totals again.
-        self._removed: dict[str, tuple[float, MessageAggregate]] = {}
+        self._removed: dict[str, _Gone] = {}
+        # When final messages whose series are withheld last gave up their values.
+        self._compacted = (-1, float("-inf"))  # (changes, time)
         # Messages saved before a restart, until the config names them again.
         self._stored: dict[str, StoredMessage] = {}
         self.changes = 0  # bumped on every change, so a saver can skip idle periods
@@ -104,11 +87,15 @@ class MessageBook:
             self.changes += 1
             for message_id in self._messages.keys() - wanted.keys():
                 gone = self._messages.pop(message_id)
-                if gone.aggregate is not None:
-                    self._removed[message_id] = (now, gone.aggregate)
+                final = gone.phase == Phase.FINAL
+                if gone.aggregate is not None or final:
+                    final_at = gone.final_at if final else None
+                    self._removed[message_id] = _Gone(
+                        now, gone.aggregate, final_at, gone.first_seen
+                    )
             self._expired = {k: v for k, v in self._expired.items() if k in wanted}
             horizon = now - self._polling.retention  # older removals cannot come back final
-            self._removed = {k: v for k, v in self._removed.items() if v[0] > horizon}
+            self._removed = {k: v for k, v in self._removed.items() if v.at > horizon}
             for spec in wanted.values():
                 self._put(spec, now)
 
@@ -140,10 +127,24 @@ class MessageBook:
                     final_at=stored.final_at,
                 )
             )
+        elif (gone := self._removed.pop(spec.id, None)) is not None and gone.final_at:
+            # Final before it went away: it comes back final, never polled again.
+            self._write(
+                TrackedMessage(
+                    spec,
+                    first_seen=gone.first_seen,
+                    next_poll=now,
+                    interval=0.0,
+                    phase=Phase.FINAL,
+                    aggregate=gone.aggregate,
+                    final_at=gone.final_at,
+                )
+            )
         elif spec.id not in self._expired:
-            # New messages are due at once: the first poll gives them values.
-            _, last = self._removed.pop(spec.id, (now, None))
-            if last is None:  # not one that went away and came back
+            # New messages are due at once: the first poll gives them values; one that went
+            # away and came back resumes from its last ones.
+            last = gone.aggregate if gone is not None else None
+            if gone is None:
                 self._totals.seen(spec.labels)
             self._write(
                 TrackedMessage(
@@ -274,7 +275,25 @@ class MessageBook:
             for message_id in gone:
                 final_at = self._messages.pop(message_id).final_at
                 self._expired[message_id] = final_at or now
+            changes, at = self._compacted
+            if changes != self.changes and now - at >= COMPACT_EVERY:
+                self._compact()
+                self._compacted = (self.changes, now)
         return gone
+
+    def _compact(self) -> None:
+        """Final messages whose per-message series are withheld give up their values: they
+        are never polled again and the aggregates have counted them, so memory follows the
+        messages still being polled and the ones shown, not the whole retention window."""
+        messages = self._messages
+        limit = self._metrics.per_message_limit
+        if len(messages) <= limit:
+            return
+        shown = {m.spec.id for m in with_series(tuple(messages.values()), limit)}
+        for message_id, message in messages.items():
+            if message.phase == Phase.FINAL and message.aggregate and message_id not in shown:
+                # Not _write: its expiry is queued already.
+                messages[message_id] = dataclasses.replace(message, aggregate=None)
 
     def _final_at(self, message_id: str, when: float) -> bool:
         message = self._messages.get(message_id)
@@ -288,9 +307,14 @@ class MessageBook:
             # Saved messages the config no longer names still must not count twice.
             self._removed.update(
                 {
-                    m.id: (state.saved_at, m.aggregate)
+                    m.id: _Gone(
+                        state.saved_at,
+                        m.aggregate,
+                        m.final_at if m.phase == Phase.FINAL else None,
+                        m.first_seen,
+                    )
                     for m in state.messages.values()
-                    if m.aggregate is not None
+                    if m.aggregate is not None or m.phase == Phase.FINAL
                 }
             )
 
@@ -303,10 +327,18 @@ class MessageBook:
                 )
                 for m in self._messages.values()
             }
-            for message_id, (_, aggregate) in self._removed.items():
+            for message_id, gone in self._removed.items():
+                phase = Phase.FINAL if gone.final_at else Phase.ACTIVE
                 messages.setdefault(
                     message_id,
-                    StoredMessage(message_id, now, Phase.ACTIVE.value, None, None, aggregate),
+                    StoredMessage(
+                        message_id,
+                        gone.first_seen,
+                        phase.value,
+                        gone.final_at,
+                        None,
+                        gone.aggregate,
+                    ),
                 )
             # Expired ones come back final and past retention: gone again, never re-polled.
             for message_id, final_at in self._expired.items():
@@ -341,15 +373,3 @@ class MessageBook:
             min(now + polling.settled_recheck, final_at),
             polling.settled_recheck,
         )
-
-
-def with_series(messages: Sequence[TrackedMessage], limit: int) -> Sequence[TrackedMessage]:
-    """The messages that get per-message series (``metrics.per_message_limit``): unfinished
-    ones first, then the newest sent."""
-    if len(messages) <= limit:
-        return messages
-    return heapq.nsmallest(limit, messages, key=_series_order)
-
-
-def _series_order(message: TrackedMessage) -> tuple[bool, float, str]:
-    return message.phase == Phase.FINAL, -message.sent_at, message.spec.id

@@ -13,12 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from exporter.client import BULK_STATUS
-from exporter.config.model import Config
+from exporter.config.model import Config, MetricsConfig
 from exporter.domain import MessageSpec, State, StatusMap
 from exporter.poller import Poller
 from exporter.simulator import SimulatorServer
 from exporter.stats import RequestStats
-from exporter.tracker import RETRY_AFTER, MessageBook, Phase, TrackedMessage
+from exporter.tracked import Phase, TrackedMessage
+from exporter.tracker import COMPACT_EVERY, RETRY_AFTER, MessageBook
 from exporter.upstream import TokenBucket
 from tests.conftest import (
     FakeClock,
@@ -326,3 +327,39 @@ def test_a_message_removed_and_added_back_resumes_without_double_counting(
     assert message(book, send.message_id).aggregate == before  # last values right away
     poller.run_pending()
     assert book.snapshot()[1] == totals  # nothing new upstream, so nothing added
+
+
+def test_final_messages_without_series_give_up_their_values_and_come_back_final(
+    simulator: SimulatorServer, clock: FakeClock
+) -> None:
+    """Memory follows the messages still polled or shown: a final message whose series are
+    withheld keeps no values, and counts nothing twice if it leaves and comes back."""
+    sends = [simulator.world.send(20, sent_at=clock() - (49 + i) * HOUR) for i in range(3)]
+    specs = [MessageSpec(s.message_id, sent_at=s.sent_at) for s in sends]
+    config = dataclasses.replace(
+        make_config(simulator.url, *specs), metrics=MetricsConfig(per_message_limit=1)
+    )
+    book, poller = build(config, clock)
+    poller.run_pending()  # past final_after: one poll each, then final
+    assert all(m.phase == Phase.FINAL and m.aggregate for m in book.snapshot()[0])
+    totals = book.snapshot()[1]
+    clock.advance(COMPACT_EVERY)  # the loop's housekeeping looks again within this
+    book.expire(clock())
+    kept = {m.spec.id: m.aggregate for m in book.snapshot()[0]}
+    # The newest sent keeps its values (it has series); the two others give them up.
+    assert [i for i, a in kept.items() if a is not None] == [sends[0].message_id]
+
+    book.sync([], clock())
+    book.sync(specs, clock())
+    assert all(m.phase == Phase.FINAL for m in book.snapshot()[0])
+    assert book.next_poll() is None  # never polled again
+    clock.advance(HOUR)
+    poller.run_pending()
+    assert sum(simulator.stats().polls.values()) == 3
+    assert book.snapshot()[1] == totals
+    # Saved and restored, they are still final: a restart polls none of them again.
+    restarted = MessageBook(config.polling, metrics=config.metrics)
+    restarted.restore(book.export(clock()))
+    restarted.sync(specs, clock())
+    assert {m.phase for m in restarted.snapshot()[0]} == {Phase.FINAL}
+    assert restarted.next_poll() is None

@@ -24,7 +24,7 @@ from exporter.aggregate import OTHER_STATUS, MessageAggregate
 from exporter.domain import MessageSpec, State
 from exporter.state import MEMORY, StateStore, StoredMessage, StoredState
 from exporter.totals import Tally, TotalsSnapshot
-from exporter.tracker import Phase
+from exporter.tracked import Phase
 from tests.conftest import START, FakeClock
 
 REPO = Path(__file__).parent.parent

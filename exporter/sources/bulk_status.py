@@ -31,7 +31,8 @@ from exporter.parse import MAIL, SMS, ReportShape
 from exporter.sources.base import Poll, Settings, Source, SourceContext
 from exporter.state import StateStore, StateStoreError
 from exporter.stats import RequestStats
-from exporter.tracker import MessageBook, Phase, TrackedMessage
+from exporter.tracked import Phase, TrackedMessage
+from exporter.tracker import MessageBook
 from exporter.upstream import Upstream
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,52 @@
+"""One tracked message as the book holds it, its phase, and which messages get series."""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from exporter.aggregate import MessageAggregate
+from exporter.domain import MessageSpec
+
+
+class Phase(enum.StrEnum):
+    ACTIVE = "active"
+    SETTLED = "settled"
+    FINAL = "final"
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedMessage:
+    """One message's state; replaced whole on every change, so snapshots stay consistent."""
+
+    spec: MessageSpec
+    first_seen: float
+    next_poll: float
+    interval: float
+    phase: Phase = Phase.ACTIVE
+    aggregate: MessageAggregate | None = None
+    last_poll: float | None = None
+    last_success: float | None = None
+    last_error: str = ""
+    poll_ok: bool = False
+    final_at: float | None = None
+    in_flight: bool = False
+    failures: int = 0  # consecutive failed polls
+
+    @property
+    def sent_at(self) -> float:
+        return self.spec.sent_at if self.spec.sent_at is not None else self.first_seen
+
+
+def with_series(messages: Sequence[TrackedMessage], limit: int) -> Sequence[TrackedMessage]:
+    """The messages that get per-message series (``metrics.per_message_limit``): unfinished
+    ones first, then the newest sent."""
+    if len(messages) <= limit:
+        return messages
+    return heapq.nsmallest(limit, messages, key=_series_order)
+
+
+def _series_order(message: TrackedMessage) -> tuple[bool, float, str]:
+    return message.phase == Phase.FINAL, -message.sent_at, message.spec.id
