@@ -36,7 +36,7 @@ from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.client import BULK_STATUS
 from exporter.collector import MailPartnerCollector, ProcessCollector
 from exporter.config.holder import ConfigHolder
-from exporter.config.model import ApiConfig, Config, PollingConfig, ScheduleStep
+from exporter.config.model import ApiConfig, Config, MetricsConfig, PollingConfig, ScheduleStep
 from exporter.domain import MessageSpec, State, StatusMap
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
@@ -88,8 +88,10 @@ def aggregate(rng: random.Random, pending: bool = False) -> MessageAggregate:
 def build_book(count: int = MESSAGES, seed: int = 1) -> tuple[MessageBook, Config]:
     """``count`` messages, each polled once through ``record_success``."""
     rng = seeded(seed)
-    config = Config(file="bench", messages=tuple(specs(count)))
-    book = MessageBook(config.polling, jitter=lambda: 1.0)
+    # Every message with its per-message series: the scrape this benchmark is about.
+    metrics = MetricsConfig(per_message_limit=count)
+    config = Config(file="bench", messages=tuple(specs(count)), metrics=metrics)
+    book = MessageBook(config.polling, jitter=lambda: 1.0, metrics=metrics)
     book.sync(config.messages, NOW)
     for spec in config.messages:
         book.start_poll(spec.id, NOW)
