@@ -358,3 +358,40 @@ def test_an_optional_cost_needs_its_place() -> None:
         ("phoneNumber", "status", "stopSMS", "date"),
     )
     assert MAIL.layouts == (MAIL.report_keys,)
+
+
+@pytest.mark.parametrize("shape", [MAIL, SMS], ids=["mail", "sms"])
+def test_delays_are_the_same_from_the_fast_path_the_walker_and_xml(shape: ReportShape) -> None:
+    """Each delivered recipient counted by its delay from the send, whichever parser reads it:
+    the fast path counts dates in bulk, the walker and XML one report at a time."""
+    sent_at = 1795687200.0
+    buckets = (1.0, 60.0, 3600.0)
+    statuses = ["Delivered", "Waiting", "Not delivered", "delivered", "DELIVERED"]
+    # Some before the send (skewed), some within a second, a minute, an hour, past it; some
+    # without a date.
+    offsets = [-30, 0, 1, 2, 59, 60, 61, 3599, 3600, 9000, None]
+    reports = []
+    for i in range(1100):
+        offset = offsets[i % len(offsets)]
+        report: dict[str, object] = {key: f"v{i}" for key in shape.report_keys}
+        report.update(
+            status=statuses[i % len(statuses)],
+            cost=0.0105,
+            date="" if offset is None else str(int(sent_at) + offset),
+        )
+        report[shape.stop_key] = i % 7 == 0
+        reports.append(report)
+    payload = {"success": True, "code": 200, "messageId": "7", shape.list_key: reports}
+
+    def delays(raw: bytes, parse: Parser) -> tuple[tuple[int, ...], float, int]:
+        aggregator = ReportAggregator(StatusMap.default(), sent_at=sent_at, delay_buckets=buckets)
+        parse(io.BytesIO(raw), aggregator, shape)
+        result = aggregator.result()
+        return result.delays, result.delay_sum, result.skewed
+
+    fast = delays(render_json(payload), parse_json)
+    assert fast == delays(render_json(payload), parse_json_exact)
+    assert fast == delays(render_xml(payload), parse_xml)
+    counted, _, skewed = fast
+    delivered = sum(1 for r in reports if str(r["status"]).lower() == "delivered" and r["date"])
+    assert sum(counted) == delivered and skewed > 0
