@@ -25,7 +25,7 @@ from exporter.aggregate import MessageAggregate
 from exporter.config.holder import ConfigHolder
 from exporter.config.model import ApiConfig
 from exporter.domain import MessageSpec, State
-from exporter.exposition import MessageLines, Samples, gauge
+from exporter.exposition import MessageLines, PrerenderedFamily, Samples, gauge
 from exporter.stats import DURATION_BUCKETS, RequestStats
 from exporter.totals import TotalsSnapshot, label_sets
 from exporter.tracked import Phase, TrackedMessage, with_series
@@ -62,6 +62,7 @@ class MailPartnerCollector(Collector):
         self._p = prefix
         self._lines = MessageLines(message_families(prefix), message_view, message_samples)
         self._summary = _summarize(())
+        self._aggregates: tuple[int, list[PrerenderedFamily]] = (-1, [])
 
     def collect(self) -> Iterator[Metric]:
         messages, totals = self._book.snapshot()
@@ -72,7 +73,10 @@ class MailPartnerCollector(Collector):
             summary = self._summary = _summarize(messages, limit)
         # Built lazily: the fast path (exporter.exposition) reads their cached lines instead.
         yield from self._lines.metrics(summary.shown)
-        yield from aggregate_metrics(totals, self._p)
+        if self._aggregates[0] != totals.version:  # rendered again only once they moved
+            families = [PrerenderedFamily(m) for m in aggregate_metrics(totals, self._p)]
+            self._aggregates = (totals.version, families)
+        yield from self._aggregates[1]
         if self._stats is not None:
             yield from api_metrics(self._stats, self._p)
         yield from self._exporter_metrics(summary)

@@ -237,6 +237,23 @@ class MessageFamily(Metric):
         return [header, *lines]
 
 
+class PrerenderedFamily(Metric):
+    """A family that keeps its text in each format once written: the exposition sends it as
+    it is for as long as its owner hands out the same object (a new one when it changes)."""
+
+    def __init__(self, metric: Metric) -> None:
+        super().__init__(metric.name, metric.documentation, metric.type, metric.unit)
+        self.samples = metric.samples
+        self._text: dict[bool, Chunk] = {}
+
+    def chunks(self, openmetrics: bool = False) -> list[Chunk]:
+        chunk = self._text.get(openmetrics)
+        if chunk is None:
+            write = openmetrics_body if openmetrics else generate_latest
+            chunk = self._text[openmetrics] = Chunk(write(FixedMetrics([self])))
+        return [chunk]
+
+
 class _Scrape:
     """What one collect() saw, shared by its per-message families."""
 
@@ -307,7 +324,7 @@ class TextExposition:
         parts: list[Chunk] = []
         others: list[Metric] = []
         for metric in self._registry.collect():
-            if isinstance(metric, MessageFamily):
+            if isinstance(metric, MessageFamily | PrerenderedFamily):
                 if others:
                     parts.append(Chunk(write(FixedMetrics(others))))
                     others = []

@@ -59,6 +59,8 @@ class TotalsSnapshot:
     buckets: tuple[float, ...]
     tallies: Mapping[LabelSet, Tally]
     overflow: int
+    # Bumped on every change: a scrape renders the series again only when it moved.
+    version: int = field(default=0, compare=False)
 
     @property
     def recipients(self) -> dict[State, int]:
@@ -75,12 +77,15 @@ class Totals:
         self._metrics = metrics
         self._tallies: dict[LabelSet, Tally] = {}
         self.overflow = 0
+        self._version = 0
+        self._snapshot: TotalsSnapshot | None = None
         self._tally({})  # the empty set always has series, at zero until something counts
 
     def reconfigure(self, metrics: MetricsConfig) -> None:
         """Count by ``metrics`` from now on; the counts so far move to their new label sets."""
         if metrics == self._metrics:
             return
+        self._changed()
         old, self._metrics = self._tallies, metrics
         self._tallies = {}
         self._tally({})
@@ -90,12 +95,14 @@ class Totals:
 
     def seen(self, labels: Mapping[str, str]) -> None:
         """A message first seen: one more in its label set's ``messages``."""
+        self._changed()
         self._tally(labels, new=True).messages += 1
 
     def grow(
         self, labels: Mapping[str, str], before: MessageAggregate | None, after: MessageAggregate
     ) -> None:
         """Add what ``after`` (a poll) found beyond ``before`` (the message's previous one)."""
+        self._changed()
         tally = self._tally(labels)
         for state, count in after.states.items():
             tally.recipients[state] += max(0, count - (before.states[state] if before else 0))
@@ -116,16 +123,25 @@ class Totals:
         tally.delay_sum += sum_growth
 
     def snapshot(self) -> TotalsSnapshot:
-        metrics = self._metrics
-        return TotalsSnapshot(
-            metrics.aggregate_by,
-            metrics.delivery_delay_buckets,
-            {key: tally.copy() for key, tally in self._tallies.items()},
-            self.overflow,
-        )
+        """The counts now: the same object until something changes."""
+        if self._snapshot is None:
+            metrics = self._metrics
+            self._snapshot = TotalsSnapshot(
+                metrics.aggregate_by,
+                metrics.delivery_delay_buckets,
+                {key: tally.copy() for key, tally in self._tallies.items()},
+                self.overflow,
+                self._version,
+            )
+        return self._snapshot
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._snapshot = None
 
     def restore(self, snapshot: TotalsSnapshot) -> None:
         """Take back saved counts (another ``aggregate_by`` or buckets: re-sorted to these)."""
+        self._changed()
         self.overflow = snapshot.overflow
         saved = ((dict(key), tally) for key, tally in snapshot.tallies.items())
         self._take(saved, snapshot.buckets)
