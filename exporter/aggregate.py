@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import reduce
 from operator import add
 from types import MappingProxyType
+from typing import TypeVar
 
 from exporter.domain import State, StatusMap
 
@@ -160,18 +161,37 @@ class ReportAggregator:
             statuses[name] = statuses.get(name, 0) + count
         for state, count in self._overflow.items():
             states[state] += count
+        capped = _cap(statuses, self._max_statuses, sum(self._overflow.values()))
         return MessageAggregate(
-            states=MappingProxyType(states),
-            statuses=MappingProxyType(
-                _cap(statuses, self._max_statuses, sum(self._overflow.values()))
-            ),
+            states=_shared(_STATES, tuple(states.items()), MappingProxyType(states)),
+            statuses=_shared(_STATUSES, tuple(capped.items()), MappingProxyType(capped)),
             cost=self._cost,
             unsubscribed=self._unsubscribed,
             last_report=self._last,
-            delays=tuple(self._delays),
+            delays=_shared(_DELAYS, tuple(self._delays), tuple(self._delays)),
             delay_sum=self._delay_sum,
             skewed=self._skewed,
         )
+
+
+# Counts that many messages have alike (a transactional stream: thousands of one-recipient
+# messages, each "1 delivered") are kept once: memory follows the distinct counts, not the
+# messages. Each table is cleared when full, so unique counts cannot grow it without end.
+_MAX_SHARED = 4096
+_STATES: dict[tuple[tuple[State, int], ...], Mapping[State, int]] = {}
+_STATUSES: dict[tuple[tuple[str, int], ...], Mapping[str, int]] = {}
+_DELAYS: dict[tuple[int, ...], tuple[int, ...]] = {}
+T = TypeVar("T")
+K = TypeVar("K")
+
+
+def _shared(table: dict[K, T], key: K, value: T) -> T:
+    shared = table.get(key)
+    if shared is None:
+        if len(table) >= _MAX_SHARED:
+            table.clear()
+        shared = table[key] = value
+    return shared
 
 
 def _cap(statuses: dict[str, int], limit: int, overflow: int) -> dict[str, int]:
