@@ -200,20 +200,21 @@ def positive_duration(value: object) -> float:
     return seconds
 
 
-def positive_int(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"must be an integer, not {kind(value)}")
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+def integer_from(low: int) -> Callable[[object], int]:
+    """A converter to an integer of at least ``low``."""
+
+    def convert(value: object) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"must be an integer, not {kind(value)}")
+        if value < low:
+            raise ValueError(f"must be at least {low}")
+        return value
+
+    return convert
 
 
-def non_negative_int(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"must be an integer, not {kind(value)}")
-    if value < 0:
-        raise ValueError("must be at least 0")
-    return value
+positive_int = integer_from(1)
+non_negative_int = integer_from(0)
 
 
 def increasing_numbers(value: object) -> tuple[float, ...]:
