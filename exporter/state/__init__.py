@@ -20,13 +20,13 @@ from collections.abc import Callable
 
 from exporter.state.records import StoredMessage, StoredState, aggregate_row, message_row
 from exporter.state.schema import (
-    _AGGREGATE,
-    _INSERT,
-    _MAGIC,
-    _TABLES,
     APPLICATION_ID,
+    INSERT_AGGREGATE,
+    INSERT_MESSAGE,
+    MAGIC,
     MEMORY,
     SCHEMA_VERSION,
+    TABLES,
     connect,
     read,
     read_every_source,
@@ -97,9 +97,9 @@ class StateStore:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     conn.execute("DELETE FROM messages WHERE source = ?", (source,))
-                    conn.executemany(_INSERT, messages)
+                    conn.executemany(INSERT_MESSAGE, messages)
                     conn.execute("DELETE FROM aggregates WHERE source = ?", (source,))
-                    conn.executemany(_AGGREGATE, aggregates)
+                    conn.executemany(INSERT_AGGREGATE, aggregates)
                     conn.execute("DELETE FROM registered WHERE source = ?", (source,))
                     conn.executemany("INSERT INTO registered VALUES (?, ?, ?, ?, ?)", registered)
                     totals = state.totals
@@ -175,7 +175,7 @@ def _read_file(path: str, source: str) -> StoredState | None:
         return None
     with open(path, "rb") as f:
         header = f.read(100)
-    if header and not header.startswith(_MAGIC):
+    if header and not header.startswith(MAGIC):
         raise _Unusable("corrupt", "is corrupt (not an SQLite database)")
     if 0 < len(header) < 100:
         raise _Unusable("corrupt", "is corrupt (truncated header)")
@@ -196,7 +196,7 @@ def _read_file(path: str, source: str) -> StoredState | None:
         check = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
         if check != ["ok"]:
             raise _Unusable("corrupt", f"is corrupt ({'; '.join(check)})")
-        if version not in _TABLES or not tables >= _TABLES[version]:
+        if version not in TABLES or not tables >= TABLES[version]:
             raise _Unusable("corrupt", f"is corrupt (schema version {version}, missing tables)")
         return read_every_source(conn, source)
     except (ValueError, TypeError) as e:

@@ -18,9 +18,9 @@ from exporter.totals import TotalsSnapshot
 MEMORY = ":memory:"
 APPLICATION_ID = 0x4D504558  # "MPEX" in the file header: marks the file as ours
 SCHEMA_VERSION = 3
-_MAGIC = b"SQLite format 3\x00"
+MAGIC = b"SQLite format 3\x00"
 # What the file of each version this module reads must have (2: before aggregates by label).
-_TABLES = {
+TABLES = {
     2: frozenset({"sources", "messages", "totals", "registered"}),
     3: frozenset({"sources", "messages", "aggregates", "registered"}),
 }
@@ -68,8 +68,10 @@ DROP TABLE sources_v2;
 DROP TABLE totals
 """
 _FROM_V2 = _V2_TO_V3 + _SCHEMA + _V2_TOTALS
-_INSERT = "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # _SCHEMA's order
-_AGGREGATE = "INSERT INTO aggregates VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+INSERT_MESSAGE = (
+    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # _SCHEMA's order
+)
+INSERT_AGGREGATE = "INSERT INTO aggregates VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -98,7 +100,7 @@ def read_every_source(conn: sqlite3.Connection, source: str) -> StoredState | No
     """``source``'s state, once every source's reads: the file is moved aside for all or none."""
     if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
         with contextlib.closing(sqlite3.connect(MEMORY, isolation_level=None)) as copy:
-            conn.backup(copy)  # the file itself is migrated by _connect, in one transaction
+            conn.backup(copy)  # the file itself is migrated by connect(), in one transaction
             migrate(copy)
             return read_every_source(copy, source)
     sources = [row[0] for row in conn.execute("SELECT source FROM sources")]
