@@ -83,7 +83,7 @@ def parse_config(
     shard_flags: ShardFlags = NO_SHARD_FLAGS,
 ) -> Config:
     document = convert.load_yaml(text, file)
-    reader = _ConfigReader(file, environ)
+    reader = ConfigReader(file, environ)
     config = reader.config({} if document is None else document, kinds, shard_flags)
     if reader.errors:
         # A value quoted in a problem might be a key, typed where it does not belong.
@@ -102,7 +102,7 @@ def api_keys(config: Config) -> list[Secret | None]:
     return keys
 
 
-class _ConfigReader(SectionReader):
+class ConfigReader(SectionReader):
     def __init__(self, file: str, environ: Mapping[str, str]) -> None:
         super().__init__(file)
         self.environ = environ

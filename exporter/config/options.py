@@ -17,7 +17,7 @@ from exporter.config.model import ApiConfig
 from exporter.domain import MessageSpec
 
 if TYPE_CHECKING:
-    from exporter.config.loader import _ConfigReader
+    from exporter.config.loader import ConfigReader
 
 T = TypeVar("T")
 
@@ -25,7 +25,7 @@ T = TypeVar("T")
 class Options:
     """One source's section; each method reads one key (absent: the default)."""
 
-    def __init__(self, reader: _ConfigReader, key: str, section: Mapping[str, Any]) -> None:
+    def __init__(self, reader: ConfigReader, key: str, section: Mapping[str, Any]) -> None:
         self._reader = reader
         self.key = key  # "sources.<name>"
         self._section = dict(section)
