@@ -107,6 +107,21 @@ CASES = {
         "message '300' is already listed at messages[0]",
     ),
     "missing_id": (e.MissingKeyError, "messages[0].id", "is required"),
+    "sent_at_in_milliseconds": (
+        e.InvalidValueError,
+        "messages[0].sent_at",
+        "1764151200000 is not a time between 2000 and 2100 (epoch seconds or RFC 3339)",
+    ),
+    "too_many_labels": (
+        e.InvalidValueError,
+        "messages[0].labels",
+        "has 11 labels; a message takes at most 10",
+    ),
+    "long_label_value": (
+        e.InvalidValueError,
+        "messages[0].labels.campaign",
+        "is 129 characters long; label values take at most 128",
+    ),
     "bad_sent_at": (
         e.InvalidValueError,
         "messages[0].sent_at",

@@ -20,7 +20,16 @@ import yaml
 from exporter.config.duration import parse_duration
 from exporter.config.errors import ConfigErrors, SyntaxConfigError
 
-_MESSAGE_ID = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
+# Control characters (C0, DEL, C1) and the bidirectional marks and overrides, which would
+# make a label or a status page line read otherwise than it is (Trojan Source).
+_HIDDEN = "\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_MESSAGE_ID = re.compile(rf"[^\s{_HIDDEN}]{{1,128}}")
+_HIDDEN_CHARACTER = re.compile(f"[{_HIDDEN}]")
+# Limits shared by the config, message files and registrations: what one message may carry.
+MAX_LABEL_VALUE = 128
+# Times outside these years are typing mistakes (milliseconds, a year 9999 placeholder).
+EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp()
+LATEST = dt.datetime(2100, 1, 1, tzinfo=dt.UTC).timestamp()
 _SIZE = re.compile(r"(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)")
 _SIZE_UNITS = {
     "B": 1,
@@ -269,26 +278,52 @@ def message_id(value: object) -> str:
         raise TypeError(f"must be a string, not {kind(value)}")
     text = str(value)
     if not _MESSAGE_ID.fullmatch(text):
-        raise ValueError("must be 1 to 128 characters without spaces or control characters")
+        raise ValueError(
+            "must be 1 to 128 characters without spaces, control or bidirectional characters"
+        )
+    return text
+
+
+def label_value(value: object) -> str:
+    """A message label's value: a scalar, as text (booleans as ``true``/``false``)."""
+    if isinstance(value, dict | list) or value is None:
+        raise TypeError("label values must be scalars")
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    if len(text) > MAX_LABEL_VALUE:
+        raise ValueError(
+            f"is {len(text)} characters long; label values take at most {MAX_LABEL_VALUE}"
+        )
+    if _HIDDEN_CHARACTER.search(text):
+        raise ValueError("has a control or bidirectional character")
     return text
 
 
 def timestamp(value: object) -> float:
+    """An RFC 3339 time or epoch seconds, between the years 2000 and 2100."""
     if isinstance(value, bool):
         raise TypeError("must be a time such as 2026-11-26T10:00:00Z")
     if isinstance(value, int | float):
-        return float(value)
+        return plausible_time(value)
     if isinstance(value, str):
         try:
             value = dt.datetime.fromisoformat(value)
         except ValueError:
             raise ValueError(
-                f"{value!r} is not an RFC 3339 time such as 2026-11-26T10:00:00Z"
+                f"{value[:40]!r} is not an RFC 3339 time such as 2026-11-26T10:00:00Z"
             ) from None
     if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
         value = dt.datetime(value.year, value.month, value.day)
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=dt.UTC)
-        return value.timestamp()
+        return plausible_time(value.timestamp())
     raise TypeError(f"must be a time such as 2026-11-26T10:00:00Z, not {kind(value)}")
+
+
+def plausible_time(seconds: float) -> float:
+    """``seconds`` since the epoch, if it falls between 2000 and 2100."""
+    if not EARLIEST <= seconds < LATEST:  # NaN fails both comparisons
+        raise ValueError(
+            f"{seconds!r} is not a time between 2000 and 2100 (epoch seconds or RFC 3339)"
+        )
+    return float(seconds)

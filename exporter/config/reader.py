@@ -32,6 +32,9 @@ RESERVED_LABELS = frozenset(
     }
 )
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+MAX_LABEL_NAME = 128
+# Labels one message may carry (beyond its ID): each is a series' worth of label pairs.
+MAX_LABELS = 10
 T = TypeVar("T")
 
 
@@ -168,17 +171,25 @@ class Reader:
         if not isinstance(value, dict):
             self.fail(errors.InvalidTypeError, key, f"must be a mapping, not {kind(value)}")
             return MappingProxyType({})
+        if len(value) > MAX_LABELS:
+            self.fail(
+                errors.InvalidValueError,
+                key,
+                f"has {len(value)} labels; a message takes at most {MAX_LABELS}",
+            )
+            return MappingProxyType({})
         labels: dict[str, str] = {}
         for name, label_value in value.items():
-            where = join(key, str(name))
+            where = join(key, str(name)[:64])
             if problem := label_name_problem(name):
                 self.fail(errors.LabelNameError, where, problem)
-            elif isinstance(label_value, dict | list) or label_value is None:
-                self.fail(errors.InvalidTypeError, where, "label values must be scalars")
-            else:
-                labels[name] = (
-                    str(label_value).lower() if isinstance(label_value, bool) else str(label_value)
-                )
+                continue
+            try:
+                labels[name] = convert.label_value(label_value)
+            except TypeError as e:
+                self.fail(errors.InvalidTypeError, where, str(e))
+            except ValueError as e:
+                self.fail(errors.InvalidValueError, where, str(e))
         # Messages of one campaign share one label mapping: 30,000 of them cost one dict.
         pairs = tuple(sorted(labels.items()))
         shared = self._label_sets.get(pairs)
@@ -191,6 +202,8 @@ def label_name_problem(name: object) -> str | None:
     """Why ``name`` cannot be a message label (None if it can)."""
     if not isinstance(name, str) or not _LABEL_NAME.fullmatch(name):
         return "is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+    if len(name) > MAX_LABEL_NAME:
+        return f"is {len(name)} characters long; label names take at most {MAX_LABEL_NAME}"
     if name.startswith("__"):
         return "names starting with __ are reserved"
     if name in RESERVED_LABELS:

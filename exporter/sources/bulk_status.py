@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +23,10 @@ from prometheus_client.core import Metric
 from exporter.aggregate import ReportAggregator
 from exporter.client import BULK_STATUS, PollError
 from exporter.collector import MailPartnerCollector
+from exporter.config.errors import ConfigErrors
 from exporter.config.model import ApiConfig
 from exporter.config.options import Options
+from exporter.config.reader import parse_message
 from exporter.discovery import MessageFiles
 from exporter.domain import MessageSpec
 from exporter.parse import MAIL, SMS, ReportShape
@@ -311,7 +313,7 @@ class BulkStatusSource(Source):
         if stored is None:
             return
         self.book.restore(stored)
-        self._registered = {spec.id: spec for spec in stored.registered}
+        self._registered = {spec.id: spec for spec in _still_valid(stored.registered, self.name)}
         self._registered_at = dict.fromkeys(self._registered, self.context.clock())
         self._saved = (self.book.changes, self._changes)
         log.info(
@@ -359,6 +361,24 @@ class _MessagePoll(Poll):
             f"internal error: {type(error).__name__}",
             self.source.context.clock(),
         )
+
+
+def _still_valid(registered: Iterable[MessageSpec], source: str) -> Iterator[MessageSpec]:
+    """The registrations of a state file that today's checks allow: one saved before a limit
+    existed (a 60 KB label value, a time in year 9999) is dropped, with a log line naming it."""
+    for spec in registered:
+        document = {"id": spec.id, "labels": dict(spec.labels), "sent_at": spec.sent_at}
+        if spec.sent_at is None:
+            del document["sent_at"]
+        try:
+            parse_message(document, "state file registration")
+        except ConfigErrors as e:
+            log.warning(
+                "registration in the state file dropped",
+                extra={"source": source, "message_id": spec.id[:128], "err": str(e)[:500]},
+            )
+        else:
+            yield spec
 
 
 def _connect(context: SourceContext, settings: Settings, current: Upstream | None) -> Upstream:
