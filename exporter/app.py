@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.core import Metric
@@ -33,6 +34,7 @@ from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.upstream import Upstream, open_client
 from exporter.web import create_app, serve
+from exporter.wsgi import StartResponse, respond
 
 log = logging.getLogger("exporter")
 # How often the main loop saves state and looks for demo sends; signals wake it at once.
@@ -241,18 +243,32 @@ class Exporter:
         self.poller.wake()
 
     def serve(
-        self, address: str, telemetry_path: str, web_config_path: str | None = None
+        self,
+        address: str,
+        telemetry_path: str,
+        web_config_path: str | None = None,
+        *,
+        lifecycle: bool = False,
+        registration: bool = False,
     ) -> WSGIServer:
+        """Serve the routes on ``address``. The write endpoints are off unless asked for, as
+        in Prometheus: ``POST /-/reload`` with ``lifecycle``, ``POST``/``DELETE
+        /api/v1/messages`` with ``registration``."""
+        more = {
+            "/probe": probe_app(self.bulk_sources),
+            MESSAGES_PATH: messages_app(
+                self.bulk_sources, changed=self._registered, writable=registration
+            ),
+        }
+        if not lifecycle:
+            more["/-/reload"] = _lifecycle_disabled
         app = create_app(
             self.registry,
             lambda: self.book,  # a reload may switch bulk_status off or on
             telemetry_path=telemetry_path,
-            reload=self.reload,
+            reload=self.reload if lifecycle else None,
             clock=self._clock,
-            more={
-                "/probe": probe_app(self.bulk_sources),
-                MESSAGES_PATH: messages_app(self.bulk_sources, changed=self._registered),
-            },
+            more=more,
         )
         return serve(app, address, web_config_path)
 
@@ -296,6 +312,15 @@ class Exporter:
         now = self._clock()
         for source in self.sources.values():
             source.save(now)
+
+
+def _lifecycle_disabled(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    """``/-/reload`` without ``--web.enable-lifecycle``: Prometheus's answer, and the flag."""
+    return respond(
+        start_response,
+        "403 Forbidden",
+        "Lifecycle API is not enabled: start with --web.enable-lifecycle (SIGHUP reloads)\n",
+    )
 
 
 class _ExporterCollector(Collector):

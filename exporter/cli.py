@@ -74,6 +74,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--demo", action="store_true", help="start the embedded simulator on loopback and poll it"
     )
     parser.add_argument(
+        "--web.enable-lifecycle",
+        dest="enable_lifecycle",
+        action="store_true",
+        help="allow POST /-/reload (SIGHUP always reloads); on under --demo",
+    )
+    parser.add_argument(
+        "--web.enable-registration",
+        dest="enable_registration",
+        action="store_true",
+        help="allow POST and DELETE /api/v1/messages; on under --demo",
+    )
+    parser.add_argument(
         "--once",
         action="store_true",
         help="poll every message once, print the exposition, exit (non-zero if any poll failed)",
@@ -181,7 +193,14 @@ def _check_summary(config: Config) -> str:
 
 def _serve(exporter: Exporter, args: argparse.Namespace) -> int:
     try:
-        server = exporter.serve(args.listen_address, args.telemetry_path, args.web_config_file)
+        server = exporter.serve(
+            args.listen_address,
+            args.telemetry_path,
+            args.web_config_file,
+            # The demo's README commands reload and register; the demo polls no real account.
+            lifecycle=args.enable_lifecycle or args.demo,
+            registration=args.enable_registration or args.demo,
+        )
     except OSError as e:
         log.error("cannot listen", extra={"address": args.listen_address, "err": e.strerror})
         return 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
 from exporter.config.errors import ConfigErrors
 from exporter.config.reader import parse_message
@@ -26,33 +26,36 @@ PATH = "/api/v1/messages"
 MAX_BODY = 64 * 1024
 DEFAULT_SOURCE = "bulk_status"
 _WHERE = "request body"
+_DISABLED = (
+    "registration is not enabled: start the exporter with --web.enable-registration"
+    " to allow POST and DELETE"
+)
 
 
 def messages_app(
     sources: Callable[[], Mapping[str, BulkStatusSource]],
     changed: Callable[[], None] = lambda: None,
+    *,
+    writable: bool = True,
 ) -> WSGIApp:
     """The WSGI app behind ``/api/v1/messages`` and ``/api/v1/messages/<id>``; ``changed``
-    is called after each registration or removal (to save the state without delay)."""
+    is called after each registration or removal (to save the state without delay).
+    Without ``writable`` (``--web.enable-registration``) only ``GET`` is served."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO") or ""
         query = parse_qs(environ.get("QUERY_STRING") or "")
-        message_id = unquote(path[len(PATH) + 1 :]) if path.startswith(PATH + "/") else None
+        # The server decoded the path once (as Latin-1, per WSGI): an ID is taken as sent,
+        # ``%25`` and all, never unquoted a second time.
+        message_id = _wsgi_text(path[len(PATH) + 1 :]) if path.startswith(PATH + "/") else None
+        if method in ("POST", "DELETE") and not writable:
+            return _error(start_response, "404 Not Found", "not_found", _DISABLED)
         if method == "POST" and message_id is None:
             return _post(environ, start_response, sources(), changed)
         if method == "DELETE" and message_id:
             name = query.get("source", [DEFAULT_SOURCE])[0]
-            source = sources().get(name)
-            if source is None:
-                return _error(start_response, "400 Bad Request", "bad_data", _no_source(name))
-            if not source.unregister(message_id):
-                return _error(start_response, "404 Not Found", "not_found", "not registered")
-            changed()
-            return respond_json(
-                start_response, "200 OK", {"status": "success", "data": {"id": message_id}}
-            )
+            return _delete(start_response, sources().get(name), name, message_id, changed)
         if method == "GET" and message_id is None:
             data = [
                 {**_message(spec), "source": name}
@@ -111,6 +114,30 @@ def _post(
     return respond_json(
         start_response, status, {"status": "success", "data": {**_message(spec), "source": name}}
     )
+
+
+def _delete(
+    start_response: StartResponse,
+    source: BulkStatusSource | None,
+    name: str,
+    message_id: str,
+    changed: Callable[[], None],
+) -> Iterable[bytes]:
+    if source is None:
+        return _error(start_response, "400 Bad Request", "bad_data", _no_source(name))
+    if not source.unregister(message_id):
+        return _error(start_response, "404 Not Found", "not_found", "not registered")
+    changed()
+    return respond_json(start_response, "200 OK", {"status": "success", "data": {"id": message_id}})
+
+
+def _wsgi_text(path: str) -> str:
+    """A WSGI path (bytes as Latin-1) as the UTF-8 text the client sent; Latin-1 if not UTF-8."""
+    raw = path.encode("latin-1", "replace")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return path
 
 
 def _message(spec: MessageSpec) -> dict[str, Any]:

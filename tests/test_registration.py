@@ -7,6 +7,7 @@ process for persistence across a restart and for the web config's basic auth.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sqlite3
 import time
@@ -45,7 +46,7 @@ def write_config(tmp_path: Path, url: str, **extra: Any) -> Path:
 def exporter(upstream: SimulatorServer, tmp_path: Path) -> Iterator[tuple[Exporter, str]]:
     path = write_config(tmp_path, upstream.url, state={"path": ":memory:"})
     exporter = Exporter(load_runnable(str(path), demo=False), str(path))
-    server = exporter.serve("127.0.0.1:0", "/metrics")
+    server = exporter.serve("127.0.0.1:0", "/metrics", registration=True)
     yield exporter, f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     server.server_close()
@@ -120,8 +121,61 @@ def test_a_changed_registration_relabels_and_delete_stops_tracking(
         (
             b'{"id": "has space"}',
             400,
-            "request body: id: must be 1 to 128 characters without spaces or control characters",
+            "request body: id: must be 1 to 128 characters without spaces, control or"
+            " bidirectional characters",
         ),
+        (
+            json.dumps({"id": "9" * 129}).encode(),
+            400,
+            "request body: id: must be 1 to 128 characters without spaces, control or"
+            " bidirectional characters",
+        ),
+        (
+            json.dumps({"id": "evil\u202egpj.exe"}).encode(),
+            400,
+            "request body: id: must be 1 to 128 characters without spaces, control or"
+            " bidirectional characters",
+        ),
+        (
+            json.dumps({"id": "7", "labels": {f"l{i}": "x" for i in range(11)}}).encode(),
+            400,
+            "request body: labels: has 11 labels; a message takes at most 10",
+        ),
+        (
+            json.dumps({"id": "7", "labels": {"campaign": "x" * 60000}}).encode(),
+            400,
+            "request body: labels.campaign: is 60000 characters long; label values take at"
+            " most 128",
+        ),
+        (
+            json.dumps({"id": "7", "labels": {"campaign": "a\u2066b"}}).encode(),
+            400,
+            "request body: labels.campaign: has a control or bidirectional character",
+        ),
+        (
+            json.dumps({"id": "7", "labels": {"campaign": "a\nb"}}).encode(),
+            400,
+            "request body: labels.campaign: has a control or bidirectional character",
+        ),
+        *[
+            (
+                b'{"id": "7", "sent_at": %s}' % raw,
+                400,
+                f"request body: sent_at: {shown} is not a time between 2000 and 2100"
+                " (epoch seconds or RFC 3339)",
+            )
+            for raw, shown in [
+                (b"NaN", "nan"),
+                (b"Infinity", "inf"),
+                (b"-Infinity", "-inf"),
+                (b"1e300", "1e+300"),
+                (b"-1000000000000", "-1000000000000"),
+                (b"253402300800", "253402300800"),
+                (b"1764151200000", "1764151200000"),
+                (b'"9999-12-31T23:59:59Z"', "253402300799.0"),
+                (b'"1999-12-31T23:59:59Z"', "946684799.0"),
+            ]
+        ],
         (
             b'{"id": "7", "sent_at": "yesterday"}',
             400,
@@ -164,7 +218,7 @@ def test_registration_needs_the_web_config_password(
     hashed = bcrypt.hashpw(b"s3cret-pass", bcrypt.gensalt(4)).decode()
     web.write_text(f"basic_auth_users:\n  sender: {hashed}\n")
     app = Exporter(load_runnable(str(path), demo=False), str(path))
-    server = app.serve("127.0.0.1:0", "/metrics", str(web))
+    server = app.serve("127.0.0.1:0", "/metrics", str(web), registration=True)
     try:
         endpoint = f"http://127.0.0.1:{server.server_port}/api/v1/messages"
         body = {"id": "77"}
@@ -185,7 +239,7 @@ def test_registration_needs_the_web_config_password(
 def test_registrations_survive_a_restart(upstream: SimulatorServer, tmp_path: Path) -> None:
     message = upstream.world.send(25).message_id
     path = write_config(tmp_path, upstream.url, state={"path": str(tmp_path / "state.db")})
-    first = start_exporter(tmp_path, "--config.file", str(path))
+    first = start_exporter(tmp_path, "--config.file", str(path), "--web.enable-registration")
     try:
         body = {"id": message, "labels": {"campaign": "kept"}}
         answer = requests.post(f"{first.url}/api/v1/messages", json=body, timeout=5)
@@ -213,7 +267,7 @@ def test_a_registration_is_on_disk_within_seconds_and_survives_a_kill(
     message = upstream.world.send(5).message_id
     state = tmp_path / "state.db"
     path = write_config(tmp_path, upstream.url, state={"path": str(state)})
-    first = start_exporter(tmp_path, "--config.file", str(path))
+    first = start_exporter(tmp_path, "--config.file", str(path), "--web.enable-registration")
     try:
         endpoint = f"{first.url}/api/v1/messages"
         assert requests.post(endpoint, json={"id": message}, timeout=5).status_code == 201
@@ -272,3 +326,64 @@ def test_registrations_end_with_their_messages(upstream: SimulatorServer, tmp_pa
     assert [s.id for s in source.registered()] == [theirs]
     source.tick(time.time() + 48 * 3600 + 3601)  # theirs older than any message is kept
     assert source.registered() == ()
+
+
+def test_ids_are_decoded_once_from_the_path(exporter: tuple[Exporter, str]) -> None:
+    """``%41`` in a registered ID is deleted as ``%2541``, and UTF-8 IDs as their bytes."""
+    app, url = exporter
+    for message in ("pct%41x", "ümlaut", "a/b"):
+        answer = requests.post(f"{url}/api/v1/messages", json={"id": message}, timeout=5)
+        assert answer.status_code == 201, answer.text
+    for message, path in [("pct%41x", "pct%2541x"), ("ümlaut", "%C3%BCmlaut"), ("a/b", "a%2Fb")]:
+        gone = requests.delete(f"{url}/api/v1/messages/{path}", timeout=5)
+        assert gone.json() == {"status": "success", "data": {"id": message}}, path
+    assert app.book.snapshot()[0] == ()
+
+
+def test_write_endpoints_are_off_unless_enabled(upstream: SimulatorServer, tmp_path: Path) -> None:
+    path = write_config(tmp_path, upstream.url, state={"path": ":memory:"})
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    server = exporter.serve("127.0.0.1:0", "/metrics")
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        posted = requests.post(f"{url}/api/v1/messages", json={"id": "77"}, timeout=5)
+        assert posted.status_code == 404
+        assert "--web.enable-registration" in posted.json()["error"]
+        deleted = requests.delete(f"{url}/api/v1/messages/77", timeout=5)
+        assert deleted.status_code == 404
+        assert "--web.enable-registration" in deleted.json()["error"]
+        assert exporter.book.snapshot()[0] == ()
+        listed = requests.get(f"{url}/api/v1/messages", timeout=5)
+        assert listed.json() == {"status": "success", "data": []}
+        loaded = exporter.holder.status
+        reloaded = requests.post(f"{url}/-/reload", timeout=5)
+        assert reloaded.status_code == 403
+        assert "--web.enable-lifecycle" in reloaded.text
+        assert exporter.holder.status is loaded  # nothing was reloaded
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.e2e
+def test_the_flags_open_the_write_endpoints_and_sighup_always_reloads(
+    upstream: SimulatorServer, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, upstream.url, state={"path": ":memory:"})
+    closed = start_exporter(tmp_path, "--config.file", str(path))
+    try:
+        assert requests.post(f"{closed.url}/-/reload", timeout=5).status_code == 403
+        post = requests.post(f"{closed.url}/api/v1/messages", json={"id": "77"}, timeout=5)
+        assert post.status_code == 404
+        closed.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "configuration reloaded" in closed.log.read_text(), 10, "SIGHUP reload")
+    finally:
+        closed.stop()
+    flags = ("--web.enable-lifecycle", "--web.enable-registration")
+    opened = start_exporter(tmp_path, "--config.file", str(path), *flags)
+    try:
+        assert requests.post(f"{opened.url}/-/reload", timeout=5).status_code == 200
+        post = requests.post(f"{opened.url}/api/v1/messages", json={"id": "77"}, timeout=5)
+        assert post.status_code == 201
+    finally:
+        opened.stop()

@@ -109,7 +109,7 @@ def test_post_reload_over_http(
     running: tuple[Exporter, Path, list[str]], upstream: SimulatorServer
 ) -> None:
     exporter, path, (a, _, c) = running
-    server = exporter.serve("127.0.0.1:0", "/metrics")
+    server = exporter.serve("127.0.0.1:0", "/metrics", lifecycle=True)
     url = f"http://127.0.0.1:{server.server_port}"
     try:
         assert requests.get(f"{url}/-/reload", timeout=5).status_code == 405

@@ -167,7 +167,7 @@ def test_a_failed_reload_over_http_does_not_show_the_key(crafted: Crafted, tmp_p
     path = tmp_path / "c.yaml"
     path.write_text(f"api: {{base_url: '{server.url}', api_key: {TEST_KEY}}}\n")
     exporter = Exporter(load_runnable(str(path), demo=False), str(path))
-    web = exporter.serve("127.0.0.1:0", "/metrics")
+    web = exporter.serve("127.0.0.1:0", "/metrics", lifecycle=True)
     try:
         path.write_text(f"api:\n  api_key: {TEST_KEY}\n  timeout: [{TEST_KEY}]\n")
         answer = requests.post(f"http://127.0.0.1:{web.server_port}/-/reload", timeout=5)
