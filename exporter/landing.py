@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import math
 import time
 from collections.abc import Callable
 
@@ -33,7 +34,7 @@ def render_landing(
     messages, _ = book.snapshot()
     now = clock()
     # The messages that have series: a page of 100,000 rows would help nobody.
-    shown = sorted(with_series(messages, book.metrics.per_message_limit), key=lambda m: -m.sent_at)
+    shown = sorted(with_series(messages, book.metrics.per_message_limit), key=_newest_first)
     rows = "\n".join(_row(m, now) for m in shown)
     withheld = len(messages) - len(shown)
     more = f" {withheld} more, without per-message series, are not listed." if withheld else ""
@@ -56,7 +57,7 @@ def render_landing(
 def _row(message: TrackedMessage, now: float) -> str:
     aggregate = message.aggregate
     counts = {s: str(aggregate.states[s]) if aggregate else "&ndash;" for s in State}
-    cost = f"{aggregate.cost:.4f}" if aggregate else "&ndash;"
+    cost = _cost(aggregate.cost) if aggregate else "&ndash;"
     labels = ", ".join(f"{k}={v}" for k, v in message.spec.labels.items())
     cells = [
         f"<td>{html.escape(message.spec.id)}</td>",
@@ -70,6 +71,16 @@ def _row(message: TrackedMessage, now: float) -> str:
         f'<td class="err">{html.escape(message.last_error)}</td>',
     ]
     return f'<tr data-message-id="{html.escape(message.spec.id)}">{"".join(cells)}</tr>'
+
+
+def _newest_first(message: TrackedMessage) -> tuple[bool, float]:
+    # NaN is neither before nor after anything, and would leave the other rows unsorted too.
+    return math.isnan(message.sent_at), -message.sent_at
+
+
+def _cost(cost: float) -> str:
+    # NaN, inf or 1e300 from an old state file: as Python writes it, not 300 digits wide.
+    return f"{cost:.4f}" if math.isfinite(cost) and abs(cost) < 1e12 else html.escape(str(cost))
 
 
 def _bar(message: TrackedMessage) -> str:
@@ -102,5 +113,10 @@ def _legend() -> str:
 def _when(timestamp: float | None, now: float) -> str:
     if timestamp is None:
         return "never"
-    iso = dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        iso = dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, OverflowError, OSError):
+        # NaN, infinite, or outside the years 1-9999 (a registration or a state file from
+        # before times were checked): said as it is, so one bad message cannot take the page.
+        return f'<span title="not a valid time">invalid ({html.escape(str(timestamp))})</span>'
     return f'<time datetime="{iso}" title="{iso}">{format_duration(now - timestamp)} ago</time>'

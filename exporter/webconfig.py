@@ -113,7 +113,8 @@ class WebConfigWatcher:
     """The last good web config, re-read when its file or a file it names changes.
 
     exporter-toolkit reads the file on every request; one ``os.stat`` per file is the cheap
-    way to notice a change. A broken new file is logged and the last good config kept.
+    way to notice a change. A broken new file is logged and the last good config kept, and so
+    is one that would open access a restart has not asked for (see ``_needs_restart``).
     """
 
     def __init__(self, path: str) -> None:
@@ -133,11 +134,9 @@ class WebConfigWatcher:
     def _reload(self) -> None:
         try:
             config = load_web_config(self.path)
-            if (config.tls is None) != (self._config.tls is None):
-                problem = "turning TLS on or off needs a restart"
-                raise errors.ConfigErrors(
-                    [errors.ConfigError(self.path, "tls_server_config", problem)]
-                )
+            refused = _needs_restart(self._config, config)
+            if refused:
+                raise errors.ConfigErrors(refused)
         except errors.ConfigErrors as e:
             for error in e.errors:
                 log.error(
@@ -150,6 +149,20 @@ class WebConfigWatcher:
     def _signature(self) -> tuple[tuple[int, ...] | None, ...]:
         tls = self._config.tls
         return tuple(_file_version(path) for path in (Path(self.path), *(tls.files if tls else ())))
+
+
+def _needs_restart(old: WebConfig, new: WebConfig) -> list[errors.ConfigError]:
+    """What a reload may not change. TLS on or off changes the server itself. Basic auth off
+    opens every path: a file emptied or cut short while being edited must not do that, so
+    it takes a restart, which shows it was meant. Users may change, and auth may come on."""
+    refused = []
+    if (new.tls is None) != (old.tls is None):
+        problem = "turning TLS on or off needs a restart"
+        refused.append(errors.ConfigError(new.file, "tls_server_config", problem))
+    if old.basic_auth_users and not new.basic_auth_users:
+        problem = "turning basic auth off (no users left) needs a restart"
+        refused.append(errors.ConfigError(new.file, "basic_auth_users", problem))
+    return refused
 
 
 def _file_version(path: Path) -> tuple[int, ...] | None:

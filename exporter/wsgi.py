@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -32,4 +33,21 @@ def respond_json(
     payload: object,
     headers: Sequence[tuple[str, str]] = (),
 ) -> list[bytes]:
-    return respond(start_response, status, json.dumps(payload) + "\n", "application/json", headers)
+    """Answer ``payload`` as standard JSON: a NaN or infinite float, which JSON has no word
+    for (Python would write ``NaN``, which strict parsers refuse), is written ``null``."""
+    try:
+        text = json.dumps(payload, allow_nan=False)
+    except ValueError:  # rare: only then is the payload walked
+        text = json.dumps(_finite(payload), allow_nan=False)
+    return respond(start_response, status, text + "\n", "application/json", headers)
+
+
+def _finite(value: object) -> object:
+    """``value`` with every non-finite float in it replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value

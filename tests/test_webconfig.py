@@ -19,7 +19,7 @@ import trustme
 
 from exporter.config.errors import ConfigErrors
 from exporter.web import BasicAuth, create_app, serve
-from exporter.webconfig import load_web_config
+from exporter.webconfig import WebConfigWatcher, load_web_config
 from tests.scenario import scenario
 
 USERS = "basic_auth_users:\n  prometheus: {hash}\n"
@@ -159,8 +159,9 @@ def test_changed_password_and_certificate_apply_to_the_next_request(site: Site) 
         (TLS + "basic_auth_users:\n  prometheus: plain\n", "prometheus: not a bcrypt hash"),
         (TLS + "  client_auth_type: Sometimes\n", "client_auth_type: 'Sometimes' is not one"),
         (USERS.format(hash=hashed(b"new")), "turning TLS on or off needs a restart"),
+        (TLS, "web.yml: basic_auth_users: turning basic auth off (no users left) needs a restart"),
     ],
-    ids=["yaml", "hash", "client-auth", "tls-off"],
+    ids=["yaml", "hash", "client-auth", "tls-off", "auth-off"],
 )
 def test_broken_rewrite_keeps_the_last_good_config(
     site: Site, caplog: pytest.LogCaptureFixture, broken: str, logged: str
@@ -177,6 +178,98 @@ def test_broken_rewrite_keeps_the_last_good_config(
     assert logged in errors[0].err  # type: ignore[attr-defined]
     rewrite(site.config, TLS + USERS.format(hash=hashed(b"new")))
     assert site.get(port, auth=("prometheus", "new")).status_code == 200
+
+
+# Every way an edit can leave a running exporter with no user (the reason the issue was filed:
+# each of these used to open every path until the next edit).
+NO_USERS = {
+    "empty": "",
+    "comment-only": "# basic_auth_users moved to the vault\n",
+    "empty-mapping": "basic_auth_users: {}\n",
+    "null": "basic_auth_users:\n",
+    "headers-only": "http_server_config:\n  headers:\n    X-Frame-Options: deny\n",
+}
+AUTH_OFF = "basic_auth_users: turning basic auth off (no users left) needs a restart"
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What each error logged said, with the temporary folder left out."""
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert {r.getMessage() for r in errors} <= {
+        "web config not reloaded, keeping the last good one"
+    }
+    return [Path(r.err).name for r in errors]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("emptied", NO_USERS.values(), ids=NO_USERS.keys())
+def test_watcher_keeps_basic_auth_when_a_reload_would_drop_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, emptied: str
+) -> None:
+    path = tmp_path / "web.yml"
+    rewrite(path, USERS.format(hash=hashed(b"s3cret")))
+    watcher = WebConfigWatcher(str(path))
+    users = watcher.current().basic_auth_users
+    rewrite(path, emptied)
+    with caplog.at_level(logging.INFO, logger="exporter"):
+        assert all(watcher.current().basic_auth_users == users for _ in range(5))
+        assert refusals(caplog) == [f"web.yml: {AUTH_OFF}"]  # once, not once per request
+        rewrite(path, emptied + "# edited again\n")
+        assert watcher.current().basic_auth_users == users
+        assert len(refusals(caplog)) == 2  # once per change of the file
+
+        rewrite(path, USERS.format(hash=hashed(b"new")).replace("prometheus", "grafana"))
+        assert list(watcher.current().basic_auth_users) == ["grafana"]
+    assert len(refusals(caplog)) == 2
+    assert caplog.records[-1].getMessage() == "web config reloaded"
+
+
+def test_watcher_turns_basic_auth_on_without_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    rewrite(path, "")
+    watcher = WebConfigWatcher(str(path))
+    assert not watcher.current().basic_auth_users
+    rewrite(path, USERS.format(hash=hashed(b"s3cret")))
+    assert list(watcher.current().basic_auth_users) == ["prometheus"]
+
+
+@pytest.mark.parametrize("emptied", NO_USERS.values(), ids=NO_USERS.keys())
+def test_emptied_web_config_leaves_every_path_closed(
+    site: Site, caplog: pytest.LogCaptureFixture, emptied: str
+) -> None:
+    port = site.start(USERS.format(hash=hashed(b"s3cret")))
+    url = f"http://127.0.0.1:{port}"
+    rewrite(site.config, emptied)
+    with caplog.at_level(logging.ERROR, logger="exporter"):
+        for path in ("/metrics", "/", "/-/healthy", "/-/ready", "/nope"):
+            assert requests.get(url + path, timeout=5).status_code == 401, path
+        assert requests.get(url, auth=("prometheus", "s3cret"), timeout=5).status_code == 200
+    assert refusals(caplog) == [f"web.yml: {AUTH_OFF}"]
+    rewrite(site.config, USERS.format(hash=hashed(b"new")))
+    assert requests.get(url, auth=("prometheus", "new"), timeout=5).status_code == 200
+    assert requests.get(url, auth=("prometheus", "s3cret"), timeout=5).status_code == 401
+
+
+def test_emptied_web_config_keeps_tls_and_basic_auth(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = site.start(TLS + USERS.format(hash=hashed(b"s3cret")))
+    rewrite(site.config, "")
+    with caplog.at_level(logging.ERROR, logger="exporter"):
+        assert site.get(port).status_code == 401
+        assert site.get(port, auth=("prometheus", "s3cret")).status_code == 200
+    assert refusals(caplog) == [
+        "web.yml: tls_server_config: turning TLS on or off needs a restart",
+        f"web.yml: {AUTH_OFF}",
+    ]
+
+
+def test_basic_auth_added_to_a_running_exporter_applies_at_once(site: Site) -> None:
+    port = site.start("")
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert requests.get(url, timeout=5).status_code == 200
+    rewrite(site.config, USERS.format(hash=hashed(b"s3cret")))
+    assert requests.get(url, timeout=5).status_code == 401
+    assert requests.get(url, auth=("prometheus", "s3cret"), timeout=5).status_code == 200
 
 
 def test_a_stalled_handshake_blocks_nobody(site: Site) -> None:
