@@ -7,6 +7,7 @@ process for persistence across a restart and for the web config's basic auth.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import sqlite3
@@ -22,9 +23,12 @@ import requests
 import yaml
 
 from exporter.app import Exporter, load_runnable
+from exporter.config.model import PollingConfig
 from exporter.domain import MessageSpec
 from exporter.simulator import SimulatorServer, World
 from exporter.sources.bulk_status import BulkStatusSource
+from exporter.state import StateStore
+from exporter.tracker import MessageBook
 from tests.conftest import TEST_KEY
 from tests.stack import start_exporter, wait_until
 
@@ -387,3 +391,35 @@ def test_the_flags_open_the_write_endpoints_and_sighup_always_reloads(
         assert post.status_code == 201
     finally:
         opened.stop()
+
+
+def test_registrations_saved_before_the_limits_are_dropped_at_start(
+    upstream: SimulatorServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A state file written before the limits existed still loads; what breaks them goes."""
+    state = tmp_path / "state.db"
+    path = write_config(tmp_path, upstream.url, state={"path": str(state)})
+    store = StateStore(str(state), source="bulk_status")
+    empty = MessageBook(PollingConfig()).export(time.time())
+    bad = [
+        MessageSpec("huge", MappingProxyType({"campaign": "x" * 60_000})),
+        MessageSpec("negative", sent_at=-1e12),
+        MessageSpec("far", sent_at=253402300800.0),
+        MessageSpec("bidi\u202e", MappingProxyType({})),
+        MessageSpec("many", MappingProxyType({f"l{i}": "v" for i in range(11)})),
+    ]
+    good = MessageSpec("kept", MappingProxyType({"campaign": "c"}), sent_at=time.time())
+    store.save(dataclasses.replace(empty, registered=(bad[0], good, *bad[1:])))
+    store.close()
+
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    try:
+        assert [spec.id for spec in exporter.bulk_sources()["bulk_status"].registered()] == ["kept"]
+        dropped = [
+            r for r in caplog.records if r.getMessage() == "registration in the state file dropped"
+        ]
+        assert sorted(r.message_id for r in dropped) == sorted(s.id for s in bad)
+        assert [m.spec.id for m in exporter.book.snapshot()[0]] == ["kept"]
+    finally:
+        for source in exporter.sources.values():
+            source.close()

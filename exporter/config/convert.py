@@ -305,11 +305,12 @@ def timestamp(value: object) -> float:
     if isinstance(value, int | float):
         return plausible_time(value)
     if isinstance(value, str):
+        text = value
         try:
-            value = dt.datetime.fromisoformat(value)
+            value = dt.datetime.fromisoformat(text)
         except ValueError:
             raise ValueError(
-                f"{value[:40]!r} is not an RFC 3339 time such as 2026-11-26T10:00:00Z"
+                f"{text[:40]!r} is not an RFC 3339 time such as 2026-11-26T10:00:00Z"
             ) from None
     if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
         value = dt.datetime(value.year, value.month, value.day)
