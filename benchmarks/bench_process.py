@@ -243,11 +243,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def exporter(config: Path, log: IO[str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def exporter(
+    config: Path, log: IO[str], flags: tuple[str, ...] = ()
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """The exporter as users start it; yields it and its base URL once ``/-/ready`` is 200.
     On the way out: SIGTERM, and the exit (state saved) awaited."""
     port = free_port()
-    command = [sys.executable, "-m", "exporter", "--config.file", str(config)]
+    command = [sys.executable, "-m", "exporter", "--config.file", str(config), *flags]
     command += ["--web.listen-address", f"127.0.0.1:{port}"]
     base = f"http://127.0.0.1:{port}"
     with subprocess.Popen(  # noqa: S603 - this interpreter, the exporter

@@ -24,6 +24,7 @@ def main() -> int:
         ["benchmarks.bench_parse", "--recipients", "200000" if quick else "1000000"],
         ["benchmarks.bench_scrape"],
         ["benchmarks.bench_memory"],
+        ["benchmarks.bench_registrations", *(["--held", "5000"] if quick else [])],
         # The real exporter process against the simulator: about 1.5 and 3 minutes.
         ["benchmarks.bench_process", "--scenario", "transactional", *short],
         ["benchmarks.bench_process", "--scenario", "per-message", *short, *short_pairs],

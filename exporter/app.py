@@ -39,8 +39,10 @@ from exporter.wsgi import StartResponse, respond
 log = logging.getLogger("exporter")
 # How often the main loop saves state and looks for demo sends; signals wake it at once.
 _HOUSEKEEPING = 10.0
-# On SIGTERM, how long polls in flight may take to finish.
-_DRAIN_TIMEOUT = 5.0
+# On SIGTERM, how long polls in flight may take to finish before their requests are cut off,
+# and how long the cut-off polls then take to end: the exit comes within 5 s of the signal.
+_DRAIN_TIMEOUT = 2.0
+_ABORT_TIMEOUT = 1.0
 
 
 def load_runnable(
@@ -273,13 +275,13 @@ class Exporter:
         return serve(app, address, web_config_path)
 
     def _registered(self) -> None:
-        """A registration came or went: the main loop saves it at once, and the poll loop
-        polls a new message now rather than at its next idle wake-up."""
-        self._wake.set()
+        """A registration came or went (and is on disk already): the poll loop polls a new
+        message now rather than at its next idle wake-up."""
         self.poller.wake()
 
     def run(self, server: WSGIServer) -> int:
-        """Poll and serve until ``request_stop``; then let polls in flight finish."""
+        """Poll and serve until ``request_stop``; then let polls in flight finish, for a
+        moment: a trickling upstream must not hold the exit (the pool's threads are joined)."""
         poller = threading.Thread(
             target=self.poller.run, args=(self._stop,), name="poller", daemon=True
         )
@@ -299,6 +301,10 @@ class Exporter:
                         log.info("demo send", extra={"message_id": spec.id})
                 self.poller.wake()
         if not self.poller.drain(_DRAIN_TIMEOUT):
+            log.info("cutting off the requests still in flight")
+        for upstream in {self.mailpartner, *(s.upstream for s in self.sources.values())}:
+            upstream.abort()  # probes' too; and nothing new starts
+        if not self.poller.drain(_ABORT_TIMEOUT):
             log.warning("polls still in flight at shutdown were abandoned")
         self.save()
         for source in self.sources.values():

@@ -111,9 +111,13 @@ def _post(
     if created:
         changed()
     status = "201 Created" if created else "200 OK"
-    return respond_json(
-        start_response, status, {"status": "success", "data": {**_message(spec), "source": name}}
-    )
+    answer: dict[str, Any] = {"status": "success", "data": {**_message(spec), "source": name}}
+    if (volatile := source.volatile) is not None:
+        # Prometheus's API carries such news in "warnings"; the state is still tracked.
+        answer["warnings"] = [
+            f"not saved: {volatile}; this registration will not survive a restart"
+        ]
+    return respond_json(start_response, status, answer)
 
 
 def _delete(

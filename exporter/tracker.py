@@ -86,13 +86,7 @@ class MessageBook:
         with self._lock:
             self.changes += 1
             for message_id in self._messages.keys() - wanted.keys():
-                gone = self._messages.pop(message_id)
-                final = gone.phase == Phase.FINAL
-                if gone.aggregate is not None or final:
-                    final_at = gone.final_at if final else None
-                    self._removed[message_id] = _Gone(
-                        now, gone.aggregate, final_at, gone.first_seen
-                    )
+                self._drop(message_id, now)
             self._expired = {k: v for k, v in self._expired.items() if k in wanted}
             horizon = now - self._polling.retention  # older removals cannot come back final
             self._removed = {k: v for k, v in self._removed.items() if v.at > horizon}
@@ -105,6 +99,22 @@ class MessageBook:
         with self._lock:
             self.changes += 1
             self._put(spec, now)
+
+    def remove(self, message_id: str, now: float) -> None:
+        """Stop tracking one message (a registration deleted), leaving the others as they
+        are; its last values are kept a while, as ``sync`` keeps them."""
+        with self._lock:
+            self.changes += 1
+            self._expired.pop(message_id, None)
+            if message_id in self._messages:
+                self._drop(message_id, now)
+
+    def _drop(self, message_id: str, now: float) -> None:
+        gone = self._messages.pop(message_id)
+        final = gone.phase == Phase.FINAL
+        if gone.aggregate is not None or final:
+            final_at = gone.final_at if final else None
+            self._removed[message_id] = _Gone(now, gone.aggregate, final_at, gone.first_seen)
 
     def _put(self, spec: MessageSpec, now: float) -> None:
         current = self._messages.get(spec.id)

@@ -14,24 +14,23 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from exporter.aggregate import ReportAggregator
 from exporter.client import BULK_STATUS, PollError
 from exporter.collector import MailPartnerCollector
-from exporter.config.errors import ConfigErrors
 from exporter.config.model import ApiConfig
 from exporter.config.options import Options
-from exporter.config.reader import parse_message
 from exporter.discovery import MessageFiles
 from exporter.domain import MessageSpec
 from exporter.parse import MAIL, SMS, ReportShape
 from exporter.sources.base import Poll, Settings, Source, SourceContext
-from exporter.state import StateStore, StateStoreError
+from exporter.sources.saving import Saver, still_valid
+from exporter.state import StateStore
 from exporter.stats import RequestStats
 from exporter.tracked import Phase, TrackedMessage
 from exporter.tracker import MessageBook
@@ -118,7 +117,9 @@ class BulkStatusSource(Source):
         self._swept = float("-inf")
         self._changes = 0  # registrations changed: the state needs saving
         self._saved: tuple[int, int] | None = None
-        self._store = StateStore(context.state_path, source=self.name)
+        # Registrations changed since the last save (None: deleted), written at once.
+        self._unsaved: dict[str, MessageSpec | None] = {}
+        self._saver = Saver(StateStore(context.state_path, source=self.name), context.clock)
         self._restore()
         self._file_patterns: tuple[str, ...] = ()
         self._files = self._message_files(context, settings)
@@ -187,7 +188,9 @@ class BulkStatusSource(Source):
             self._registered[spec.id] = spec
             self._registered_at.setdefault(spec.id, self.context.clock())
             self._changes += 1
+            self._unsaved[spec.id] = spec
             self._track(spec)
+        self.save_registrations()
         return True
 
     def unregister(self, message_id: str) -> bool:
@@ -197,8 +200,29 @@ class BulkStatusSource(Source):
                 return False
             self._registered_at.pop(message_id, None)
             self._changes += 1
-        self.sync(self.context.clock())
+            self._unsaved[message_id] = None
+            # The config's or the files' own message goes on being tracked; a demo send's
+            # goes back to its own labels.
+            if message_id in self._extra:
+                self._track(self._extra[message_id])
+            elif message_id not in self._claimed:
+                self.book.remove(message_id, self.context.clock())
+        self.save_registrations()
         return True
+
+    def save_registrations(self) -> None:
+        """Write the registrations changed since the last save, and only those: one is on
+        disk when its answer leaves, without rewriting every message (``save`` does that)."""
+        with self._lock:
+            changes, self._unsaved = self._unsaved, {}
+        if changes and not self._saver.save_registrations(changes):
+            with self._lock:  # the next full save writes them; newer changes win
+                self._unsaved = {**changes, **self._unsaved}
+
+    @property
+    def volatile(self) -> str | None:
+        """Why a registration made now would not survive a restart; None if it would."""
+        return self._saver.volatile
 
     def _expire_registrations(self, expired: Sequence[str], now: float) -> None:
         """A registration ends with its message: once it is past retention, or (another
@@ -219,6 +243,7 @@ class BulkStatusSource(Source):
             for message_id in gone:
                 self._registered.pop(message_id, None)
                 self._registered_at.pop(message_id, None)
+                self._unsaved[message_id] = None
             if gone:
                 self._changes += 1
         if gone:
@@ -244,6 +269,11 @@ class BulkStatusSource(Source):
 
     def collect(self) -> Iterable[Metric]:
         yield from self.collector.collect()
+        yield CounterMetricFamily(
+            f"{self.prefix}_exporter_state_save_failures",
+            "Writes of the state file that failed (the last saved state stays on disk).",
+            value=self._saver.failures,
+        )
         if self._files is not None:
             yield from self._files.collect(self.prefix)
 
@@ -273,16 +303,13 @@ class BulkStatusSource(Source):
         changes = (self.book.changes, self._changes)
         if changes == self._saved:
             return
-        state = dataclasses.replace(self.book.export(now), registered=self.registered())
-        try:
-            self._store.save(state)
-        except StateStoreError as e:
-            log.error("cannot save state", extra={"err": str(e)})
-        else:
+        with self._lock:
+            registered, self._unsaved = tuple(self._registered.values()), {}
+        if self._saver.save(dataclasses.replace(self.book.export(now), registered=registered)):
             self._saved = changes
 
     def close(self) -> None:
-        self._store.close()
+        self._saver.store.close()
 
     # -- polling one message ------------------------------------------------
     def poll(self, message: TrackedMessage) -> None:
@@ -307,20 +334,21 @@ class BulkStatusSource(Source):
 
     # -- helpers --------------------------------------------------------------
     def _restore(self) -> None:
-        stored = self._store.load()
-        if self._store.problem:
-            log.warning(self._store.problem)
+        store = self._saver.store
+        stored = store.load()
+        if store.problem:
+            log.warning(store.problem)
         if stored is None:
             return
         self.book.restore(stored)
-        self._registered = {spec.id: spec for spec in _still_valid(stored.registered, self.name)}
+        self._registered = {spec.id: spec for spec in still_valid(stored.registered, self.name)}
         self._registered_at = dict.fromkeys(self._registered, self.context.clock())
         self._saved = (self.book.changes, self._changes)
         log.info(
             "state restored",
             extra={
                 "source": self.name,
-                "path": self._store.path,
+                "path": store.path,
                 "messages": len(stored.messages),
                 "registered": len(stored.registered),
             },
@@ -361,24 +389,6 @@ class _MessagePoll(Poll):
             f"internal error: {type(error).__name__}",
             self.source.context.clock(),
         )
-
-
-def _still_valid(registered: Iterable[MessageSpec], source: str) -> Iterator[MessageSpec]:
-    """The registrations of a state file that today's checks allow: one saved before a limit
-    existed (a 60 KB label value, a time in year 9999) is dropped, with a log line naming it."""
-    for spec in registered:
-        document = {"id": spec.id, "labels": dict(spec.labels), "sent_at": spec.sent_at}
-        if spec.sent_at is None:
-            del document["sent_at"]
-        try:
-            parse_message(document, "state file registration")
-        except ConfigErrors as e:
-            log.warning(
-                "registration in the state file dropped",
-                extra={"source": source, "message_id": spec.id[:128], "err": str(e)[:500]},
-            )
-        else:
-            yield spec
 
 
 def _connect(context: SourceContext, settings: Settings, current: Upstream | None) -> Upstream:

@@ -16,8 +16,9 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+from exporter.domain import MessageSpec
 from exporter.state.records import StoredMessage, StoredState, aggregate_row, message_row
 from exporter.state.schema import (
     APPLICATION_ID,
@@ -84,10 +85,7 @@ class StateStore:
         source = self.source
         messages = [(source, *message_row(m)) for m in state.messages.values()]
         aggregates = [(source, *aggregate_row(labels, t)) for labels, t in label_sets(state.totals)]
-        registered = [
-            (source, i, m.id, json.dumps(dict(m.labels)), m.sent_at)
-            for i, m in enumerate(state.registered)
-        ]
+        registered = [_registered_row(source, i, m) for i, m in enumerate(state.registered)]
         with self._lock:
             if not self._opened:
                 self._open()
@@ -111,6 +109,48 @@ class StateStore:
                         conn.execute("ROLLBACK")
             except sqlite3.Error as e:
                 raise StateStoreError(f"cannot save state to {self.path}: {e}") from e
+
+    def save_registrations(self, changes: Mapping[str, MessageSpec | None]) -> None:
+        """Write just these registrations (None: deleted), after the others in order: a
+        registration is on disk at once without rewriting every message."""
+        source = self.source
+        with self._lock:
+            if not self._opened:
+                self._open()
+            if (conn := self._conn) is None:
+                return
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(
+                        "DELETE FROM registered WHERE source = ? AND id = ?",
+                        [(source, message_id) for message_id in changes],
+                    )
+                    (start,) = conn.execute(
+                        "SELECT COALESCE(MAX(position), -1) + 1 FROM registered WHERE source = ?",
+                        (source,),
+                    ).fetchone()
+                    # A source never saved whole has no row yet: it would read back as empty.
+                    conn.execute(
+                        "INSERT OR IGNORE INTO sources VALUES (?, ?, 0, '[]')",
+                        (source, self._clock()),
+                    )
+                    added = [spec for spec in changes.values() if spec is not None]
+                    conn.executemany(
+                        "INSERT INTO registered VALUES (?, ?, ?, ?, ?)",
+                        [_registered_row(source, start + i, m) for i, m in enumerate(added)],
+                    )
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+            except sqlite3.Error as e:
+                raise StateStoreError(f"cannot save state to {self.path}: {e}") from e
+
+    @property
+    def writable(self) -> bool:
+        """False once ``load`` found the file unusable (saves then do nothing)."""
+        return not self._opened or self.path == MEMORY or self._conn is not None
 
     def close(self) -> None:
         """Close the file; later calls do nothing."""
@@ -160,6 +200,10 @@ class StateStore:
             if os.path.lexists(self.path + suffix):
                 os.replace(self.path + suffix, moved + suffix)
         return moved
+
+
+def _registered_row(source: str, position: int, spec: MessageSpec) -> tuple[object, ...]:
+    return (source, position, spec.id, json.dumps(dict(spec.labels)), spec.sent_at)
 
 
 def _unfit(directory: str) -> str:

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS registered (
     source TEXT NOT NULL, position INTEGER NOT NULL, id TEXT NOT NULL, labels_json TEXT NOT NULL,
     sent_at REAL, PRIMARY KEY (source, position)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS registered_by_id ON registered (source, id);
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {SCHEMA_VERSION};
 """
