@@ -62,7 +62,7 @@ def _row(message: TrackedMessage, now: float) -> str:
     cells = [
         f"<td>{html.escape(message.spec.id)}</td>",
         f"<td>{html.escape(labels)}</td>",
-        f"<td>{message.phase}</td>",
+        f"<td>{message.phase}{' (not found)' if message.not_found else ''}</td>",
         f"<td>{_bar(message)}</td>",
         *(f'<td class="n" data-state="{s}">{c}</td>' for s, c in counts.items()),
         f'<td class="n">{cost}</td>',

@@ -43,6 +43,10 @@ class Poller:
         self._idle = threading.Condition(self._lock)  # notified as each poll ends
         self._in_flight = 0
         self._wake = threading.Event()
+        # When each source last had a poll started (a count of turns): the next turn is
+        # the source served longest ago.
+        self._served: dict[Source, int] = {}
+        self._turns = 0
 
     @property
     def sources(self) -> tuple[Source, ...]:
@@ -52,6 +56,7 @@ class Poller:
         """Poll ``sources`` from now on; polls in flight finish as they are."""
         with self._lock:
             self._sources = tuple(sources)
+            self._served = {s: n for s, n in self._served.items() if s in self._sources}
             workers = _workers(self._sources)
             if self._owns_executor and workers > self._workers:
                 self._executor.shutdown(wait=False)
@@ -83,18 +88,26 @@ class Poller:
             room = min(
                 upstream.api.concurrency - upstream.in_flight, upstream.bucket.available(now)
             )
-        # The most overdue source first; within one, its most overdue polls.
-        for source in sorted(sources, key=_due_key):
-            upcoming = source.next_due()
-            if room < 1 or upcoming is None or upcoming > now:
-                break
-            due = source.due(now, room)
-            for started, poll in enumerate(due):
-                wait = self._dispatch(upstream, poll, now)
-                if wait is not None:  # a 429 paused everything, or a poll took the room
-                    source.requeue(due[started:])
-                    return wait
-            room -= len(due)
+        # Sources with something due take turns, the one served longest ago first: the
+        # account poll never waits behind a backlog of message polls. Each gets its share
+        # of the room, then what is left goes round again.
+        ready = [s for s in sources if (t := s.next_due()) is not None and t <= now]
+        ready.sort(key=lambda source: self._served.get(source, -1))
+        share = max(1, room // len(ready)) if ready else 0
+        for turn in (share, room):
+            for source in ready:
+                if room < 1:
+                    break
+                due = source.due(now, min(turn, room))
+                for started, poll in enumerate(due):
+                    wait = self._dispatch(upstream, poll, now)
+                    if wait is not None:  # a 429 paused everything, or a poll took the room
+                        source.requeue(due[started:])
+                        return wait
+                if due:
+                    self._turns += 1
+                    self._served[source] = self._turns
+                room -= len(due)
         upcoming = min((t for s in sources if (t := s.next_due()) is not None), default=None)
         if upcoming is None:
             return _IDLE_WAIT
@@ -172,11 +185,6 @@ class Poller:
                     outcomes.append(ok)
                 self._idle.notify_all()
             self._wake.set()
-
-
-def _due_key(source: Source) -> float:
-    due = source.next_due()
-    return float("inf") if due is None else due
 
 
 def _by_upstream(sources: Sequence[Source]) -> dict[Upstream, list[Source]]:

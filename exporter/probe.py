@@ -40,6 +40,7 @@ from exporter.config.reader import parse_message
 from exporter.domain import MessageSpec
 from exporter.exposition import FixedMetrics, gauge
 from exporter.sources.bulk_status import PROBE_CACHE, BulkStatusSource
+from exporter.upstream import TokenBucket
 from exporter.wsgi import StartResponse, WSGIApp, respond
 
 _AT = operator.attrgetter("at")
@@ -49,6 +50,9 @@ DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 120.0
 # Left for the answer to reach Prometheus before its timeout.
 MARGIN = 0.5
+# Probes of messages the exporter does not track spend at most this share of the request
+# budget: a caller trying random IDs cannot hold up the background polls.
+UNTRACKED_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class Prober:
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, ProbeResult] = OrderedDict()
         self._running: dict[str, threading.Event] = {}
+        self._untracked: tuple[int, TokenBucket] | None = None  # (per minute, its bucket)
 
     def probe(self, message_id: str, timeout: float) -> ProbeResult:
         """``message_id`` polled now, or as a poll within ``probe_cache`` found it."""
@@ -128,6 +133,15 @@ class Prober:
         clock = source.context.clock
         started = self._monotonic()
         upstream = source.upstream
+        if source.book.get(message_id) is None and not self._untracked_allowed(clock()):
+            per_minute = _untracked_budget(upstream.api.max_requests_per_minute)
+            return self._failed(
+                message_id,
+                previous,
+                0.0,
+                f"probes of messages not tracked here are limited to {per_minute} requests a"
+                " minute (a tenth of api.max_requests_per_minute)",
+            )
         if not upstream.take(deadline, clock):
             return self._failed(
                 message_id, previous, 0.0, "the request budget allows no request in time"
@@ -147,6 +161,13 @@ class Prober:
         return ProbeResult(
             self._spec(message_id), now, True, self._monotonic() - started, aggregate, now
         )
+
+    def _untracked_allowed(self, now: float) -> bool:
+        per_minute = _untracked_budget(self._source.upstream.api.max_requests_per_minute)
+        with self._lock:
+            if self._untracked is None or self._untracked[0] != per_minute:  # budget reloaded
+                self._untracked = (per_minute, TokenBucket(per_minute, per_minute, now))
+            return self._untracked[1].try_take(now)
 
     def _failed(
         self, message_id: str, previous: ProbeResult | None, duration: float, error: str
@@ -219,7 +240,8 @@ def probe_app(
             return respond(
                 start_response,
                 "400 Bad Request",
-                "message_id must be 1 to 128 characters without spaces or control characters\n",
+                "message_id must be 1 to 128 characters without spaces, control or bidirectional"
+                " characters\n",
             )
         with lock:
             prober = probers.get(source)
@@ -230,6 +252,10 @@ def probe_app(
         return respond(start_response, "200 OK", body, CONTENT_TYPE_PLAIN_0_0_4)
 
     return app
+
+
+def _untracked_budget(per_minute: int) -> int:
+    return max(1, int(per_minute * UNTRACKED_SHARE))
 
 
 def _timeout(environ: Mapping[str, Any]) -> float:

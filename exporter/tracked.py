@@ -34,6 +34,7 @@ class TrackedMessage:
     final_at: float | None = None
     in_flight: bool = False
     failures: int = 0  # consecutive failed polls
+    not_found: bool = False  # final because the API never knew it
 
     @property
     def sent_at(self) -> float:

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 COMPACT_EVERY = 60.0
 # First retry of a failed poll; each further failure doubles it, up to the interval.
 RETRY_AFTER = 10.0
+# A message the API still does not know this long after it was sent is not one of the
+# account's (a typo, another account's, junk registered by mistake): final, as not found.
+NOT_FOUND_AFTER = 15 * 60.0
 
 
 class _Gone(NamedTuple):
@@ -65,7 +68,13 @@ class MessageBook:
         self._stored: dict[str, StoredMessage] = {}
         self.changes = 0  # bumped on every change, so a saver can skip idle periods
         self._totals = Totals(metrics)
-        self._due = TimeQueue()  # next polls
+        # Next polls, in two queues served in turn: the config's and the files' messages,
+        # and the others (registrations, demo sends). A backlog of registrations then costs
+        # the configured messages at most every other request, never a wait behind it.
+        self._queues = (TimeQueue(), TimeQueue())
+        self._preferred: frozenset[str] = frozenset()
+        self._turn = 0
+        self.not_found = 0  # messages made final as not found, since start
         self._finals = TimeQueue()  # when final messages became final, for retention
 
     def reconfigure(self, polling: PollingConfig, metrics: MetricsConfig | None = None) -> None:
@@ -80,11 +89,15 @@ class MessageBook:
     def metrics(self) -> MetricsConfig:
         return self._metrics
 
-    def sync(self, specs: Iterable[MessageSpec], now: float) -> None:
-        """Track exactly ``specs``: add new ones, update changed ones, drop the rest."""
+    def sync(
+        self, specs: Iterable[MessageSpec], now: float, preferred: frozenset[str] = frozenset()
+    ) -> None:
+        """Track exactly ``specs``: add new ones, update changed ones, drop the rest.
+        ``preferred`` (the operator's own messages) are polled in turn with all the others."""
         wanted = {spec.id: spec for spec in specs}
         with self._lock:
             self.changes += 1
+            self._preferred = preferred
             for message_id in self._messages.keys() - wanted.keys():
                 self._drop(message_id, now)
             self._expired = {k: v for k, v in self._expired.items() if k in wanted}
@@ -173,18 +186,29 @@ class MessageBook:
     def due(self, now: float, limit: int) -> list[TrackedMessage]:
         """Up to ``limit`` messages to poll now, most overdue first."""
         with self._lock:
-            ids = self._due.pop_due(now, limit, self._waiting)
+            ids: dict[str, None] = {}  # a message moved between queues may be in both
+            empty = [False, False]
+            while len(ids) < limit and not all(empty):
+                turn, self._turn = self._turn, 1 - self._turn
+                if not empty[turn]:
+                    found = self._queues[turn].pop_due(now, 1, self._waiting)
+                    empty[turn] = not found
+                    ids.update(dict.fromkeys(found))
             return [self._messages[message_id] for message_id in ids]
 
     def requeue(self, messages: Iterable[TrackedMessage]) -> None:
         """Put back messages ``due`` handed out that could not be started after all."""
         with self._lock:
             for message in messages:
-                self._due.push(message.next_poll, message.spec.id)
+                self._queue(message.spec.id).push(message.next_poll, message.spec.id)
 
     def next_poll(self) -> float | None:
         with self._lock:
-            return self._due.first(self._waiting)
+            firsts = [t for q in self._queues if (t := q.first(self._waiting)) is not None]
+            return min(firsts, default=None)
+
+    def _queue(self, message_id: str) -> TimeQueue:
+        return self._queues[0 if message_id in self._preferred else 1]
 
     def _waiting(self, message_id: str, when: float) -> bool:
         """Is ``message_id`` waiting for a poll at ``when``? (a due-queue entry still valid)"""
@@ -203,7 +227,7 @@ class MessageBook:
             if message.final_at is not None:
                 self._finals.push(message.final_at, message.spec.id)
         elif not message.in_flight:
-            self._due.push(message.next_poll, message.spec.id)
+            self._queue(message.spec.id).push(message.next_poll, message.spec.id)
 
     def start_poll(self, message_id: str, now: float) -> bool:
         """Mark a poll in flight; False if the message went away meanwhile."""
@@ -243,13 +267,17 @@ class MessageBook:
                 )
             )
 
-    def record_failure(self, message_id: str, error: str, now: float) -> None:
+    def record_failure(
+        self, message_id: str, error: str, now: float, *, not_found: bool = False
+    ) -> None:
         """Keep the last good values; retry with exponential backoff and jitter, from
         ``RETRY_AFTER`` up to the schedule's interval for the message's age.
 
         Past ``final_after`` (or past first sight, for a message first seen later)
         a failing message is retried for ``settled_recheck``, then given up as
-        final with the values it has.
+        final with the values it has. One the API does not know (``not_found``) backs
+        off further, and is final as not found ``NOT_FOUND_AFTER`` after it was sent:
+        junk costs about eight requests, not two days of them.
         """
         with self._lock:
             self.changes += 1
@@ -260,8 +288,14 @@ class MessageBook:
             final_at = current.sent_at + polling.final_after
             interval = self._interval(current, now)
             failures = current.failures + 1
-            retry = min(interval, RETRY_AFTER * 2 ** min(failures - 1, 16)) * self._jitter()
+            backoff = RETRY_AFTER * 2 ** min(failures - 1, 16)
+            retry = (backoff if not_found else min(interval, backoff)) * self._jitter()
             give_up = now >= max(final_at, current.first_seen) + polling.settled_recheck
+            if not_found:
+                final_at = min(final_at, current.sent_at + NOT_FOUND_AFTER)
+                not_found = now >= final_at
+                give_up = give_up or not_found
+                self.not_found += not_found
             self._write(
                 dataclasses.replace(
                     current,
@@ -273,8 +307,11 @@ class MessageBook:
                     next_poll=now + retry if now >= final_at else min(now + retry, final_at),
                     interval=0.0 if give_up else interval,
                     failures=failures,
+                    not_found=not_found,
                 )
             )
+        if not_found:
+            log.info("message not found: final", extra={"message_id": message_id})
 
     def expire(self, now: float) -> list[str]:
         """Forget final messages whose retention has passed; return their IDs."""

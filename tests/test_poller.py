@@ -281,19 +281,53 @@ def test_a_message_failing_past_final_after_is_retried_for_a_while_then_final(
     simulator: SimulatorServer, clock: FakeClock
 ) -> None:
     sent_at = clock() - 72 * HOUR
-    config = make_config(simulator.url, MessageSpec("424242", sent_at=sent_at))  # not found
+    send = simulator.world.send(10, sent_at=sent_at)
+    config = make_config(simulator.url, MessageSpec(send.message_id, sent_at=sent_at))
     book, poller = build(config, clock)
+    simulator.faults.http_status = 500
     drive(poller, clock, 3 * HOUR)
     # retried after 10 s, doubling up to the last step's 15 min, for settled_recheck (1 h),
     # then given up
     retries = [0, 10, 30, 70, 150, 310, 630, 1270, 2170, 3070, 3970]
     assert poll_ages(simulator, sent_at) == [72 * HOUR + s for s in retries]
-    tracked = message(book, "424242")
-    assert (tracked.phase, tracked.poll_ok, tracked.last_error) == (
+    tracked = message(book, send.message_id)
+    assert (tracked.phase, tracked.poll_ok, tracked.last_error, tracked.not_found) == (
         Phase.FINAL,
         False,
-        "API error code 4: Message introuvable",
+        "http_500: HTTP 500",
+        False,
     )
+
+
+def test_a_message_the_api_does_not_know_is_final_as_not_found_after_15_minutes(
+    simulator: SimulatorServer, clock: FakeClock
+) -> None:
+    """Junk (a typo, another account's ID) costs a few requests, not two days of them."""
+    config = make_config(simulator.url, MessageSpec("424242"))  # sent_at: first seen
+    book, poller = build(config, clock)
+    start = clock()
+    drive(poller, clock, 2 * HOUR)
+    assert poll_ages(simulator, start) == [0, 10, 30, 70, 150, 310, 630, 900]
+    tracked = message(book, "424242")
+    assert (tracked.phase, tracked.not_found, tracked.final_at) == (
+        Phase.FINAL,
+        True,
+        start + 900,
+    )
+    assert book.not_found == 1
+
+
+def test_a_message_found_late_is_not_given_up(
+    simulator: SimulatorServer, clock: FakeClock
+) -> None:
+    """The API may take a moment to know a send: not found at first, then found."""
+    config = make_config(simulator.url, MessageSpec("5000", sent_at=clock()))
+    book, poller = build(config, clock)
+    drive(poller, clock, 200)  # not found at 0, 10, 30, 70 and 150 s
+    simulator.world.send(10, message_id="5000", sent_at=clock() - 200)
+    drive(poller, clock, HOUR)
+    tracked = message(book, "5000")
+    assert (tracked.poll_ok, tracked.not_found, book.not_found) == (True, False, 0)
 
 
 def test_a_failing_young_message_still_gets_its_poll_at_final_after(

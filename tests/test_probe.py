@@ -280,3 +280,26 @@ def test_a_tracked_message_is_answered_from_its_last_poll(
         assert one(found, "mailpartner_probe_success") == 1
         assert one(found, "mailpartner_probe_duration_seconds") == 0  # no request of its own
     assert upstream.stats().polls == {message: 1}
+
+
+def test_probes_of_untracked_ids_spend_at_most_a_tenth_of_the_budget(
+    upstream: SimulatorServer, tmp_path: Path, clock: FakeClock
+) -> None:
+    """600 probes of random IDs in a minute: 60 requests at most, the rest refused at once."""
+    for exporter, get in start(tmp_path, upstream, clock, api={"max_requests_per_minute": 600}):
+        refused = []
+        for second in range(60):
+            for n in range(10):
+                found = samples(get(f"junk-{second}-{n}", timeout=2))
+                if one(found, "mailpartner_probe_success") == 0 and (
+                    one(found, "mailpartner_probe_duration_seconds") == 0
+                ):
+                    refused.append(found)
+            clock.advance(1.0)
+        requests_made = sum(upstream.stats().polls.values())
+        assert 55 <= requests_made <= 61
+        assert len(refused) == 600 - requests_made
+        # What is left of the minute's budget is the background polls': no probe took it.
+        assert (
+            exporter.mailpartner.bucket.available(clock()) == exporter.mailpartner.bucket.capacity
+        )

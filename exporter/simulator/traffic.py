@@ -17,11 +17,13 @@ class SimulatorStats:
     """Every ``/v1`` request received, including rejected ones (bad key, rate-limited, faults).
 
     ``request_times`` holds world-clock times in arrival order (the most recent
-    ``MAX_REQUEST_TIMES``); ``polls`` counts bulk-status requests per ``messageId`` asked for.
+    ``MAX_REQUEST_TIMES``), and ``log`` the same requests as (time, endpoint, message ID or
+    ""); ``polls`` counts bulk-status requests per ``messageId`` asked for.
     """
 
     requests: Mapping[str, int]
     request_times: tuple[float, ...]
+    log: tuple[tuple[float, str, str], ...]
     polls: Mapping[str, int]
     max_in_flight: int
 
@@ -31,6 +33,7 @@ class TrafficRecorder:
         self._lock = threading.Lock()
         self._requests: Counter[str] = Counter()
         self._times: deque[float] = deque(maxlen=MAX_REQUEST_TIMES)
+        self._log: deque[tuple[float, str, str]] = deque(maxlen=MAX_REQUEST_TIMES)
         self._polls: Counter[str] = Counter()
         self._in_flight = 0
         self._max_in_flight = 0
@@ -40,6 +43,7 @@ class TrafficRecorder:
         with self._lock:
             self._requests[endpoint] += 1
             self._times.append(at)
+            self._log.append((at, endpoint, message_id or ""))
             if message_id:
                 self._polls[message_id] += 1
             self._in_flight += 1
@@ -55,6 +59,7 @@ class TrafficRecorder:
             return SimulatorStats(
                 requests=dict(self._requests),
                 request_times=tuple(self._times),
+                log=tuple(self._log),
                 polls=dict(self._polls),
                 max_in_flight=self._max_in_flight,
             )

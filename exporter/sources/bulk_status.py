@@ -162,7 +162,8 @@ class BulkStatusSource(Source):
             self._claimed = frozenset(merged)
             for spec in itertools.chain(self._registered.values(), self._extra.values()):
                 merged.setdefault(spec.id, spec)
-            self.book.sync(self.context.config.shard.select(tuple(merged.values())), now)
+            owned = self.context.config.shard.select(tuple(merged.values()))
+            self.book.sync(owned, now, preferred=self._claimed)
 
     def _track(self, spec: MessageSpec) -> None:
         """Track one new registration or demo send, without going over every message again
@@ -274,6 +275,12 @@ class BulkStatusSource(Source):
             "Writes of the state file that failed (the last saved state stays on disk).",
             value=self._saver.failures,
         )
+        yield CounterMetricFamily(
+            f"{self.prefix}_exporter_messages_not_found",
+            "Messages made final because the API still did not know them 15 minutes after"
+            " they were sent.",
+            value=self.book.not_found,
+        )
         if self._files is not None:
             yield from self._files.collect(self.prefix)
 
@@ -324,7 +331,7 @@ class BulkStatusSource(Source):
             )
             aggregate = self.upstream.client.bulk_status(message_id, aggregator, self.kind.shape)
         except PollError as e:
-            self.book.record_failure(message_id, str(e), clock())
+            self.book.record_failure(message_id, str(e), clock(), not_found=e.label == "4")
             level = logging.DEBUG if message.last_error else logging.WARNING
             log.log(level, "poll failed", extra={"message_id": message_id, "err": str(e)})
             raise
