@@ -40,3 +40,31 @@ class TimeQueue:
 
     def __len__(self) -> int:
         return len(self._heap)
+
+
+class TakingTurns:
+    """Two ``TimeQueue``s served in turn: the preferred one (the operator's own messages)
+    and the others (registrations, demo sends). A backlog in one costs the other at most
+    every other place, never a wait behind it; alone, either has every place."""
+
+    def __init__(self) -> None:
+        self._queues = (TimeQueue(), TimeQueue())
+        self._turn = 0
+
+    def push(self, when: float, message_id: str, preferred: bool) -> None:
+        self._queues[0 if preferred else 1].push(when, message_id)
+
+    def pop_due(self, now: float, limit: int, current: Callable[[str, float], bool]) -> list[str]:
+        """Up to ``limit`` IDs whose time has come, one from each queue in turn."""
+        due: dict[str, None] = {}  # an ID moved between the queues may be in both
+        empty = [False, False]
+        while len(due) < limit and not all(empty):
+            turn, self._turn = self._turn, 1 - self._turn
+            if not empty[turn]:
+                found = self._queues[turn].pop_due(now, 1, current)
+                empty[turn] = not found
+                due.update(dict.fromkeys(found))
+        return list(due)
+
+    def first(self, current: Callable[[str, float], bool]) -> float | None:
+        return min((t for q in self._queues if (t := q.first(current)) is not None), default=None)

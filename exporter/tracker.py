@@ -18,7 +18,7 @@ from typing import NamedTuple
 from exporter.aggregate import MessageAggregate
 from exporter.config.model import MetricsConfig, PollingConfig
 from exporter.domain import MessageSpec
-from exporter.queue import TimeQueue
+from exporter.queue import TakingTurns, TimeQueue
 from exporter.state import StoredMessage, StoredState
 from exporter.totals import Totals, TotalsSnapshot
 from exporter.tracked import Phase, TrackedMessage, with_series
@@ -68,12 +68,10 @@ class MessageBook:
         self._stored: dict[str, StoredMessage] = {}
         self.changes = 0  # bumped on every change, so a saver can skip idle periods
         self._totals = Totals(metrics)
-        # Next polls, in two queues served in turn: the config's and the files' messages,
-        # and the others (registrations, demo sends). A backlog of registrations then costs
-        # the configured messages at most every other request, never a wait behind it.
-        self._queues = (TimeQueue(), TimeQueue())
+        # Next polls: the config's and the files' messages (preferred) take turns with the
+        # others, so a backlog of registrations never holds them up.
+        self._due = TakingTurns()
         self._preferred: frozenset[str] = frozenset()
-        self._turn = 0
         self.not_found = 0  # messages made final as not found, since start
         self._finals = TimeQueue()  # when final messages became final, for retention
 
@@ -186,29 +184,22 @@ class MessageBook:
     def due(self, now: float, limit: int) -> list[TrackedMessage]:
         """Up to ``limit`` messages to poll now, most overdue first."""
         with self._lock:
-            ids: dict[str, None] = {}  # a message moved between queues may be in both
-            empty = [False, False]
-            while len(ids) < limit and not all(empty):
-                turn, self._turn = self._turn, 1 - self._turn
-                if not empty[turn]:
-                    found = self._queues[turn].pop_due(now, 1, self._waiting)
-                    empty[turn] = not found
-                    ids.update(dict.fromkeys(found))
+            ids = self._due.pop_due(now, limit, self._waiting)
             return [self._messages[message_id] for message_id in ids]
 
     def requeue(self, messages: Iterable[TrackedMessage]) -> None:
         """Put back messages ``due`` handed out that could not be started after all."""
         with self._lock:
             for message in messages:
-                self._queue(message.spec.id).push(message.next_poll, message.spec.id)
+                self._queue(message)
 
     def next_poll(self) -> float | None:
         with self._lock:
-            firsts = [t for q in self._queues if (t := q.first(self._waiting)) is not None]
-            return min(firsts, default=None)
+            return self._due.first(self._waiting)
 
-    def _queue(self, message_id: str) -> TimeQueue:
-        return self._queues[0 if message_id in self._preferred else 1]
+    def _queue(self, message: TrackedMessage) -> None:
+        message_id = message.spec.id
+        self._due.push(message.next_poll, message_id, message_id in self._preferred)
 
     def _waiting(self, message_id: str, when: float) -> bool:
         """Is ``message_id`` waiting for a poll at ``when``? (a due-queue entry still valid)"""
@@ -227,7 +218,7 @@ class MessageBook:
             if message.final_at is not None:
                 self._finals.push(message.final_at, message.spec.id)
         elif not message.in_flight:
-            self._queue(message.spec.id).push(message.next_poll, message.spec.id)
+            self._queue(message)
 
     def start_poll(self, message_id: str, now: float) -> bool:
         """Mark a poll in flight; False if the message went away meanwhile."""
