@@ -1,26 +1,33 @@
 """The one place that calls the Mail Partner API.
 
-Requests share one ``requests.Session`` (keep-alive), are bounded by
-``api.timeout`` from connect to the last body byte, and end in a
-``MessageAggregate`` or a ``PollError`` whose ``label`` is the upstream code or
-the transport failure reason. The key travels in the query string, so every
-text that leaves this module has been through the ``Redactor``.
+Requests share one ``requests.Session`` (keep-alive) and end in a ``MessageAggregate`` or a
+``PollError`` whose ``label`` is the upstream code or the transport failure reason. Each is
+bounded by ``api.timeout`` on the wall clock, from connect to the last body byte: a watchdog
+thread shuts the socket of a request past its deadline, however slowly the upstream trickles;
+``abort`` shuts them all at shutdown. The key travels in the query string, so every text
+that leaves this module has been through the ``Redactor``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import requests
+import requests.adapters
+import urllib3
+import urllib3.connection
 import urllib3.exceptions
 
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.config.convert import describe
 from exporter.config.model import ApiConfig
+from exporter.deadline import ABORTED, WATCHDOG, Watch, WatchedAdapter, current_watch
 from exporter.parse import (
     MAIL,
     Body,
@@ -39,6 +46,9 @@ ME = "me"
 # Codes that concern one message; the API itself answered and took the key.
 _MESSAGE_CODES = frozenset({"3", "4"})
 _ERROR_BODY_LIMIT = 65536
+# A JSON endpoint answers a few hundred bytes; more is refused, however well it compresses.
+_JSON_LIMIT = 1 << 20
+_CHUNK = 65536
 
 
 class PollError(Exception):
@@ -70,7 +80,19 @@ class TransportError(PollError):
         super().__init__(f"{reason}: {detail}")
 
 
+class RequestAborted(BaseException):
+    """The client was aborted (the exporter is stopping): the request was cut off unanswered.
+
+    No failure of the upstream, so it is neither counted nor logged as one. Like
+    ``asyncio.CancelledError`` it is a ``BaseException``: a poll's ``except Exception`` lets
+    it through, and the poll ends as if it had never started.
+    """
+
+
 class MailPartnerClient:
+    """Requests to one API. It mounts its own transport on ``session`` (which carries the
+    headers and any proxy settings), so that every request it makes keeps its deadline."""
+
     def __init__(
         self,
         config: ApiConfig,
@@ -84,6 +106,12 @@ class MailPartnerClient:
         self._stats = stats
         self._redact = redact
         self._clock = clock
+        adapter = WatchedAdapter(pool_maxsize=config.concurrency)  # one connection per request
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        self._lock = threading.Lock()
+        self._in_flight: set[Watch] = set()
+        self._aborted = False
 
     @property
     def config(self) -> ApiConfig:
@@ -92,6 +120,15 @@ class MailPartnerClient:
     @property
     def stats(self) -> RequestStats:
         return self._stats
+
+    def abort(self) -> None:
+        """Cut off every request in flight now, and refuse new ones: they all raise
+        ``RequestAborted``. For shutdown, which must not wait on a slow upstream."""
+        with self._lock:
+            self._aborted = True
+            in_flight = list(self._in_flight)
+        for watch in in_flight:
+            watch.cut_off(ABORTED)
 
     def bulk_status(
         self,
@@ -116,12 +153,15 @@ class MailPartnerClient:
 
         An answer with ``"success": false`` raises ``ApiError`` with its code, and is
         counted like bulk-status errors (``endpoint`` is the metric label: keep it fixed).
+        A body over 1 MiB, decoded, is an ``invalid_response``.
         """
         documents: list[dict[str, Any]] = []
 
         def read(body: Body) -> None:
+            # In chunks: the cap stops a gzip bomb before it is inflated.
+            text = b"".join(iter(lambda: body.read(_CHUNK), b""))
             try:
-                document = json.loads(body.read(-1))
+                document = json.loads(text)
             except (ValueError, RecursionError):
                 raise InvalidResponse("malformed JSON") from None
             if not isinstance(document, dict):
@@ -135,7 +175,7 @@ class MailPartnerClient:
                 )
             documents.append(document)
 
-        self._request(endpoint, dict(params or {}), read)
+        self._request(endpoint, dict(params or {}), read, limit=_JSON_LIMIT)
         return documents[0]
 
     def _request(
@@ -144,25 +184,59 @@ class MailPartnerClient:
         params: dict[str, str],
         read: Callable[[Body], None],
         timeout: float | None = None,
+        limit: int | None = None,
     ) -> None:
-        key = self._config.api_key.reveal() if self._config.api_key else ""
         timeout = self._config.timeout if timeout is None else min(timeout, self._config.timeout)
+        cap = (
+            self._config.max_response_bytes
+            if limit is None
+            else min(limit, self._config.max_response_bytes)
+        )
         started = self._clock()
-        deadline = started + timeout
-        self._stats.request_started(endpoint)
+        with self._watched(timeout) as watch:
+            self._stats.request_started(endpoint)
+            error = self._exchange(endpoint, params, read, timeout=timeout, watch=watch, limit=cap)
+        if watch.cut == ABORTED:
+            raise RequestAborted(f"{endpoint}: cut off, the client was aborted")
+        if watch.expired:  # whatever the shut socket made of the answer
+            error = TransportError("timeout", f"no answer within {timeout:g}s")
+        if error is None:
+            self._stats.request_finished(endpoint, self._clock() - started, None, up=True)
+            return
+        self._stats.request_finished(
+            endpoint,
+            self._clock() - started,
+            error.label,
+            up=isinstance(error, ApiError) and error.code in _MESSAGE_CODES,
+            api_error=isinstance(error, ApiError),
+        )
+        # ``from None``: the chained requests exception would carry the URL.
+        raise error from None
+
+    def _exchange(
+        self,
+        endpoint: str,
+        params: dict[str, str],
+        read: Callable[[Body], None],
+        *,
+        timeout: float,
+        watch: Watch,
+        limit: int,
+    ) -> PollError | None:
+        """One GET, its answer handed to ``read``: None, or the error it ended in."""
+        key = self._config.api_key.reveal() if self._config.api_key else ""
         retry_after = None
         try:
             with self._session.get(
                 f"{self._config.base_url}/{endpoint}",
                 params={"apiKey": key, **params},
-                timeout=timeout,
+                timeout=timeout,  # connecting, and each read; the watch bounds the whole
                 stream=True,
+                allow_redirects=False,  # the API does not redirect: a 3xx is an http_3xx
             ) as response:
                 retry_after = _seconds(response.headers.get("Retry-After"))
                 response.raw.decode_content = True
-                body = _BoundedReader(
-                    response.raw, deadline, self._config.max_response_bytes, self._clock
-                )
+                body = _BoundedReader(response.raw, watch, limit)
                 _check_status(response.status_code, body)
                 read(body)
         except UpstreamError as e:
@@ -178,18 +252,26 @@ class MailPartnerClient:
         except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as e:
             error = TransportError("invalid_response", self._redact(_innermost(e)))
         else:
-            self._stats.request_finished(endpoint, self._clock() - started, None, up=True)
-            return
+            return None
         error.retry_after = retry_after
-        self._stats.request_finished(
-            endpoint,
-            self._clock() - started,
-            error.label,
-            up=isinstance(error, ApiError) and error.code in _MESSAGE_CODES,
-            api_error=isinstance(error, ApiError),
-        )
-        # ``from None``: the chained requests exception would carry the URL.
-        raise error from None
+        return error
+
+    @contextlib.contextmanager
+    def _watched(self, timeout: float) -> Iterator[Watch]:
+        """A deadline ``timeout`` from now for the request this thread makes in the block."""
+        with self._lock:
+            if self._aborted:
+                raise RequestAborted("refused: the client was aborted")
+            watch = WATCHDOG.watch(timeout)
+            self._in_flight.add(watch)
+        token = current_watch.set(watch)
+        try:
+            yield watch
+        finally:
+            current_watch.reset(token)
+            watch.finish()
+            with self._lock:
+                self._in_flight.discard(watch)
 
 
 def _check_status(status: int, body: Body) -> None:
@@ -232,22 +314,20 @@ def _innermost(error: BaseException) -> str:
 
 
 class _BoundedReader:
-    """A file-like view of the body that gives up past ``api.timeout`` or the size cap.
+    """A file-like view of the body that gives up past the deadline or the size cap.
 
-    ``requests``' timeout bounds each socket read, not the whole body; an
-    upstream trickling a byte a second would otherwise hold a worker forever,
-    and one sending without end would fill the memory.
+    The watchdog ends a read blocked past the deadline; this reads no further after it. The
+    cap counts decoded bytes, so a body sent without end, or a gzip bomb, stops there.
     """
 
-    def __init__(self, raw: Body, deadline: float, limit: int, clock: Callable[[], float]) -> None:
+    def __init__(self, raw: Body, watch: Watch, limit: int) -> None:
         self._raw = raw
-        self._deadline = deadline
+        self._watch = watch
         self._left = limit
         self._limit = limit
-        self._clock = clock
 
     def read(self, size: int = -1) -> bytes:
-        if self._clock() > self._deadline:
+        if self._watch.expired:
             raise TransportError("timeout", "the response body did not finish in time")
         # One byte more than allowed tells a body at the limit from one past it.
         want = self._left + 1 if size < 0 else min(size, self._left + 1)

@@ -33,7 +33,7 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from exporter.aggregate import MessageAggregate, ReportAggregator
-from exporter.client import PollError
+from exporter.client import PollError, RequestAborted
 from exporter.collector import MessageView, message_families, message_samples
 from exporter.config.errors import ConfigErrors
 from exporter.config.reader import parse_message
@@ -247,7 +247,10 @@ def probe_app(
             prober = probers.get(source)
             if prober is None:
                 prober = probers[source] = Prober(source)
-        result = prober.probe(spec.id, _timeout(environ))
+        try:
+            result = prober.probe(spec.id, _timeout(environ))
+        except RequestAborted:  # the exporter is stopping
+            return respond(start_response, "503 Service Unavailable", "shutting down\n")
         body = render(result, source.prefix)
         return respond(start_response, "200 OK", body, CONTENT_TYPE_PLAIN_0_0_4)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import requests
-import requests.adapters
 
 from exporter import __version__
 from exporter.client import MailPartnerClient, PollError
@@ -89,6 +89,8 @@ class Upstream:
         self.rate_limited = 0  # consecutive 429s
         self.lock = threading.Lock()
         self._budget = threading.Condition(self.lock)
+        # Clients a reload replaced, while a request of theirs may still run.
+        self._replaced: weakref.WeakSet[MailPartnerClient] = weakref.WeakSet()
 
     def take(self, deadline: float, clock: Clock = time.time) -> bool:
         """Wait until the budget allows one request, or ``deadline``; True if it did.
@@ -122,8 +124,17 @@ class Upstream:
             self.bucket.hold(now + pause)
         log.warning("rate limited: pausing all polls", extra={"seconds": round(pause, 1)})
 
+    def abort(self) -> None:
+        """Cut off every request in flight to this API, and refuse new ones (shutdown)."""
+        with self.lock:
+            clients = [self.client, *self._replaced]
+        for client in clients:
+            client.abort()
+
     def reconfigure(self, api: ApiConfig, client: MailPartnerClient, now: float) -> None:
         with self.lock:
+            if client is not self.client:
+                self._replaced.add(self.client)
             old, self.api, self.client = self.api, api, client
             if (old.max_requests_per_minute, old.concurrency) != (
                 api.max_requests_per_minute,
@@ -137,13 +148,9 @@ def _bucket(api: ApiConfig, now: float) -> TokenBucket:
 
 
 def open_client(api: ApiConfig, stats: RequestStats) -> MailPartnerClient:
-    """A client for ``api`` on a session of its own: keep-alive, one connection per request
-    in flight."""
+    """A client for ``api`` on a session of its own (keep-alive; the client sizes its pool)."""
     session = requests.Session()
     session.headers["User-Agent"] = f"mailpartner-exporter/{__version__}"
-    adapter = requests.adapters.HTTPAdapter(pool_maxsize=api.concurrency)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
     return MailPartnerClient(api, session, stats, Redactor(api.api_key))
 
 

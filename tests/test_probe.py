@@ -303,3 +303,12 @@ def test_probes_of_untracked_ids_spend_at_most_a_tenth_of_the_budget(
         assert (
             exporter.mailpartner.bucket.available(clock()) == exporter.mailpartner.bucket.capacity
         )
+
+
+def test_a_probe_cut_off_by_shutdown_answers_503(
+    probing: tuple[Exporter, Probe],
+) -> None:
+    exporter, get = probing
+    exporter.mailpartner.abort()  # what SIGTERM does after its grace period
+    answer = get("424242")
+    assert (answer.status_code, answer.text) == (503, "shutting down\n")
