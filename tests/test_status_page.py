@@ -248,3 +248,13 @@ def test_bad_times_take_down_neither_the_page_nor_the_registrations(registered_b
         "year-10000": 253402300800.0,
         "good": START - 60,
     }
+
+
+def test_a_message_the_api_does_not_know_shows_as_not_found() -> None:
+    book = MessageBook(make_config("http://127.0.0.1:9/v1").polling)
+    book.sync([MessageSpec("typo", sent_at=START - 3600), MessageSpec("kept")], START)
+    book.start_poll("typo", START)
+    book.record_failure("typo", "API error code 4: Message introuvable", START, not_found=True)
+    shown = rows(render_landing(book, "/metrics", FakeClock(START)))
+    assert "<td>final (not found)</td>" in shown["typo"]
+    assert "not found" not in shown["kept"]
