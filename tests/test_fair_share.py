@@ -70,3 +70,9 @@ def test_junk_registrations_neither_starve_configured_messages_nor_the_account_p
     assert configured[:30] == pytest.approx([60.0 * n for n in range(30)], abs=2.0)
     me = [t - start for t, endpoint, _ in log if endpoint == "me"]
     assert me[:6] == pytest.approx([0, 300, 600, 900, 1200, 1500], abs=2.0)
+    # The junk costs a few requests each: final as not found 15 minutes after registration.
+    polls = upstream.stats().polls
+    assert max(polls.get(f"junk-{n}", 0) for n in range(JUNK)) <= 8
+    exposed = {m.name: m.samples[0].value for m in messages.collect() if m.samples}
+    ended = sum(1 for m in messages.book.snapshot()[0] if m.not_found)
+    assert exposed["mailpartner_exporter_messages_not_found"] == ended > 0
