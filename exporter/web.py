@@ -1,4 +1,5 @@
-"""HTTP side: a WSGI app factory (testable without a socket) and a threaded server.
+"""HTTP side: a WSGI app factory (testable without a socket), and ``serve`` to run it on
+``exporter.httpserver``.
 
 With a web config (``--web.config.file``) the server adds TLS, basic auth and headers.
 """
@@ -7,23 +8,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import logging
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from socketserver import ThreadingMixIn
 from typing import Any
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import WSGIServer
 
 import bcrypt
 from prometheus_client import make_wsgi_app
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.exposition import TextExposition
+from exporter.httpserver import ThreadingServer, TLSServer
 from exporter.landing import render_landing
 from exporter.tracker import MessageBook
 from exporter.webconfig import WebConfigWatcher
@@ -35,6 +38,7 @@ _CHALLENGE = 'Basic realm="mailpartner-exporter"'
 # for); anything else prometheus_client negotiates (OpenMetrics 2.0) goes to its own writer.
 _TEXT_0_0_4 = "text/plain; version=0.0.4"
 _OPENMETRICS_1_0 = "application/openmetrics-text; version=1.0.0"
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 # bcrypt of a random password, checked for unknown users so they cost as much as known ones.
 _DECOY_HASH = b"$2b$10$jb6mSkTEHB5QkYb71N19peyk2P9UGt2Ekak7ZPU5WsznWpA4.J.Tu"
 
@@ -53,7 +57,8 @@ def create_app(
 
     ``book`` is the status page's messages (a callable: the one current at each request).
     ``reload`` returns None on success or the errors that kept the old config. ``more``
-    adds routes; one serves its path and everything under ``path/`` too.
+    adds routes; one serves its path and everything under ``path/`` too. HEAD answers as GET
+    does on every route, without the body.
     """
     metrics_app = _metrics_app(registry)
 
@@ -95,29 +100,60 @@ def create_app(
             route = next((r for prefix, r in subtrees if path.startswith(prefix)), None)
         if route is None:
             return respond(start_response, "404 Not Found", "Not found\n")
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            return _head(route, environ, start_response)
         return route(environ, start_response)
 
     return app
 
 
+def _head(route: WSGIApp, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+    """The GET answer's status and headers, with the length of the body it leaves out."""
+    answer: list[Any] = []
+    written = 0
+
+    def held(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        answer[:] = [status, headers, exc_info]
+
+        def write(data: bytes) -> None:
+            nonlocal written
+            written += len(data)
+
+        return write
+
+    body = route({**environ, "REQUEST_METHOD": "GET"}, held)
+    try:
+        length = written + sum(map(len, body))
+    finally:
+        if hasattr(body, "close"):
+            body.close()
+    status, headers, exc_info = answer
+    if not any(name.lower() == "content-length" for name, _ in headers):
+        headers = [*headers, ("Content-Length", str(length))]
+    start_response(status, headers, *([] if exc_info is None else [exc_info]))
+    return []
+
+
 def _metrics_app(registry: CollectorRegistry) -> WSGIApp:
     """Text format 0.0.4 or OpenMetrics, plain or gzip, from ``TextExposition`` (the bytes
     prometheus_client writes, faster); ``name[]`` filters and other methods from
-    prometheus_client's own app."""
+    prometheus_client's own app, told plainly whether gzip is wanted (it reads no q-values)."""
     fallback: WSGIApp = make_wsgi_app(registry)
     exposition = TextExposition(registry)
 
     def metrics(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         _, content_type = choose_encoder(environ.get("HTTP_ACCEPT") or "")
         openmetrics = content_type.startswith(_OPENMETRICS_1_0)
+        gzip = gzip_wanted(environ.get("HTTP_ACCEPT_ENCODING") or "")
         if (
             environ.get("REQUEST_METHOD") != "GET"
             or not (openmetrics or content_type.startswith(_TEXT_0_0_4))
             or "name[]" in parse_qs(environ.get("QUERY_STRING") or "")
         ):
-            return fallback(environ, start_response)
+            encoding = "gzip" if gzip else "identity"
+            return fallback({**environ, "HTTP_ACCEPT_ENCODING": encoding}, start_response)
         headers = [("Content-Type", content_type)]
-        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):
+        if gzip:
             body = exposition.gzipped(openmetrics)
             headers.append(("Content-Encoding", "gzip"))
         else:
@@ -128,62 +164,26 @@ def _metrics_app(registry: CollectorRegistry) -> WSGIApp:
     return metrics
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    """One thread per connection, so a slow client never holds up a scrape."""
+@functools.lru_cache(maxsize=64)  # scrapers send one or two spellings, over and over
+def gzip_wanted(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` takes gzip, and likes it at least as much as no coding.
 
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
-        self.address_family = family
-        super().__init__(address, _QuietHandler)
-
-
-class _TLSServer(_ThreadingServer):
-    """TLS with the current web config's context, new for every connection.
-
-    The handshake runs in the connection's own thread, under a timeout, so a client that
-    connects and never finishes it holds up nobody but itself.
+    Per RFC 9110: q=0 refuses a coding, ``*`` stands for every coding not named (``identity``
+    among them), names are case-insensitive, ``x-gzip`` is gzip; a bad q-value refuses.
     """
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        family: socket.AddressFamily,
-        watcher: WebConfigWatcher,
-        handshake_timeout: float,
-    ) -> None:
-        self.watcher = watcher
-        self.handshake_timeout = handshake_timeout
-        super().__init__(address, family)
-
-    def setup_environ(self) -> None:
-        super().setup_environ()
-        self.base_environ["HTTPS"] = "on"
-
-    def finish_request(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
-    ) -> None:
-        context = self.watcher.current().ssl_context
-        if context is None or not isinstance(request, socket.socket):
-            return  # neither happens: a reload cannot turn TLS off, and this server is TCP
-        request.settimeout(self.handshake_timeout)
-        try:
-            connection = context.wrap_socket(request, server_side=True)
-        except OSError as e:  # ssl.SSLError and timeouts are OSErrors
-            log.debug("TLS handshake failed", extra={"client": client_address[0], "err": str(e)})
-            return
-        connection.settimeout(None)
-        try:
-            super().finish_request(connection, client_address)
-        finally:
-            # wrap_socket took over the descriptor: the caller's own cleanup no longer can.
-            self.shutdown_request(connection)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Access logs are the reverse proxy's job."""
+    weights: dict[str, float] = {}
+    for item in accept_encoding.split(","):
+        name, *params = item.split(";")
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                value = value.strip()
+                weight = float(value) if _QVALUE.fullmatch(value) else 0.0
+        weights.setdefault(name.strip().lower(), weight)
+    anything = weights.get("*", 0.0)
+    gzip = weights.get("gzip", weights.get("x-gzip", anything))
+    return gzip > 0 and gzip >= weights.get("identity", anything)
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:
@@ -199,26 +199,31 @@ def serve(
     address: str,
     web_config_path: str | None = None,
     *,
-    handshake_timeout: float = 10.0,
+    idle_timeout: float = 10.0,
+    max_connections: int = 256,
 ) -> WSGIServer:
     """Bind ``address`` and serve ``app`` in a daemon thread; ``shutdown()`` stops it.
 
     With ``web_config_path`` (exporter-toolkit's web-config.yml), TLS, basic auth and headers
     follow that file, re-read whenever it changes. A bad file at start raises ``ConfigErrors``.
+    A client gets ``idle_timeout`` seconds to send each request (its TLS handshake included),
+    and at most ``max_connections`` are served at once (see ``exporter.httpserver``).
     """
     host, port = parse_listen_address(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server: _ThreadingServer
+    limits = (idle_timeout, max_connections)
+    server: ThreadingServer
     if web_config_path is None:
-        server = _ThreadingServer((host, port), family)
+        server = ThreadingServer((host, port), family, *limits)
     else:
         watcher = WebConfigWatcher(web_config_path)
         app = _secured(app, watcher, BasicAuth())
         config = watcher.current()
         if config.tls is None:
-            server = _ThreadingServer((host, port), family)
+            server = ThreadingServer((host, port), family, *limits)
         else:
-            server = _TLSServer((host, port), family, watcher, handshake_timeout)
+            # The context is the web config's at each new connection: a reload applies at once.
+            server = TLSServer((host, port), family, *limits, lambda: watcher.current().ssl_context)
         log.info("web config loaded", extra={"file": web_config_path, "tls": bool(config.tls)})
     server.set_app(app)
     # shutdown() waits for the loop to look: at most a tenth of a second on SIGTERM.

@@ -317,9 +317,7 @@ def test_a_message_the_api_does_not_know_is_final_as_not_found_after_15_minutes(
     assert book.not_found == 1
 
 
-def test_a_message_found_late_is_not_given_up(
-    simulator: SimulatorServer, clock: FakeClock
-) -> None:
+def test_a_message_found_late_is_not_given_up(simulator: SimulatorServer, clock: FakeClock) -> None:
     """The API may take a moment to know a send: not found at first, then found."""
     config = make_config(simulator.url, MessageSpec("5000", sent_at=clock()))
     book, poller = build(config, clock)

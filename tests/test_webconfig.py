@@ -57,11 +57,11 @@ class Site:
         rewrite(self.folder / "server.pem", b"".join(p.bytes() for p in leaf.cert_chain_pems))
         rewrite(self.folder / "server.key", leaf.private_key_pem.bytes())
 
-    def start(self, text: str, handshake_timeout: float = 10.0) -> int:
+    def start(self, text: str, idle_timeout: float = 10.0) -> int:
         rewrite(self.config, text)
         registry, book, clock = scenario()
         app = create_app(registry, book, clock=clock)
-        server = serve(app, "127.0.0.1:0", str(self.config), handshake_timeout=handshake_timeout)
+        server = serve(app, "127.0.0.1:0", str(self.config), idle_timeout=idle_timeout)
         self.server = server
         return int(server.server_address[1])
 
@@ -273,7 +273,7 @@ def test_basic_auth_added_to_a_running_exporter_applies_at_once(site: Site) -> N
 
 
 def test_a_stalled_handshake_blocks_nobody(site: Site) -> None:
-    port = site.start(TLS, handshake_timeout=0.5)
+    port = site.start(TLS, idle_timeout=0.5)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as stalled:
         stalled.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, and no more
         for _ in range(3):
