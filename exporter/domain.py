@@ -53,8 +53,10 @@ class StatusMap:
 
 @dataclass(frozen=True, slots=True)
 class MessageSpec:
-    """A message to track: its upstream ID, extra labels and when it was sent."""
+    """A message to track: its upstream ID, extra labels, when it was sent and, for a deferred
+    send, when it is to go out."""
 
     id: str
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     sent_at: float | None = None
+    scheduled_at: float | None = None

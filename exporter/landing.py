@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable
 
-from exporter import __version__
+from exporter import __version__, calendar
 from exporter.config.duration import format_duration
 from exporter.domain import State
 from exporter.tracked import TrackedMessage, with_series
@@ -62,7 +62,7 @@ def _row(message: TrackedMessage, now: float) -> str:
     cells = [
         f"<td>{html.escape(message.spec.id)}</td>",
         f"<td>{html.escape(labels)}</td>",
-        f"<td>{message.phase}{' (not found)' if message.not_found else ''}</td>",
+        f"<td>{_phase(message, now)}</td>",
         f"<td>{_bar(message)}</td>",
         *(f'<td class="n" data-state="{s}">{c}</td>' for s, c in counts.items()),
         f'<td class="n">{cost}</td>',
@@ -71,6 +71,18 @@ def _row(message: TrackedMessage, now: float) -> str:
         f'<td class="err">{html.escape(message.last_error)}</td>',
     ]
     return f'<tr data-message-id="{html.escape(message.spec.id)}">{"".join(cells)}</tr>'
+
+
+def _phase(message: TrackedMessage, now: float) -> str:
+    """The phase, and what an operator needs beside it: a deferred send not gone out yet, or
+    one the API never knew."""
+    scheduled = message.spec.scheduled_at
+    if scheduled is not None and message.last_poll is None and now < scheduled:
+        iso = dt.datetime.fromtimestamp(scheduled, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        local = calendar.describe_release(scheduled, now)  # Europe/Paris, as Mail Partner
+        return f'scheduled for <time datetime="{iso}" title="{iso}">{local}</time>'
+
+    return f"{message.phase}{' (not found)' if message.not_found else ''}"
 
 
 def _newest_first(message: TrackedMessage) -> tuple[bool, float]:

@@ -145,7 +145,10 @@ def _wsgi_text(path: str) -> str:
 
 
 def _message(spec: MessageSpec) -> dict[str, Any]:
-    return {"id": spec.id, "labels": dict(spec.labels), "sent_at": spec.sent_at}
+    message = {"id": spec.id, "labels": dict(spec.labels), "sent_at": spec.sent_at}
+    if spec.scheduled_at is not None:
+        message["scheduled_at"] = spec.scheduled_at
+    return message
 
 
 def _no_source(name: object) -> str:

@@ -40,6 +40,12 @@ class TrackedMessage:
     def sent_at(self) -> float:
         return self.spec.sent_at if self.spec.sent_at is not None else self.first_seen
 
+    @property
+    def start(self) -> float:
+        """When it went, or is to go, out (``scheduled_at`` for a deferred send): its age, and
+        its recipients' delivery delays, count from here."""
+        return self.spec.scheduled_at if self.spec.scheduled_at is not None else self.sent_at
+
 
 def with_series(messages: Sequence[TrackedMessage], limit: int) -> Sequence[TrackedMessage]:
     """The messages that get per-message series (``metrics.per_message_limit``): unfinished

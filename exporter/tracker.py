@@ -131,7 +131,10 @@ class MessageBook:
         current = self._messages.get(spec.id)
         if current is not None:
             if current.spec != spec:
-                self._write(dataclasses.replace(current, spec=spec))
+                changed = dataclasses.replace(current, spec=spec)
+                if spec.scheduled_at != current.spec.scheduled_at and _unpolled(changed):
+                    changed = dataclasses.replace(changed, next_poll=_first_poll(spec, now))
+                self._write(changed)
         elif (stored := self._stored.pop(spec.id, None)) is not None:
             # Known from before a restart: its values and phase come back; a final
             # message is not polled again, any other is polled at once.
@@ -139,7 +142,7 @@ class MessageBook:
                 TrackedMessage(
                     spec,
                     first_seen=stored.first_seen,
-                    next_poll=now,
+                    next_poll=_first_poll(spec, now),
                     interval=self._polling.schedule[0].every,
                     phase=Phase(stored.phase),
                     aggregate=stored.aggregate,
@@ -171,7 +174,7 @@ class MessageBook:
                 TrackedMessage(
                     spec,
                     first_seen=now,
-                    next_poll=now,
+                    next_poll=_first_poll(spec, now),
                     interval=self._polling.schedule[0].every,
                     aggregate=last,
                 )
@@ -276,14 +279,14 @@ class MessageBook:
             if current is None:
                 return
             polling = self._polling
-            final_at = current.sent_at + polling.final_after
+            final_at = current.start + polling.final_after
             interval = self._interval(current, now)
             failures = current.failures + 1
             backoff = RETRY_AFTER * 2 ** min(failures - 1, 16)
             retry = (backoff if not_found else min(interval, backoff)) * self._jitter()
             give_up = now >= max(final_at, current.first_seen) + polling.settled_recheck
             if not_found:
-                final_at = min(final_at, current.sent_at + NOT_FOUND_AFTER)
+                final_at = min(final_at, current.start + NOT_FOUND_AFTER)
                 not_found = now >= final_at
                 give_up = give_up or not_found
                 self.not_found += not_found
@@ -392,13 +395,13 @@ class MessageBook:
 
     # -- schedule ------------------------------------------------------------
     def _interval(self, message: TrackedMessage, now: float) -> float:
-        return self._polling.interval(max(0.0, now - message.sent_at))
+        return self._polling.interval(max(0.0, now - message.start))
 
     def _next(
         self, message: TrackedMessage, aggregate: MessageAggregate, now: float
     ) -> tuple[Phase, float, float]:
         polling = self._polling
-        final_at = message.sent_at + polling.final_after
+        final_at = message.start + polling.final_after
         if now >= final_at:
             return Phase.FINAL, now, 0.0
         if aggregate.pending or not aggregate.recipients:
@@ -411,3 +414,13 @@ class MessageBook:
             min(now + polling.settled_recheck, final_at),
             polling.settled_recheck,
         )
+
+
+def _first_poll(spec: MessageSpec, now: float) -> float:
+    """Now, or when a deferred send goes out: nothing is polled before it."""
+    return now if spec.scheduled_at is None else max(now, spec.scheduled_at)
+
+
+def _unpolled(message: TrackedMessage) -> bool:
+    """Never polled yet: a new ``scheduled_at`` moves its first poll."""
+    return message.last_poll is None and not message.in_flight

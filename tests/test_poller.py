@@ -395,3 +395,43 @@ def test_final_messages_without_series_give_up_their_values_and_come_back_final(
     restarted.sync(specs, clock())
     assert {m.phase for m in restarted.snapshot()[0]} == {Phase.FINAL}
     assert restarted.next_poll() is None
+
+
+def test_a_deferred_send_is_not_polled_before_it_goes_out_and_ages_from_then(
+    simulator: SimulatorServer, clock: FakeClock
+) -> None:
+    """``scheduled_at``: no polls before it; the schedule and the delivery delays count from it."""
+    out = clock() + 2 * HOUR
+    send = simulator.world.send(50, sent_at=out)
+    spec = MessageSpec(send.message_id, sent_at=clock(), scheduled_at=out)
+    book, poller = build(make_config(simulator.url, spec), clock)
+    drive(poller, clock, 2 * HOUR + 170)
+    ages = poll_ages(simulator, out)
+    assert ages[:6] == [0, 30, 60, 90, 120, 150]  # the young schedule, from the scheduled time
+    tracked = message(book, send.message_id)
+    assert tracked.aggregate is not None and tracked.aggregate.states[State.DELIVERED] > 0
+    delivered = tracked.aggregate.states[State.DELIVERED]
+    # Delays from the scheduled time: seconds, not the two hours since the send was made.
+    assert tracked.aggregate.delay_sum / delivered < 130
+
+
+def test_a_deferred_send_cancelled_ends_as_not_found_without_polls_before(
+    simulator: SimulatorServer, clock: FakeClock
+) -> None:
+    """Cancelled before it went out, the API no longer knows it: a few polls after the
+    scheduled time, then final as not found (no alert watches that)."""
+    out = clock() + HOUR
+    book, poller = build(make_config(simulator.url, MessageSpec("7777", scheduled_at=out)), clock)
+    drive(poller, clock, 2 * HOUR)
+    assert poll_ages(simulator, out) == [0, 10, 30, 70, 150, 310, 630, 900]
+    tracked = message(book, "7777")
+    assert (tracked.phase, tracked.not_found) == (Phase.FINAL, True)
+
+
+def test_a_new_scheduled_time_moves_a_first_poll_not_yet_made(clock: FakeClock) -> None:
+    book = MessageBook(make_config("http://127.0.0.1:9/v1").polling)
+    book.sync([MessageSpec("1", scheduled_at=clock() + HOUR)], clock())
+    assert book.next_poll() == clock() + HOUR
+    book.sync([MessageSpec("1", scheduled_at=clock() + 2 * HOUR)], clock())
+    assert book.next_poll() == clock() + 2 * HOUR
+    assert book.due(clock() + HOUR, 10) == []

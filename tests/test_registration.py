@@ -427,3 +427,18 @@ def test_registrations_saved_before_the_limits_are_dropped_at_start(
     finally:
         for source in exporter.sources.values():
             source.close()
+
+
+def test_a_deferred_send_is_registered_with_its_scheduled_time(
+    exporter: tuple[Exporter, str],
+) -> None:
+    app, url = exporter
+    later = time.time() + 3600
+    body = {"id": "8800", "labels": {"campaign": "promo"}, "scheduled_at": later}
+    answer = requests.post(f"{url}/api/v1/messages", json=body, timeout=5)
+    assert answer.status_code == 201
+    assert answer.json()["data"]["scheduled_at"] == later
+    listed = requests.get(f"{url}/api/v1/messages", timeout=5).json()["data"]
+    assert [m.get("scheduled_at") for m in listed] == [later]
+    tracked = app.book.get("8800")
+    assert tracked is not None and tracked.next_poll == later  # nothing before it

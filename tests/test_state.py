@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -247,7 +248,7 @@ def _bad_row_of_another_source(path: Path) -> None:
 def _newer_schema(path: Path) -> None:
     _saved(path)
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 4")
+    conn.execute("PRAGMA user_version = 5")
     conn.close()
 
 
@@ -284,7 +285,7 @@ def _newer_schema(path: Path) -> None:
         (
             _newer_schema,
             "newer",
-            re.escape("was written by a newer exporter (schema version 4, this one reads up to 3)"),
+            re.escape("was written by a newer exporter (schema version 5, this one reads up to 4)"),
         ),
     ],
     ids=[
@@ -687,9 +688,35 @@ def test_a_version_2_file_is_migrated_in_place(tmp_path: Path) -> None:
     assert [spec.id for spec in loaded.registered] == ["302"]
 
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+    assert conn.execute("PRAGMA user_version").fetchone() == (4,)
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
     assert tables == {"sources", "messages", "aggregates", "registered"}
     conn.close()
     assert not list(tmp_path.glob("state.db.*"))  # migrated, not moved aside
-    assert reopen(path) == (loaded, None)  # and read again as version 3
+    assert reopen(path) == (loaded, None)  # and read again as version 4
+
+
+def test_a_version_3_file_gains_scheduled_at_and_keeps_its_registrations(tmp_path: Path) -> None:
+    """Version 4 added the registrations' ``scheduled_at``; a version 3 file is migrated."""
+    path = tmp_path / "state.db"
+    deferred = MessageSpec("900", MappingProxyType({"campaign": "later"}), START, START + 3600)
+    store = StateStore(str(path), source=MAIL)
+    store.save(dataclasses.replace(big_state(1, base=2000), registered=(deferred,)))
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # as version 3 wrote it
+        conn.execute("ALTER TABLE registered DROP COLUMN scheduled_at")
+        conn.execute("PRAGMA user_version = 3")
+        conn.commit()
+
+    loaded, problem = reopen(path)
+    assert problem is None and loaded is not None
+    assert loaded.registered == (MessageSpec("900", deferred.labels, START),)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
+
+    store = StateStore(str(path), source=MAIL)
+    store.load()
+    store.save_registrations({"900": deferred})
+    store.close()
+    loaded, _ = reopen(path)
+    assert loaded is not None and loaded.registered == (deferred,)

@@ -4,6 +4,7 @@ and it, with the JSON answers, whatever times and costs the messages hold."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.aggregate import MessageAggregate
+from exporter.calendar import PARIS
 from exporter.domain import MessageSpec, State
 from exporter.landing import render_landing
 from exporter.registration import PATH, messages_app
@@ -258,3 +260,14 @@ def test_a_message_the_api_does_not_know_shows_as_not_found() -> None:
     shown = rows(render_landing(book, "/metrics", FakeClock(START)))
     assert "<td>final (not found)</td>" in shown["typo"]
     assert "not found" not in shown["kept"]
+
+
+def test_a_deferred_send_shows_when_it_is_scheduled_for() -> None:
+    book = MessageBook(make_config("http://127.0.0.1:9/v1").polling)
+    tuesday = dt.datetime(2026, 12, 1, 8, 0, tzinfo=PARIS).timestamp()
+    book.sync([MessageSpec("later", scheduled_at=tuesday)], START)  # a Thursday
+    shown = rows(render_landing(book, "/metrics", FakeClock(tuesday - 5 * 86400)))
+    assert (
+        '<td>scheduled for <time datetime="2026-12-01T07:00:00Z" title="2026-12-01T07:00:00Z">'
+        "Tue 08:00</time></td>"
+    ) in shown["later"]

@@ -33,6 +33,8 @@ RESERVED_LABELS = frozenset(
 )
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 MAX_LABEL_NAME = 128
+# What a ``messages`` entry (a registration, a message file's entry) may say.
+_MESSAGE_KEYS = frozenset({"id", "labels", "sent_at", "scheduled_at"})
 # Labels one message may carry (beyond its ID): each is a series' worth of label pairs.
 MAX_LABELS = 10
 T = TypeVar("T")
@@ -138,9 +140,10 @@ class Reader:
     def message(
         self, item: object, key: str, extra: frozenset[str] = frozenset()
     ) -> MessageSpec | None:
-        """One ``{id, labels, sent_at}`` entry; None if it has no valid ID (errors say why;
-        one with a valid ID and a bad label comes back without that label, and an error)."""
-        entry = self.mapping(item, key, frozenset({"id", "labels", "sent_at"}) | extra)
+        """One ``{id, labels, sent_at, scheduled_at}`` entry; None if it has no
+        valid ID (errors say why; one with a valid ID and a bad label comes back without that
+        label, and an error)."""
+        entry = self.mapping(item, key, _MESSAGE_KEYS | extra)
         if "id" not in entry:
             if isinstance(item, dict):
                 self.fail(errors.MissingKeyError, join(key, "id"), "is required")
@@ -148,9 +151,10 @@ class Reader:
         message_id = self.field(entry, "id", key, "", convert.message_id)
         labels = self.labels(entry.get("labels"), join(key, "labels"))
         sent_at = self.field(entry, "sent_at", key, None, convert.timestamp)
+        scheduled_at = self.field(entry, "scheduled_at", key, None, convert.timestamp)
         if not message_id:
             return None
-        return MessageSpec(id=message_id, labels=labels, sent_at=sent_at)
+        return MessageSpec(message_id, labels, sent_at, scheduled_at)
 
     def globs(self, value: object, key: str) -> tuple[str, ...]:
         """File globs (``message_files``); relative ones from the config file's folder."""

@@ -326,7 +326,7 @@ class BulkStatusSource(Source):
             config = self.context.config
             aggregator = ReportAggregator(
                 config.status_map,
-                sent_at=message.sent_at,
+                sent_at=message.start,
                 delay_buckets=config.metrics.delivery_delay_buckets,
             )
             aggregate = self.upstream.client.bulk_status(message_id, aggregator, self.kind.shape)

@@ -77,6 +77,8 @@ def still_valid(registered: Iterable[MessageSpec], source: str) -> Iterator[Mess
         document: dict[str, object] = {"id": spec.id, "labels": dict(spec.labels)}
         if spec.sent_at is not None:
             document["sent_at"] = spec.sent_at
+        if spec.scheduled_at is not None:
+            document["scheduled_at"] = spec.scheduled_at
         try:
             parse_message(document, "state file registration")
         except ConfigErrors as e:

@@ -99,7 +99,7 @@ class StateStore:
                     conn.execute("DELETE FROM aggregates WHERE source = ?", (source,))
                     conn.executemany(INSERT_AGGREGATE, aggregates)
                     conn.execute("DELETE FROM registered WHERE source = ?", (source,))
-                    conn.executemany("INSERT INTO registered VALUES (?, ?, ?, ?, ?)", registered)
+                    conn.executemany("INSERT INTO registered VALUES (?, ?, ?, ?, ?, ?)", registered)
                     totals = state.totals
                     sums = (source, state.saved_at, totals.overflow, json.dumps(totals.buckets))
                     conn.execute("INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?)", sums)
@@ -137,7 +137,7 @@ class StateStore:
                     )
                     added = [spec for spec in changes.values() if spec is not None]
                     conn.executemany(
-                        "INSERT INTO registered VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO registered VALUES (?, ?, ?, ?, ?, ?)",
                         [_registered_row(source, start + i, m) for i, m in enumerate(added)],
                     )
                     conn.execute("COMMIT")
@@ -203,7 +203,8 @@ class StateStore:
 
 
 def _registered_row(source: str, position: int, spec: MessageSpec) -> tuple[object, ...]:
-    return (source, position, spec.id, json.dumps(dict(spec.labels)), spec.sent_at)
+    labels = json.dumps(dict(spec.labels))
+    return (source, position, spec.id, labels, spec.sent_at, spec.scheduled_at)
 
 
 def _unfit(directory: str) -> str:

@@ -89,9 +89,11 @@ def message_from_row(row: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(str(id_), first, str(phase), final, success, aggregate)
 
 
-def spec_from_row(id_: Any, labels: str, sent_at: Any) -> MessageSpec:
+def spec_from_row(id_: Any, labels: str, sent_at: Any, scheduled_at: Any) -> MessageSpec:
     by_name = {k: str(v) for k, v in _object(labels, "labels").items()}
-    return MessageSpec(str(id_), MappingProxyType(by_name), _optional(sent_at))
+    return MessageSpec(
+        str(id_), MappingProxyType(by_name), _optional(sent_at), _optional(scheduled_at)
+    )
 
 
 def _counts(text: str) -> dict[str, int]:

@@ -17,12 +17,13 @@ from exporter.totals import TotalsSnapshot
 
 MEMORY = ":memory:"
 APPLICATION_ID = 0x4D504558  # "MPEX" in the file header: marks the file as ours
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAGIC = b"SQLite format 3\x00"
 # What the file of each version this module reads must have (2: before aggregates by label).
 TABLES = {
     2: frozenset({"sources", "messages", "totals", "registered"}),
     3: frozenset({"sources", "messages", "aggregates", "registered"}),
+    4: frozenset({"sources", "messages", "aggregates", "registered"}),
 }
 _VOLATILE = "state is kept in memory only and will not survive a restart"
 # A source without a row in sources has never been saved. registered keeps the order of
@@ -46,7 +47,7 @@ CREATE TABLE IF NOT EXISTS aggregates (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS registered (
     source TEXT NOT NULL, position INTEGER NOT NULL, id TEXT NOT NULL, labels_json TEXT NOT NULL,
-    sent_at REAL, PRIMARY KEY (source, position)
+    sent_at REAL, scheduled_at REAL, PRIMARY KEY (source, position)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS registered_by_id ON registered (source, id);
 PRAGMA application_id = {APPLICATION_ID};
@@ -92,8 +93,10 @@ def connect(path: str) -> sqlite3.Connection:
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Bring the schema to this version, in the caller's transaction (executescript commits)."""
-    from_v2 = conn.execute("PRAGMA user_version").fetchone()[0] == 2
-    for statement in (_FROM_V2 if from_v2 else _SCHEMA).split(";"):
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version in (2, 3):  # version 4 added registered.scheduled_at (deferred sends)
+        conn.execute("ALTER TABLE registered ADD COLUMN scheduled_at REAL")
+    for statement in (_FROM_V2 if version == 2 else _SCHEMA).split(";"):
         conn.execute(statement)
 
 
@@ -125,7 +128,9 @@ def read(conn: sqlite3.Connection, source: str) -> StoredState | None:
         labels, tally = tally_from_row(row[1:])
         tallies[tuple(sorted(labels.items()))] = tally
     registered = conn.execute(
-        "SELECT id, labels_json, sent_at FROM registered WHERE source = ? ORDER BY position", key
+        "SELECT id, labels_json, sent_at, scheduled_at FROM registered WHERE source = ?"
+        " ORDER BY position",
+        key,
     )
     return StoredState(
         messages=MappingProxyType(messages),
