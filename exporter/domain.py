@@ -54,9 +54,10 @@ class StatusMap:
 @dataclass(frozen=True, slots=True)
 class MessageSpec:
     """A message to track: its upstream ID, extra labels, when it was sent and, for a deferred
-    send, when it is to go out."""
+    send, when it is to go out; a ``transactional`` one is never held by the platform."""
 
     id: str
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     sent_at: float | None = None
     scheduled_at: float | None = None
+    transactional: bool = False

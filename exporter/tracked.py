@@ -35,6 +35,9 @@ class TrackedMessage:
     in_flight: bool = False
     failures: int = 0  # consecutive failed polls
     not_found: bool = False  # final because the API never knew it
+    first_report: float | None = None  # when its life began: see exporter.schedule
+    held_until: float | None = None  # nothing reported, and held by the platform until then
+    unreported: bool = False  # final after polling.unreported_max with nothing reported
 
     @property
     def sent_at(self) -> float:

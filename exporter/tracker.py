@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from exporter import schedule
 from exporter.aggregate import MessageAggregate
 from exporter.config.model import MetricsConfig, PollingConfig
 from exporter.domain import MessageSpec
@@ -73,6 +74,7 @@ class MessageBook:
         self._due = TakingTurns()
         self._preferred: frozenset[str] = frozenset()
         self.not_found = 0  # messages made final as not found, since start
+        self.unreported = 0  # messages made final with nothing reported, since start
         self._finals = TimeQueue()  # when final messages became final, for retention
 
     def reconfigure(self, polling: PollingConfig, metrics: MetricsConfig | None = None) -> None:
@@ -149,6 +151,7 @@ class MessageBook:
                     last_success=stored.last_success,
                     poll_ok=stored.last_success is not None,
                     final_at=stored.final_at,
+                    first_report=stored.first_report,
                 )
             )
         elif (gone := self._removed.pop(spec.id, None)) is not None and gone.final_at:
@@ -244,7 +247,11 @@ class MessageBook:
                     "reports dated before the send: counted as delivered at once",
                     extra={"message_id": message_id, "recipients": aggregate.skewed},
                 )
-            phase, next_poll, interval = self._next(current, aggregate, now)
+            spread = (self._jitter() - 0.9) * 5  # 0 to 1 for the jitter's 0.9 to 1.1
+            plan = schedule.after_success(current, aggregate, now, self._polling, spread)
+            if plan.unreported:
+                self.unreported += 1
+                log.info("nothing reported for too long: final", extra={"message_id": message_id})
             self._write(
                 dataclasses.replace(
                     current,
@@ -254,10 +261,13 @@ class MessageBook:
                     poll_ok=True,
                     failures=0,
                     in_flight=False,
-                    phase=phase,
-                    next_poll=next_poll,
-                    interval=interval,
-                    final_at=now if phase == Phase.FINAL else None,
+                    phase=plan.phase,
+                    next_poll=plan.next_poll,
+                    interval=plan.interval,
+                    final_at=now if plan.phase == Phase.FINAL else None,
+                    first_report=plan.first_report,
+                    held_until=plan.held_until,
+                    unreported=plan.unreported,
                 )
             )
 
@@ -279,8 +289,8 @@ class MessageBook:
             if current is None:
                 return
             polling = self._polling
-            final_at = current.start + polling.final_after
-            interval = self._interval(current, now)
+            final_at = schedule.final_after(current, polling)
+            interval = schedule.retry_interval(current, now, polling)
             failures = current.failures + 1
             backoff = RETRY_AFTER * 2 ** min(failures - 1, 16)
             retry = (backoff if not_found else min(interval, backoff)) * self._jitter()
@@ -364,7 +374,13 @@ class MessageBook:
         with self._lock:
             messages = {
                 m.spec.id: StoredMessage(
-                    m.spec.id, m.first_seen, m.phase.value, m.final_at, m.last_success, m.aggregate
+                    m.spec.id,
+                    m.first_seen,
+                    m.phase.value,
+                    m.final_at,
+                    m.last_success,
+                    m.aggregate,
+                    m.first_report,
                 )
                 for m in self._messages.values()
             }
@@ -392,28 +408,6 @@ class MessageBook:
     def snapshot(self) -> tuple[tuple[TrackedMessage, ...], TotalsSnapshot]:
         with self._lock:
             return tuple(self._messages.values()), self._totals.snapshot()
-
-    # -- schedule ------------------------------------------------------------
-    def _interval(self, message: TrackedMessage, now: float) -> float:
-        return self._polling.interval(max(0.0, now - message.start))
-
-    def _next(
-        self, message: TrackedMessage, aggregate: MessageAggregate, now: float
-    ) -> tuple[Phase, float, float]:
-        polling = self._polling
-        final_at = message.start + polling.final_after
-        if now >= final_at:
-            return Phase.FINAL, now, 0.0
-        if aggregate.pending or not aggregate.recipients:
-            interval = self._interval(message, now)
-            return Phase.ACTIVE, min(now + interval, final_at), interval
-        if message.phase == Phase.SETTLED:  # this was the recheck, and still nothing pending
-            return Phase.FINAL, now, 0.0
-        return (
-            Phase.SETTLED,
-            min(now + polling.settled_recheck, final_at),
-            polling.settled_recheck,
-        )
 
 
 def _first_poll(spec: MessageSpec, now: float) -> float:

@@ -72,7 +72,12 @@ def test_48_hours_follow_the_schedule_then_final(
 ) -> None:
     send = simulator.world.send(1000, sent_at=clock())
     config = make_config(simulator.url, MessageSpec(send.message_id, sent_at=send.sent_at))
+    # Nothing is ever reported under ALL_PENDING: the unreported limits rule, set here to the
+    # schedule's last step and to final_after, and nothing is held overnight.
     config = dataclasses.replace(config, status_map=ALL_PENDING)
+    config = with_polling(
+        config, unreported_every=900.0, unreported_max=48 * HOUR, quiet_hours=False
+    )
     book, poller = build(config, clock)
 
     drive(poller, clock, 49 * HOUR)

@@ -696,8 +696,9 @@ def test_a_version_2_file_is_migrated_in_place(tmp_path: Path) -> None:
     assert reopen(path) == (loaded, None)  # and read again as version 4
 
 
-def test_a_version_3_file_gains_scheduled_at_and_keeps_its_registrations(tmp_path: Path) -> None:
-    """Version 4 added the registrations' ``scheduled_at``; a version 3 file is migrated."""
+def test_a_version_3_file_is_migrated_and_keeps_its_registrations(tmp_path: Path) -> None:
+    """Version 4 added the registrations' ``scheduled_at`` and ``transactional``, and the
+    messages' ``first_report``; a version 3 file is migrated in place."""
     path = tmp_path / "state.db"
     deferred = MessageSpec("900", MappingProxyType({"campaign": "later"}), START, START + 3600)
     store = StateStore(str(path), source=MAIL)
@@ -705,6 +706,8 @@ def test_a_version_3_file_gains_scheduled_at_and_keeps_its_registrations(tmp_pat
     store.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:  # as version 3 wrote it
         conn.execute("ALTER TABLE registered DROP COLUMN scheduled_at")
+        conn.execute("ALTER TABLE registered DROP COLUMN transactional")
+        conn.execute("ALTER TABLE messages DROP COLUMN first_report")
         conn.execute("PRAGMA user_version = 3")
         conn.commit()
 

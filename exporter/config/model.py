@@ -57,6 +57,22 @@ class PollingConfig:
     settled_recheck: float = 3600.0
     final_after: float = 172800.0
     retention: float = 604800.0
+    # While nothing of a message is reported (held, deferred): at most this far apart, and
+    # final after ``unreported_max`` of that (exporter.schedule).
+    unreported_every: float = 600.0
+    unreported_max: float = 604800.0
+    # Mail Partner holds commercial email outside working hours (exporter.calendar); False for
+    # an account whose restriction is lifted.
+    quiet_hours: bool = True
+    # Label values that mark a message transactional (never held), as (name, values) pairs:
+    # (("campaign", frozenset({"invoice", "password-reset"})),).
+    transactional_labels: tuple[tuple[str, frozenset[str]], ...] = ()
+
+    def transactional(self, spec: MessageSpec) -> bool:
+        """Does ``spec`` go out whatever the hour (or is the account never held)?"""
+        if spec.transactional or not self.quiet_hours:
+            return True
+        return any(spec.labels.get(name) in values for name, values in self.transactional_labels)
 
     def interval(self, age: float) -> float:
         """Seconds between polls for a message ``age`` seconds old."""

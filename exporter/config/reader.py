@@ -34,7 +34,7 @@ RESERVED_LABELS = frozenset(
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 MAX_LABEL_NAME = 128
 # What a ``messages`` entry (a registration, a message file's entry) may say.
-_MESSAGE_KEYS = frozenset({"id", "labels", "sent_at", "scheduled_at"})
+_MESSAGE_KEYS = frozenset({"id", "labels", "sent_at", "scheduled_at", "transactional"})
 # Labels one message may carry (beyond its ID): each is a series' worth of label pairs.
 MAX_LABELS = 10
 T = TypeVar("T")
@@ -140,7 +140,7 @@ class Reader:
     def message(
         self, item: object, key: str, extra: frozenset[str] = frozenset()
     ) -> MessageSpec | None:
-        """One ``{id, labels, sent_at, scheduled_at}`` entry; None if it has no
+        """One ``{id, labels, sent_at, scheduled_at, transactional}`` entry; None if it has no
         valid ID (errors say why; one with a valid ID and a bad label comes back without that
         label, and an error)."""
         entry = self.mapping(item, key, _MESSAGE_KEYS | extra)
@@ -152,9 +152,10 @@ class Reader:
         labels = self.labels(entry.get("labels"), join(key, "labels"))
         sent_at = self.field(entry, "sent_at", key, None, convert.timestamp)
         scheduled_at = self.field(entry, "scheduled_at", key, None, convert.timestamp)
+        transactional = self.field(entry, "transactional", key, False, convert.boolean)
         if not message_id:
             return None
-        return MessageSpec(message_id, labels, sent_at, scheduled_at)
+        return MessageSpec(message_id, labels, sent_at, scheduled_at, transactional)
 
     def globs(self, value: object, key: str) -> tuple[str, ...]:
         """File globs (``message_files``); relative ones from the config file's folder."""

@@ -4,26 +4,42 @@ schedule, the status map and the ``metrics`` section, read by ``SectionReader``.
 from __future__ import annotations
 
 from exporter.config import convert, errors
-from exporter.config.convert import kind
+from exporter.config.convert import join, kind
 from exporter.config.model import MetricsConfig, PollingConfig, ScheduleStep
 from exporter.config.reader import Reader, label_name_problem
 from exporter.domain import DEFAULT_STATUSES, State, StatusMap
 
+_POLLING_KEYS = frozenset(
+    {
+        "schedule",
+        "settled_recheck",
+        "final_after",
+        "retention",
+        "unreported_every",
+        "unreported_max",
+        "quiet_hours",
+        "transactional_labels",
+    }
+)
+
 
 class SectionReader(Reader):
     def polling(self, value: object) -> PollingConfig:
-        keys = frozenset({"schedule", "settled_recheck", "final_after", "retention"})
-        section = self.mapping(value, "polling", keys)
+        section = self.mapping(value, "polling", _POLLING_KEYS)
         d = PollingConfig()
+
+        def positive(name: str, default: float) -> float:
+            return self.field(section, name, "polling", default, convert.positive_duration)
+
         polling = PollingConfig(
             schedule=self.schedule(section["schedule"]) if "schedule" in section else d.schedule,
-            settled_recheck=self.field(
-                section, "settled_recheck", "polling", d.settled_recheck, convert.positive_duration
-            ),
-            final_after=self.field(
-                section, "final_after", "polling", d.final_after, convert.positive_duration
-            ),
+            settled_recheck=positive("settled_recheck", d.settled_recheck),
+            final_after=positive("final_after", d.final_after),
             retention=self.field(section, "retention", "polling", d.retention, convert.duration),
+            unreported_every=positive("unreported_every", d.unreported_every),
+            unreported_max=positive("unreported_max", d.unreported_max),
+            quiet_hours=self.field(section, "quiet_hours", "polling", True, convert.boolean),
+            transactional_labels=self.transactional_labels(section.get("transactional_labels")),
         )
         if polling.schedule and polling.final_after < polling.schedule[-1].until:
             self.fail(
@@ -32,6 +48,25 @@ class SectionReader(Reader):
                 "is before the last schedule step's until; that step would never run",
             )
         return polling
+
+    def transactional_labels(self, value: object) -> tuple[tuple[str, frozenset[str]], ...]:
+        """``{label: [values]}``: messages with one of these values are never held."""
+        key = "polling.transactional_labels"
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            self.fail(errors.InvalidTypeError, key, f"must be a mapping, not {kind(value)}")
+            return ()
+        pairs = []
+        for name, values in value.items():
+            where = join(key, str(name)[:64])
+            if problem := label_name_problem(name):
+                self.fail(errors.LabelNameError, where, problem)
+            elif not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                self.fail(errors.InvalidTypeError, where, "must be a list of label values")
+            else:
+                pairs.append((name, frozenset(values)))
+        return tuple(pairs)
 
     def schedule(self, value: object) -> tuple[ScheduleStep, ...]:
         if not isinstance(value, list) or not value:

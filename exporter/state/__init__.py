@@ -99,7 +99,9 @@ class StateStore:
                     conn.execute("DELETE FROM aggregates WHERE source = ?", (source,))
                     conn.executemany(INSERT_AGGREGATE, aggregates)
                     conn.execute("DELETE FROM registered WHERE source = ?", (source,))
-                    conn.executemany("INSERT INTO registered VALUES (?, ?, ?, ?, ?, ?)", registered)
+                    conn.executemany(
+                        "INSERT INTO registered VALUES (?, ?, ?, ?, ?, ?, ?)", registered
+                    )
                     totals = state.totals
                     sums = (source, state.saved_at, totals.overflow, json.dumps(totals.buckets))
                     conn.execute("INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?)", sums)
@@ -137,7 +139,7 @@ class StateStore:
                     )
                     added = [spec for spec in changes.values() if spec is not None]
                     conn.executemany(
-                        "INSERT INTO registered VALUES (?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO registered VALUES (?, ?, ?, ?, ?, ?, ?)",
                         [_registered_row(source, start + i, m) for i, m in enumerate(added)],
                     )
                     conn.execute("COMMIT")
@@ -204,7 +206,7 @@ class StateStore:
 
 def _registered_row(source: str, position: int, spec: MessageSpec) -> tuple[object, ...]:
     labels = json.dumps(dict(spec.labels))
-    return (source, position, spec.id, labels, spec.sent_at, spec.scheduled_at)
+    return (source, position, spec.id, labels, spec.sent_at, spec.scheduled_at, spec.transactional)
 
 
 def _unfit(directory: str) -> str:

@@ -24,6 +24,7 @@ class StoredMessage:
     final_at: float | None
     last_success: float | None
     aggregate: MessageAggregate | None
+    first_report: float | None = None  # when its life began (exporter.schedule)
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,15 @@ def message_row(m: StoredMessage) -> tuple[Any, ...]:
     head = (m.id, m.first_seen, str(m.phase), m.final_at, m.last_success)
     a = m.aggregate
     if a is None:
-        return (*head, None, None, None, None, None, None, None)
+        return (*head, None, None, None, None, None, None, None, m.first_report)
     states = json.dumps({str(s): n for s, n in a.states.items()})
     values = (json.dumps(dict(a.statuses)), a.cost, a.unsubscribed, a.last_report)
-    return (*head, states, *values, json.dumps(a.delays), a.delay_sum)
+    return (*head, states, *values, json.dumps(a.delays), a.delay_sum, m.first_report)
 
 
 def message_from_row(row: tuple[Any, ...]) -> StoredMessage:
     id_, first_seen, phase, final_at, last_success, states, statuses, cost, unsub, last = row[:10]
-    delays, delay_sum = row[10:]
+    delays, delay_sum, first_report = row[10:]
     if phase not in PHASES:
         raise ValueError(f"message {id_}: unknown phase {phase!r}")
     aggregate = None
@@ -86,13 +87,21 @@ def message_from_row(row: tuple[Any, ...]) -> StoredMessage:
             delay_sum=float(delay_sum or 0.0),
         )
     first, final, success = float(first_seen), _optional(final_at), _optional(last_success)
-    return StoredMessage(str(id_), first, str(phase), final, success, aggregate)
+    return StoredMessage(
+        str(id_), first, str(phase), final, success, aggregate, _optional(first_report)
+    )
 
 
-def spec_from_row(id_: Any, labels: str, sent_at: Any, scheduled_at: Any) -> MessageSpec:
+def spec_from_row(
+    id_: Any, labels: str, sent_at: Any, scheduled_at: Any, transactional: Any
+) -> MessageSpec:
     by_name = {k: str(v) for k, v in _object(labels, "labels").items()}
     return MessageSpec(
-        str(id_), MappingProxyType(by_name), _optional(sent_at), _optional(scheduled_at)
+        str(id_),
+        MappingProxyType(by_name),
+        _optional(sent_at),
+        _optional(scheduled_at),
+        bool(transactional),
     )
 
 

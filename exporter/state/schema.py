@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS sources (
 CREATE TABLE IF NOT EXISTS messages (
     source TEXT NOT NULL, id TEXT NOT NULL, first_seen REAL NOT NULL, phase TEXT NOT NULL,
     final_at REAL, last_success REAL, states_json TEXT, statuses_json TEXT, cost REAL,
-    unsubscribed INTEGER, last_report REAL, delays_json TEXT, delay_sum REAL,
+    unsubscribed INTEGER, last_report REAL, delays_json TEXT, delay_sum REAL, first_report REAL,
     PRIMARY KEY (source, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS aggregates (
@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS aggregates (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS registered (
     source TEXT NOT NULL, position INTEGER NOT NULL, id TEXT NOT NULL, labels_json TEXT NOT NULL,
-    sent_at REAL, scheduled_at REAL, PRIMARY KEY (source, position)
+    sent_at REAL, scheduled_at REAL, transactional INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (source, position)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS registered_by_id ON registered (source, id);
 PRAGMA application_id = {APPLICATION_ID};
@@ -69,9 +70,15 @@ INSERT INTO aggregates SELECT s.source, '{}',
 DROP TABLE sources_v2;
 DROP TABLE totals
 """
-_FROM_V2 = _V2_TO_V3 + _SCHEMA + _V2_TOTALS
+# Version 4: a message's life counts from its first report; deferred and transactional sends.
+_V3_TO_V4 = """
+ALTER TABLE messages ADD COLUMN first_report REAL;
+ALTER TABLE registered ADD COLUMN scheduled_at REAL;
+ALTER TABLE registered ADD COLUMN transactional INTEGER NOT NULL DEFAULT 0;
+"""
+_FROM_V2 = _V2_TO_V3 + _V3_TO_V4 + _SCHEMA + _V2_TOTALS
 INSERT_MESSAGE = (
-    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # _SCHEMA's order
+    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # _SCHEMA's order
 )
 INSERT_AGGREGATE = "INSERT INTO aggregates VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 
@@ -94,9 +101,8 @@ def connect(path: str) -> sqlite3.Connection:
 def migrate(conn: sqlite3.Connection) -> None:
     """Bring the schema to this version, in the caller's transaction (executescript commits)."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version in (2, 3):  # version 4 added registered.scheduled_at (deferred sends)
-        conn.execute("ALTER TABLE registered ADD COLUMN scheduled_at REAL")
-    for statement in (_FROM_V2 if version == 2 else _SCHEMA).split(";"):
+    script = {2: _FROM_V2, 3: _V3_TO_V4 + _SCHEMA}.get(version, _SCHEMA)
+    for statement in script.split(";"):
         conn.execute(statement)
 
 
@@ -128,7 +134,8 @@ def read(conn: sqlite3.Connection, source: str) -> StoredState | None:
         labels, tally = tally_from_row(row[1:])
         tallies[tuple(sorted(labels.items()))] = tally
     registered = conn.execute(
-        "SELECT id, labels_json, sent_at, scheduled_at FROM registered WHERE source = ?"
+        "SELECT id, labels_json, sent_at, scheduled_at, transactional FROM registered"
+        " WHERE source = ?"
         " ORDER BY position",
         key,
     )
