@@ -28,7 +28,7 @@ from exporter.domain import MessageSpec, State
 from exporter.exposition import MessageLines, PrerenderedFamily, Samples, gauge
 from exporter.stats import DURATION_BUCKETS, RequestStats
 from exporter.totals import TotalsSnapshot, label_sets
-from exporter.tracked import Phase, TrackedMessage, with_series
+from exporter.tracked import SHOWN_PHASES, Phase, TrackedMessage, shown_phase, with_series
 from exporter.tracker import MessageBook
 
 # A poll this late is not just waiting for the loop's next turn: the budget or
@@ -84,7 +84,7 @@ class MailPartnerCollector(Collector):
     def _exporter_metrics(self, summary: _Summary) -> Iterator[Metric]:
         now = self._clock()
         phases = Metric(f"{self._p}_exporter_messages", "Tracked messages by phase.", "gauge")
-        for phase in Phase:
+        for phase in SHOWN_PHASES:
             phases.add_sample(
                 f"{self._p}_exporter_messages", {"phase": phase}, summary.phases[phase]
             )
@@ -228,7 +228,7 @@ class _Summary(NamedTuple):
     messages: tuple[TrackedMessage, ...]
     limit: int
     shown: list[TrackedMessage]  # those with per-message series, by ID
-    phases: Counter[Phase]
+    phases: Counter[str]
     per_minute: float  # polls the schedule asks for
     waiting: list[float]  # next polls of messages neither final nor in flight, sorted
 
@@ -236,12 +236,15 @@ class _Summary(NamedTuple):
 def _summarize(messages: tuple[TrackedMessage, ...], limit: int = 0) -> _Summary:
     live = [m for m in messages if m.phase != Phase.FINAL]
     shown = with_series(messages, limit)
+    phases = Counter(map(shown_phase, messages))
+    # Held and deferred messages ask for nothing until they go out.
+    waiting = [m for m in live if shown_phase(m) == "active" or m.phase == Phase.SETTLED]
     return _Summary(
         messages,
         limit,
         sorted(shown, key=_BY_ID),
-        Counter(map(_PHASE, messages)),
-        sum(60.0 / m.interval for m in live),
+        phases,
+        sum(60.0 / m.interval for m in waiting),
         sorted(m.next_poll for m in live if not m.in_flight),
     )
 
@@ -329,6 +332,11 @@ _MESSAGE_FAMILIES = (
         "message_next_poll_timestamp_seconds",
         "When the schedule polls this message next (absent once final).",
     ),
+    (
+        "message_first_report_timestamp_seconds",
+        "When the first recipient's report came: the message's life counts from here (absent"
+        " while nothing is reported, as when the platform holds it or it is deferred).",
+    ),
 )
 MESSAGE_FAMILIES = message_families("mailpartner")
 
@@ -343,6 +351,7 @@ class MessageView(NamedTuple):
     poll_ok: bool
     last_success: float | None
     next_poll: float | None
+    first_report: float | None = None
 
 
 def message_view(message: TrackedMessage) -> MessageView:
@@ -354,6 +363,7 @@ def message_view(message: TrackedMessage) -> MessageView:
         message.poll_ok,
         message.last_success,
         None if message.phase == Phase.FINAL else message.next_poll,
+        message.first_report,
     )
 
 
@@ -376,6 +386,7 @@ def message_samples(view: MessageView) -> tuple[Samples, ...]:
         one(1 if view.poll_ok else 0),
         one(view.last_success),
         one(view.next_poll),
+        one(view.first_report),
     )
 
 

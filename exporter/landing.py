@@ -11,7 +11,7 @@ from collections.abc import Callable
 from exporter import __version__, calendar
 from exporter.config.duration import format_duration
 from exporter.domain import State
-from exporter.tracked import TrackedMessage, with_series
+from exporter.tracked import TrackedMessage, shown_phase, with_series
 from exporter.tracker import MessageBook
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -74,15 +74,22 @@ def _row(message: TrackedMessage, now: float) -> str:
 
 
 def _phase(message: TrackedMessage, now: float) -> str:
-    """The phase, and what an operator needs beside it: a deferred send not gone out yet, or
-    one the API never knew."""
-    scheduled = message.spec.scheduled_at
-    if scheduled is not None and message.last_poll is None and now < scheduled:
-        iso = dt.datetime.fromtimestamp(scheduled, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        local = calendar.describe_release(scheduled, now)  # Europe/Paris, as Mail Partner
-        return f'scheduled for <time datetime="{iso}" title="{iso}">{local}</time>'
+    """The phase, and what an operator needs beside it: when a deferred or held send goes
+    out, or why a final one ended."""
+    shown = shown_phase(message)
+    if shown == "scheduled" and message.spec.scheduled_at is not None:
+        return f"scheduled for {_local(message.spec.scheduled_at, now)}"
+    if shown == "held" and message.held_until is not None:
+        return f"held until {_local(message.held_until, now)}"
+    if message.not_found:
+        return f"{shown} (not found)"
+    return f"{shown} (nothing reported)" if message.unreported else shown
 
-    return f"{message.phase}{' (not found)' if message.not_found else ''}"
+
+def _local(when: float, now: float) -> str:
+    """A time to come as Mail Partner's calendar reads it (Europe/Paris), UTC in its title."""
+    iso = dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f'<time datetime="{iso}" title="{iso}">{calendar.describe_release(when, now)}</time>'
 
 
 def _newest_first(message: TrackedMessage) -> tuple[bool, float]:

@@ -50,6 +50,21 @@ class TrackedMessage:
         return self.spec.scheduled_at if self.spec.scheduled_at is not None else self.sent_at
 
 
+# The phases shown (``{prefix}_exporter_messages{phase}``, the status page): the tracker's,
+# with an active message not gone out yet told apart.
+SHOWN_PHASES = ("active", "settled", "final", "held", "scheduled")
+
+
+def shown_phase(message: TrackedMessage) -> str:
+    """``scheduled``: a deferred send not polled yet; ``held``: nothing reported, and the
+    platform holds it until ``held_until``; otherwise the tracker's phase."""
+    if message.phase != Phase.ACTIVE:
+        return message.phase.value
+    if message.spec.scheduled_at is not None and message.last_poll is None:
+        return "scheduled"
+    return "held" if message.held_until is not None else "active"
+
+
 def with_series(messages: Sequence[TrackedMessage], limit: int) -> Sequence[TrackedMessage]:
     """The messages that get per-message series (``metrics.per_message_limit``): unfinished
     ones first, then the newest sent."""

@@ -311,6 +311,7 @@ class MessageBook:
                     next_poll=now + retry if now >= final_at else min(now + retry, final_at),
                     interval=0.0 if give_up else interval,
                     failures=failures,
+                    held_until=None,
                     not_found=not_found,
                 )
             )

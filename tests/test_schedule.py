@@ -11,9 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from exporter.aggregate import MessageAggregate
 from exporter.calendar import PARIS
-from exporter.config.model import Config
+from exporter.collector import MailPartnerCollector
+from exporter.config.model import ApiConfig, Config
 from exporter.domain import MessageSpec, State, StatusMap
+from exporter.landing import render_landing
 from exporter.poller import Poller
 from exporter.simulator import SimulatorServer, World
 from exporter.tracked import Phase, TrackedMessage
@@ -152,3 +155,37 @@ def test_the_first_report_survives_a_restart(upstream: SimulatorServer, friday: 
     again.restore(book.export(friday()))
     again.sync([spec], friday())
     assert only(again).first_report == first  # Monday's, not Friday's send
+
+
+def held_book(clock: FakeClock) -> MessageBook:
+    """A newsletter polled on Friday at 21:00, nothing reported: held until Monday."""
+    book = MessageBook(make_config("http://127.0.0.1:9/v1").polling)
+    book.sync([MessageSpec("friday", {"campaign": "news"}, sent_at=FRIDAY_21H)], clock())
+    book.start_poll("friday", clock())
+    waiting = MessageAggregate(dict.fromkeys(State, 0) | {State.PENDING: 500}, {}, 0.0, 0, None)
+    book.record_success("friday", waiting, clock())
+    book.add(MessageSpec("later", scheduled_at=MONDAY_8H + DAY), clock())
+    return book
+
+
+def test_held_and_deferred_messages_are_shown_as_such(friday: FakeClock) -> None:
+    book = held_book(friday)
+    page = render_landing(book, "/metrics", friday)
+    assert "held until <time" in page and ">Mon 08:00</time>" in page
+    assert "scheduled for <time" in page and ">Tue 08:00</time>" in page
+    collector = MailPartnerCollector(book, None, ApiConfig, friday)
+    phases = {
+        s.labels["phase"]: s.value
+        for m in collector.collect()
+        if m.name == "mailpartner_exporter_messages"
+        for s in m.samples
+    }
+    assert phases == {"active": 0, "settled": 0, "final": 0, "held": 1, "scheduled": 1}
+    # Neither asks for any request until it goes out.
+    demand = [
+        s.value
+        for m in collector.collect()
+        if m.name == "mailpartner_exporter_scheduled_requests_per_minute"
+        for s in m.samples
+    ]
+    assert demand == [0]

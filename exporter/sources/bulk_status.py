@@ -281,6 +281,11 @@ class BulkStatusSource(Source):
             " they were sent.",
             value=self.book.not_found,
         )
+        yield CounterMetricFamily(
+            f"{self.prefix}_exporter_messages_unreported",
+            "Messages made final with nothing reported after polling.unreported_max.",
+            value=self.book.unreported,
+        )
         if self._files is not None:
             yield from self._files.collect(self.prefix)
 
