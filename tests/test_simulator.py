@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import re
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import requests
 
+from exporter.calendar import PARIS
 from exporter.config.model import Config
 from exporter.demo import Demo
 from exporter.simulator import (
@@ -26,8 +28,9 @@ from exporter.simulator import (
     SimulatorServer,
     World,
 )
-from exporter.simulator.cli import parse_args
-from exporter.simulator.demo import KEEP, MAX_RECIPIENTS, TRANSACTIONAL
+from exporter.simulator.cli import describe, parse_args
+from exporter.simulator.demo import KEEP, MAX_RECIPIENTS, TRANSACTIONAL, quiet_time_before
+from exporter.simulator.model import AlreadyCancelled, NotCancellable, TooLateToCancel
 from tests.conftest import START, TEST_KEY, FakeClock
 
 Serve = Callable[..., SimulatorServer]
@@ -442,6 +445,259 @@ def test_stats_count_every_v1_request(
     assert remote["request_times"] == list(stats.request_times)
 
 
+# --- sending rules: commercial sends held through quiet hours, deferred and cancelled sends --
+
+
+def paris(year: int, month: int, day: int, hour: int, minute: int) -> float:
+    """Epoch seconds of a Europe/Paris wall-clock time."""
+    return dt.datetime(year, month, day, hour, minute, tzinfo=PARIS).timestamp()
+
+
+FRIDAY_EVENING = paris(2026, 11, 27, 21, 0)
+MONDAY_OPENING = paris(2026, 11, 30, 8, 0)
+
+
+def statuses(world: World, message_id: str, at: float) -> Counter[str]:
+    return tally(world.reports(message_id, at=at))
+
+
+def test_a_commercial_send_on_friday_evening_waits_until_monday_0800() -> None:
+    clock = FakeClock(FRIDAY_EVENING)
+    world = World(seed=7, clock=clock)
+    sent = world.send(500, commercial=True, campaign="newsletter")
+    assert sent.commercial and sent.goes_out == MONDAY_OPENING
+
+    for at in (FRIDAY_EVENING + 3600, paris(2026, 11, 29, 12, 0), MONDAY_OPENING - 1):
+        reports = list(world.reports(sent.message_id, at=at))
+        assert {(r.status, r.date) for r in reports} == {("Waiting", int(FRIDAY_EVENING))}
+        assert world.waiting(at=at) == 500
+        assert world.truth(sent.message_id, at=at).statuses == {"Waiting": 500}
+
+    # From the opening on, exactly what a send made on Monday at 08:00 shows.
+    made_on_monday = World(seed=7, clock=clock)
+    made_on_monday.send(500, sent_at=MONDAY_OPENING, campaign="newsletter")
+    for after in (0, 60, 3600, HOURS_48):
+        at = MONDAY_OPENING + after
+        reports = list(world.reports(sent.message_id, at=at))
+        assert reports == list(made_on_monday.reports(sent.message_id, at=at))
+        assert min(r.date for r in reports) >= MONDAY_OPENING, "no report before the release"
+        assert world.truth(sent.message_id, at=at).last_date == max(r.date for r in reports)
+    assert statuses(world, sent.message_id, MONDAY_OPENING + 60)["Delivered"] > 300
+    assert "Waiting" not in statuses(world, sent.message_id, MONDAY_OPENING + HOURS_48)
+
+
+def test_a_commercial_send_on_the_eve_of_ascension_waits_until_the_friday() -> None:
+    wednesday_evening = paris(2027, 5, 5, 21, 0)  # Ascension Day is Thursday 6 May 2027
+    world = World(seed=7, clock=FakeClock(wednesday_evening))
+    sent = world.send(100, commercial=True)
+    assert sent.goes_out == paris(2027, 5, 7, 8, 0)
+    assert statuses(world, sent.message_id, paris(2027, 5, 6, 12, 0)) == {"Waiting": 100}
+    assert statuses(world, sent.message_id, paris(2027, 5, 7, 8, 10))["Delivered"] > 60
+
+
+def test_transactional_sends_at_night_and_a_lifted_account_are_not_held() -> None:
+    saturday_night = paris(2026, 11, 28, 3, 0)
+    held = World(seed=7, clock=FakeClock(saturday_night))
+    transactional = held.send(200)
+    assert not transactional.commercial and transactional.goes_out == saturday_night
+    assert statuses(held, transactional.message_id, saturday_night + 60)["Delivered"] > 120
+
+    lifted = World(seed=7, clock=FakeClock(saturday_night), holds_commercial=False)
+    commercial = lifted.send(200, commercial=True)
+    assert not commercial.commercial and commercial.goes_out == saturday_night
+    assert list(lifted.reports("1000", at=saturday_night + 60)) == list(
+        held.reports("1000", at=saturday_night + 60)
+    )
+
+
+def test_a_commercial_send_in_working_hours_goes_out_at_once(world: World) -> None:
+    sent = world.send(10, commercial=True)  # Thursday 11:00 in Paris
+    assert sent.goes_out == T0
+    plain = World(seed=7, clock=world.clock)
+    plain.send(10)
+    assert list(world.reports("1000", at=T0 + 30)) == list(plain.reports("1000", at=T0 + 30))
+
+
+def test_a_deferred_send_has_only_waiting_recipients_until_its_time(
+    world: World, server: SimulatorServer, session: requests.Session, clock: FakeClock
+) -> None:
+    scheduled = T0 + 3600
+    sent = world.send(300, scheduled_at=scheduled)
+    assert (sent.sent_at, sent.scheduled_at, sent.goes_out) == (T0, scheduled, scheduled)
+
+    def poll() -> list[dict[str, Any]]:
+        body = get(session, server, "bulk-status", apiKey=KEY, messageId=sent.message_id).json()
+        assert body["code"] == 200, "accepted: the message exists from the start"
+        return list(body["StatutResponseList"])
+
+    for step in (0, 1800, 1799):
+        clock.advance(step)
+        assert {(r["status"], r["date"]) for r in poll()} == {("Waiting", str(int(T0)))}
+    assert world.waiting() == 300
+    clock.advance(1 + 600)
+    reports = poll()
+    assert Counter(r["status"] for r in reports)["Delivered"] > 200
+    assert min(int(r["date"]) for r in reports) >= scheduled
+
+
+def test_a_commercial_deferred_send_in_quiet_hours_goes_out_at_the_next_opening(
+    world: World,
+) -> None:
+    sent = world.send(10, commercial=True, scheduled_at=paris(2026, 11, 26, 22, 0))
+    assert sent.goes_out == paris(2026, 11, 27, 8, 0)
+    transactional = world.send(10, scheduled_at=paris(2026, 11, 26, 22, 0))
+    assert transactional.goes_out == paris(2026, 11, 26, 22, 0)
+
+
+@pytest.mark.parametrize(
+    ("scheduled_at", "error"),
+    [
+        (T0 + 60, "5-minute step"),
+        (T0 + 300.5, "5-minute step"),
+        (float("inf"), "5-minute step"),
+        (T0 - 300, "before the send"),
+    ],
+)
+def test_a_deferred_send_needs_a_future_5_minute_step(
+    world: World, scheduled_at: float, error: str
+) -> None:
+    with pytest.raises(ValueError, match=error):
+        world.send(1, scheduled_at=scheduled_at)
+    assert world.sends() == []
+
+
+def cancel(
+    session: requests.Session, server: SimulatorServer, message_id: str, **params: str
+) -> requests.Response:
+    return get(session, server, "message-cancel", apiKey=KEY, messageId=message_id, **params)
+
+
+def test_cancelling_a_deferred_send_10_minutes_before_makes_it_unknown(
+    world: World, server: SimulatorServer, session: requests.Session, clock: FakeClock
+) -> None:
+    sent = world.send(300, scheduled_at=T0 + 3600)
+    clock.advance(3600 - 600)
+    response = cancel(session, server, sent.message_id)
+    assert response.status_code == 200
+    assert response.json() == {
+        "success": True,
+        "code": 200,
+        "message": "L\u2019envoi a été annulé",
+    }
+    for later in (0, 600, HOURS_48):
+        clock.advance(later)
+        status = get(session, server, "bulk-status", apiKey=KEY, messageId=sent.message_id)
+        assert status.json() == {"success": False, "code": 4, "message": "Message introuvable"}
+    assert world.get(sent.message_id) is None and world.sends() == []
+    credits = get(session, server, "me", apiKey=KEY).json()["credits"]
+    assert (credits["creditMail"], credits["toSend"]) == (100_000, 0), "nothing was used"
+    again = cancel(session, server, sent.message_id).json()
+    assert again == {"success": False, "code": 5, "message": "L\u2019envoi a déjà été annulé"}
+    assert world.send(1).message_id == "1001", "a cancelled send keeps its ID"
+    assert server.stats().requests["message-cancel"] == 2
+
+
+def test_a_deferred_send_cannot_be_cancelled_within_5_minutes_of_going_out(
+    world: World, server: SimulatorServer, session: requests.Session, clock: FakeClock
+) -> None:
+    sent = world.send(30, scheduled_at=T0 + 3600)
+    clock.advance(3600 - 120)
+    refused = cancel(session, server, sent.message_id).json()
+    assert refused == {
+        "success": False,
+        "code": 6,
+        "message": "Impossible d\u2019annuler un envoi moins de 5 minutes avant son départ",
+    }
+    clock.advance(120 + 60)
+    status = get(session, server, "bulk-status", apiKey=KEY, messageId=sent.message_id).json()
+    assert status["code"] == 200 and len(status["StatutResponseList"]) == 30
+    assert cancel(session, server, sent.message_id).json()["code"] == 7, "gone out by now"
+
+
+def test_world_cancel_allows_up_to_exactly_5_minutes_before(world: World, clock: FakeClock) -> None:
+    held = world.send(10, commercial=True, scheduled_at=paris(2026, 11, 28, 10, 0))  # Saturday
+    monday = paris(2026, 11, 30, 8, 0)
+    with pytest.raises(TooLateToCancel):
+        world.cancel(held.message_id, at=monday - 299)  # 5 minutes before it goes out, Monday
+    assert world.cancel(held.message_id, at=monday - 300) == held
+    with pytest.raises(AlreadyCancelled):
+        world.cancel(held.message_id)
+    with pytest.raises(NotCancellable):
+        world.cancel(world.send(10).message_id)
+    with pytest.raises(KeyError):
+        world.cancel("424242")
+
+
+@pytest.mark.parametrize(
+    ("params", "code", "message"),
+    [
+        ({"apiKey": KEY, "messageId": "424242"}, 4, "Message introuvable"),
+        ({"apiKey": KEY, "messageId": "1000"}, 7, "Impossible d\u2019annuler un envoi déjà parti"),
+        ({"apiKey": KEY}, 3, "L\u2019ID du message est requis"),
+        ({"messageId": "1000"}, 1, "La Clé API est requise"),
+        ({"apiKey": "wrong", "messageId": "1000"}, 10, "Clé API incorrecte"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+def test_message_cancel_errors(
+    world: World,
+    server: SimulatorServer,
+    session: requests.Session,
+    params: dict[str, str],
+    code: int,
+    message: str,
+    fmt: str,
+) -> None:
+    world.send(10)  # 1000: not deferred
+    if fmt == "xml":
+        params = {**params, "_format": "xml"}
+    response = get(session, server, "message-cancel", **params)
+    assert response.status_code == 200
+    if fmt == "json":
+        assert response.json() == {"success": False, "code": code, "message": message}
+    else:
+        assert xml_values(ET.fromstring(response.content)) == ["false", str(code), message]
+    assert world.get("1000") is not None
+
+
+def test_message_cancel_and_bulk_status_in_xml(
+    world: World, server: SimulatorServer, session: requests.Session, clock: FakeClock
+) -> None:
+    clock.now = FRIDAY_EVENING
+    held = world.send(3, commercial=True)
+    deferred = world.send(2, scheduled_at=FRIDAY_EVENING + 3600)
+    xml = get(session, server, "bulk-status", apiKey=KEY, messageId=held.message_id, _format="xml")
+    _, _, _, recipients = xml_values(ET.fromstring(xml.content))
+    assert [(r[2], r[5]) for r in recipients] == [("Waiting", str(int(FRIDAY_EVENING)))] * 3
+
+    response = cancel(session, server, deferred.message_id, _format="xml")
+    assert response.headers["Content-Type"] == "application/xml; charset=utf-8"
+    assert xml_values(ET.fromstring(response.content)) == [
+        "true",
+        "200",
+        "L\u2019envoi a été annulé",
+    ]
+    gone = get(
+        session, server, "bulk-status", apiKey=KEY, messageId=deferred.message_id, _format="xml"
+    )
+    assert xml_values(ET.fromstring(gone.content)) == ["false", "4", "Message introuvable"]
+
+
+def test_sim_send_makes_commercial_and_deferred_sends(
+    world: World, server: SimulatorServer, session: requests.Session
+) -> None:
+    base = server.url.removesuffix("/v1")
+    body = {"recipients": 5, "commercial": True, "scheduled_at": paris(2026, 11, 28, 9, 0)}
+    sent = session.post(f"{base}/sim/send", json=body).json()
+    made = world.get(sent["messageId"])
+    assert made is not None and made.commercial
+    assert made.goes_out == paris(2026, 11, 30, 8, 0)
+    for bad in ({"commercial": 1}, {"scheduled_at": T0 + 1}, {"scheduled_at": "soon"}):
+        answer = session.post(f"{base}/sim/send", json={"recipients": 5, **bad})
+        assert answer.status_code == 400, bad
+    assert len(world.sends()) == 1
+
+
 # --- demo campaign and command line --------------------------------------------------------
 
 
@@ -563,22 +819,27 @@ def test_transactional_interval_zero_turns_the_stream_off(
         DemoCampaign(world, transactional_interval=-1)
 
 
-def test_the_demo_forgets_its_sends_after_49_hours(world: World, clock: FakeClock) -> None:
+def test_the_demo_forgets_its_sends_49_hours_after_they_go_out(
+    world: World, clock: FakeClock
+) -> None:
     demo = DemoCampaign(world, interval=600, transactional_interval=60)
     started = demo.start()
     sizes: list[int] = []
-    made = 0
-    for _ in range(5 * 24):
+    made = list(started)
+    for _ in range(5 * 24):  # Thursday 11:00 to Tuesday 11:00, over a weekend
         clock.advance(3600)
         new = demo.due()
         assert new and all(world.get(s.message_id) == s for s in new)
-        made += len(new)
+        made += new
         sizes.append(len(world.sends()))
-    kept = world.sends()
-    assert min(s.sent_at for s in kept if s.message_id not in BUILT_IN) >= clock() - KEEP
-    # 49 hours of sends (60 an hour from the stream, at most 6 x 4 from the campaigns) and
-    # the built-in ones, which are never forgotten: the same after two days as after five.
-    assert max(sizes[49:]) <= 49 * (60 + 6 * 4) + 6 < made / 2
+    kept = {s.message_id for s in world.sends()}
+    assert kept == set(BUILT_IN) | {s.message_id for s in made if s.goes_out >= clock() - KEEP}
+    # Friday night's campaigns went out on Monday morning: kept although made 3 days ago.
+    assert any(world.get(s.message_id) for s in made if s.sent_at < clock() - 3 * 24 * 3600)
+    # 49 hours of sends (60 an hour from the stream, at most 6 x 4 from the campaigns), the
+    # weekend's held campaigns (60 hours of them), and the built-in ones, which are never
+    # forgotten: bounded after two days as after five.
+    assert max(sizes[49:]) <= 49 * (60 + 6 * 4) + 60 * 6 * 4 + 6 < 0.7 * len(made)
     assert [s.message_id for s in started if world.get(s.message_id)] == list(BUILT_IN)
     forgotten = started[-1].message_id
     assert world.get(forgotten) is None
@@ -592,7 +853,7 @@ def test_the_exporters_demo_hands_over_each_send_once(clock: FakeClock) -> None:
     try:
         config = demo.apply(Config(file="demo.yaml"))
         started = {spec.id for spec in config.messages}
-        assert len(started) == 6 + 4 + 12  # built-in sends, bigger campaigns' others, stream
+        assert len(started) == 6 + 4 + 2 + 12  # built-in, bigger campaigns' others, 2, stream
         assert demo.new_messages() == []
         clock.advance(60)
         assert [spec.sent_at for spec in demo.new_messages()] == [T0 + 5 * k for k in range(1, 13)]
@@ -612,6 +873,69 @@ def test_the_exporters_demo_hands_over_each_send_once(clock: FakeClock) -> None:
         demo.stop()
 
 
+def test_the_demo_shows_a_send_made_after_hours_and_a_deferred_one(
+    world: World, clock: FakeClock
+) -> None:
+    started = DemoCampaign(world).start()
+    by_campaign = {s.campaign: s for s in started}
+    after_hours, deferred = by_campaign["after-hours-promo"], by_campaign["deferred-promo"]
+    assert [after_hours.message_id, deferred.message_id] == ["1010", "1011"]
+    # Started on Thursday at 11:00: made on Wednesday at 21:30, released at 08:00.
+    assert after_hours.sent_at == paris(2026, 11, 25, 21, 30)
+    assert after_hours.commercial and after_hours.goes_out == paris(2026, 11, 26, 8, 0)
+    assert statuses(world, "1010", T0)["Delivered"] > 300
+    assert (deferred.sent_at, deferred.scheduled_at) == (T0, T0 + 900)
+    assert deferred.commercial and deferred.goes_out == T0 + 900
+    assert statuses(world, "1011", T0 + 899) == {"Waiting": 250}
+    # Campaigns are commercial, the transactional stream is not.
+    assert all(s.commercial != (s.campaign in TRANSACTIONAL) for s in started)
+
+    clock.advance(1)  # the next 5-minute step at least 15 minutes on: 15:05 later
+    assert DemoCampaign(World(seed=7, clock=clock)).start()[11].scheduled_at == T0 + 1200
+
+
+def test_a_demo_started_in_quiet_hours_holds_its_campaigns() -> None:
+    saturday = paris(2026, 11, 28, 15, 0)
+    clock = FakeClock(saturday)
+    world = World(seed=7, clock=clock)
+    demo = DemoCampaign(world, interval=180)
+    started = demo.start()
+    after_hours = next(s for s in started if s.campaign == "after-hours-promo")
+    assert after_hours.sent_at == saturday - 1800 and after_hours.goes_out == MONDAY_OPENING
+    deferred = next(s for s in started if s.campaign == "deferred-promo")
+    assert deferred.scheduled_at == saturday + 900 and deferred.goes_out == MONDAY_OPENING
+    held_at_start = {s.campaign for s in started[:6] if s.goes_out > saturday}
+    assert held_at_start == {"welcome", "newsletter", "promo"}  # made today; reactivation Thu
+
+    clock.advance(400)
+    new = demo.due()
+    held = {s.goes_out for s in new if not is_stream(s)}
+    assert held == {MONDAY_OPENING}, "Saturday's campaigns go out on Monday"
+    stream = [s for s in new if is_stream(s)]
+    assert stream and all(s.goes_out == s.sent_at for s in stream)
+    assert world.truth(stream[0].message_id).statuses != {"Waiting": 1}
+
+    lifted = World(seed=7, clock=FakeClock(saturday), holds_commercial=False)
+    assert all(s.goes_out <= s.sent_at + 900 for s in DemoCampaign(lifted).start())
+
+
+@pytest.mark.parametrize(
+    ("now", "made"),
+    [
+        (paris(2026, 11, 26, 11, 0), paris(2026, 11, 25, 21, 30)),  # Thursday: Wednesday night
+        (paris(2026, 11, 26, 21, 0), paris(2026, 11, 26, 20, 30)),  # held since 20:00
+        (paris(2026, 11, 26, 20, 10), paris(2026, 11, 26, 20, 9)),  # quiet for 10 minutes
+        (paris(2026, 11, 27, 3, 0), paris(2026, 11, 27, 2, 30)),
+        (paris(2026, 11, 27, 8, 10), paris(2026, 11, 26, 21, 30)),  # released at 08:00
+        (paris(2026, 11, 30, 10, 0), paris(2026, 11, 29, 21, 30)),  # Monday: Sunday night
+    ],
+)
+def test_the_after_hours_campaign_is_made_in_the_latest_quiet_period(
+    now: float, made: float
+) -> None:
+    assert quiet_time_before(now) == made
+
+
 def test_simulator_flags() -> None:
     args = parse_args([])
     assert (args.demo_sends, args.send_interval, args.transactional_interval) == (
@@ -622,6 +946,17 @@ def test_simulator_flags() -> None:
     args = parse_args(["--demo-sends", "--transactional-interval", "2.5"])
     assert (args.demo_sends, args.transactional_interval) == (True, 2.5)
     assert parse_args(["--transactional-interval", "0"]).transactional_interval == 0.0
+    assert not parse_args([]).all_transactional
+    assert parse_args(["--all-transactional"]).all_transactional
+
+
+def test_the_simulator_prints_when_a_held_or_deferred_send_goes_out(world: World) -> None:
+    friday = paris(2026, 11, 27, 21, 0)
+    held = world.send(500, sent_at=friday, commercial=True, campaign="promo")
+    assert describe(held, friday) == "message ID 1000 (promo, 500 recipients, held until Mon 08:00)"
+    deferred = world.send(1, scheduled_at=T0 + 600, campaign="invoice")
+    assert describe(deferred, T0) == "message ID 1001 (invoice, 1 recipient, deferred until 11:10)"
+    assert describe(deferred, T0 + 600) == "message ID 1001 (invoice, 1 recipient)"
 
 
 @pytest.mark.parametrize(

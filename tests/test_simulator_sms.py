@@ -392,6 +392,37 @@ def test_default_sms_world_follows_the_mail_worlds_clock(
     assert server.sms_world.send(1).sent_at == T0 + 3600
 
 
+def test_a_deferred_sms_send_is_cancelled_on_its_own_api_and_key(
+    server: SimulatorServer, session: requests.Session, clock: FakeClock
+) -> None:
+    send = f"{control(server)}/sim/send"
+    body = {"recipients": 40, "api": "sms", "scheduled_at": T0 + 3600}
+    assert session.post(send, json=body).json() == {"messageId": "1000"}
+    deferred_mail = server.world.send(10, scheduled_at=T0 + 3600)
+    assert statuses(session, server, "1000") == {"waiting": 40}
+
+    assert (
+        mail(session, server, "message-cancel", apiKey=SMS_KEY, messageId="1000").json()["code"]
+        == 10
+    )
+    cancelled = sms(session, server, "message-cancel", apiKey=SMS_KEY, messageId="1000").json()
+    assert (cancelled["success"], cancelled["code"]) == (True, 200)
+    gone = sms(session, server, "bulk-status", apiKey=SMS_KEY, messageId="1000").json()
+    assert gone["code"] == 4
+    assert server.world.get(deferred_mail.message_id) == deferred_mail, "the mail send stays"
+    assert server.sms_stats().requests == {"bulk-status": 2, "message-cancel": 1}
+
+
+def test_the_sms_world_shares_the_mail_accounts_restriction(clock: FakeClock) -> None:
+    saturday = 1795856400.0  # 2026-11-28 10:00 Europe/Paris
+    for holds in (True, False):
+        world = World(seed=7, clock=clock, holds_commercial=holds)
+        with SimulatorServer(world, api_key=KEY, sms_api_key=SMS_KEY) as server:
+            assert server.sms_world.holds_commercial is holds
+            sent = server.sms_world.send(1, sent_at=saturday, commercial=True)
+            assert (sent.goes_out > saturday) is holds
+
+
 # --- command line --------------------------------------------------------------------------
 
 

@@ -6,6 +6,11 @@ check, the error envelope and codes, and their order.  Each flavour renders its 
 its credits derive from the sends so that tests can predict them: a fixed starting allowance
 less one per recipient sent, a starting balance less every send's cost, and ``toSend`` the
 recipients still waiting for their report right now.
+
+``message-cancel`` answers as SMS Partner documents its own (Mail Partner's page gives no
+codes): ``{"success": true, "code": 200, "message": …}``, or code 5 for a send cancelled
+already, 6 within 5 minutes of its going out, 7 for one that was not deferred or has gone out.
+A cancelled send is unknown from then on: bulk-status answers code 4, as for any unknown ID.
 """
 
 from __future__ import annotations
@@ -23,17 +28,33 @@ from exporter.simulator.formats import (
     render_xml,
     render_xml_error,
 )
-from exporter.simulator.model import World
+from exporter.simulator.model import (
+    AlreadyCancelled,
+    CannotCancel,
+    NotCancellable,
+    TooLateToCancel,
+    World,
+)
 
 ERROR_MESSAGES: Mapping[int, str] = {
     1: "La Clé API est requise",
     3: "L\u2019ID du message est requis",  # upstream's typographic apostrophe
     4: "Message introuvable",
+    # message-cancel's refusals: the codes SMS Partner documents for its own.
+    5: "L\u2019envoi a déjà été annulé",
+    6: "Impossible d\u2019annuler un envoi moins de 5 minutes avant son départ",
+    7: "Impossible d\u2019annuler un envoi déjà parti",
     10: "Clé API incorrecte",
     429: "Too many requests",
 }
 STARTING_BALANCE = 500.0
 STARTING_MAIL_CREDITS = 100_000
+CANCELLED = "L\u2019envoi a été annulé"
+_CANCEL_CODES: Mapping[type[CannotCancel], int] = {
+    AlreadyCancelled: 5,
+    TooLateToCancel: 6,
+    NotCancellable: 7,
+}
 USER: Mapping[str, str] = {"username": "demo", "firstname": "Demo", "lastname": "Simulator"}
 
 Query = Mapping[str, str]
@@ -109,6 +130,22 @@ class PartnerApi(ABC):
         if self.world.get(message_id) is None:
             return error_reply(4, query)
         return _success(self.status_payload(message_id), query)
+
+    def message_cancel(self, query: Query, *, reject_key: bool = False) -> Reply:
+        """Cancel a deferred send, on the world's clock."""
+        key_error = self._key_error(query, reject_key)
+        if key_error is not None:
+            return error_reply(key_error, query)
+        message_id = query.get("messageId", "")
+        if not message_id:
+            return error_reply(3, query)
+        try:
+            self.world.cancel(message_id)
+        except KeyError:
+            return error_reply(4, query)
+        except CannotCancel as refused:
+            return error_reply(_CANCEL_CODES[type(refused)], query)
+        return _success({"success": True, "code": 200, "message": CANCELLED}, query)
 
     def me(self, query: Query, *, reject_key: bool = False) -> Reply:
         key_error = self._key_error(query, reject_key)

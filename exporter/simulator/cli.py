@@ -10,9 +10,10 @@ import sys
 import threading
 from types import FrameType
 
+from exporter.calendar import describe_release
 from exporter.simulator.control import Faults
 from exporter.simulator.demo import DemoCampaign
-from exporter.simulator.model import World
+from exporter.simulator.model import SimulatedSend, World
 from exporter.simulator.server import SimulatorServer
 
 
@@ -69,10 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--demo-sends",
         action="store_true",
         help=(
-            "create sends of every age (IDs 1000 to 1005, then more) and the last minute of"
-            " transactional sends, then a new campaign every --send-interval and a"
-            " transactional send every --transactional-interval; all but 1000 to 1005 are"
-            " forgotten 49 hours after they were made"
+            "create sends of every age (IDs 1000 to 1005, then more), one made in the latest"
+            " quiet hours, one deferred by 15 minutes and the last minute of transactional"
+            " sends, then a new campaign every --send-interval and a transactional send every"
+            " --transactional-interval; campaigns are commercial (held through quiet hours);"
+            " all but 1000 to 1005 are forgotten 49 hours after they go out"
         ),
     )
     parser.add_argument(
@@ -90,13 +92,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             " password-reset or invoice); 0 turns them off"
         ),
     )
+    parser.add_argument(
+        "--all-transactional",
+        action="store_true",
+        help=(
+            "an account whose commercial restriction is lifted: commercial sends (the demo's"
+            ' campaigns, POST /sim/send with "commercial": true) go out at once instead of'
+            " being held from 20:00 to 08:00, weekends and French public holidays"
+            " (Europe/Paris)"
+        ),
+    )
     return parser.parse_args(argv)
+
+
+def describe(sent: SimulatedSend, now: float) -> str:
+    """A send as the simulator prints it: ``message ID 1042 (promo, 500 recipients, held until
+    Mon 08:00)``."""
+    recipients = "1 recipient" if sent.recipients == 1 else f"{sent.recipients} recipients"
+    parts = [sent.campaign, recipients]
+    if sent.goes_out > now:
+        deferred = sent.scheduled_at is not None
+        parts.append(
+            f"{'deferred' if deferred else 'held'} until {describe_release(sent.goes_out, now)}"
+        )
+    return f"message ID {sent.message_id} ({', '.join(parts)})"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     host, port = args.listen
-    world = World(seed=args.seed)
+    world = World(seed=args.seed, holds_commercial=not args.all_transactional)
     try:
         server = SimulatorServer(
             world,
@@ -137,11 +162,5 @@ def main(argv: list[str] | None = None) -> int:
         )
         while not stopping.wait(1.0):
             for sent in campaign.due() if campaign else []:
-                recipients = (
-                    "1 recipient" if sent.recipients == 1 else f"{sent.recipients} recipients"
-                )
-                print(
-                    f"new send: message ID {sent.message_id} ({sent.campaign}, {recipients})",
-                    flush=True,
-                )
+                print(f"new send: {describe(sent, world.clock())}", flush=True)
     return 0

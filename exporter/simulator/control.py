@@ -32,6 +32,8 @@ class SendOptions(TypedDict, total=False):
     campaign: str
     sent_at: float
     message_id: str
+    commercial: bool
+    scheduled_at: float
 
 
 def _json_object(body: bytes) -> dict[str, object]:
@@ -81,10 +83,12 @@ def apply_faults(faults: Mapping[str, Faults], body: bytes) -> Faults:
 
 
 def parse_send(body: bytes) -> tuple[str, int, SendOptions]:
-    """``{"recipients": N, "campaign"?, "sent_at"?, "messageId"?, "api"?}`` as the flavour
-    to send on (Mail Partner without ``api``) and ``World.send`` arguments."""
+    """``{"recipients": N, "campaign"?, "sent_at"?, "messageId"?, "commercial"?,
+    "scheduled_at"?, "api"?}`` as the flavour to send on (Mail Partner without ``api``) and
+    ``World.send`` arguments."""
     document = _json_object(body)
-    unknown = document.keys() - {"recipients", "campaign", "sent_at", "messageId", "api"}
+    fields = {"recipients", "campaign", "sent_at", "messageId", "commercial", "scheduled_at"}
+    unknown = document.keys() - fields - {"api"}
     if unknown:
         raise ValueError(f"unknown fields {sorted(unknown)}")
     api = parse_api(document.get("api")) or MAIL
@@ -95,6 +99,10 @@ def parse_send(body: bytes) -> tuple[str, int, SendOptions]:
         options["sent_at"] = _field(document, "sent_at", float)
     if "messageId" in document:
         options["message_id"] = _field(document, "messageId", str)
+    if "commercial" in document:
+        options["commercial"] = _field(document, "commercial", bool)
+    if "scheduled_at" in document:
+        options["scheduled_at"] = _field(document, "scheduled_at", float)
     return api, _field(document, "recipients", int), options
 
 

@@ -2,16 +2,24 @@
 transactional stream of one-recipient sends every few seconds.
 
 Mail Partner takes at most 500 recipients per send, and each send is one message ID: a bigger
-campaign is several sends under the same campaign label, made together.
+campaign is several sends under the same campaign label, made together.  Campaigns are
+commercial, so the platform holds those made in quiet hours until the next opening (on the
+world's clock); the transactional stream is never held.  Two more sends show the sending
+rules at once: one made in the latest quiet period (held still if the demo starts in quiet
+hours, released at the last opening otherwise) and one deferred to a quarter of an hour on.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import heapq
+import itertools
 import math
 import random
-from collections import deque
 
-from exporter.simulator.model import MAX_DELAY, SimulatedSend, World
+from exporter.calendar import PARIS, release
+from exporter.simulator.fates import MAX_DELAY
+from exporter.simulator.model import SCHEDULE_STEP, SimulatedSend, World
 
 MAX_RECIPIENTS = 500  # per send, as Mail Partner accepts them
 
@@ -31,12 +39,31 @@ _BUILT_IN = (
 _CAMPAIGNS = ("welcome", "newsletter", "promo", "reactivation")
 _CAMPAIGN_RECIPIENTS = (50, 2000)
 TRANSACTIONAL = ("password-reset", "invoice")
+# The sends start() makes after the built-in ones, with the next IDs: a campaign made in the
+# latest quiet period, and one deferred to the first 5-minute step this far after the start.
+AFTER_HOURS = (400, "after-hours-promo")
+DEFERRED = (250, "deferred-promo")
+DEFER_BY = 15 * 60.0
 # How far back start() reaches into the stream, so a fresh demo shows one at once. No
 # further: every send is polled once at startup (at 10 requests a second by default), and
 # the exporter's --demo promises its configured messages' series within 5 seconds.
 STREAM_HISTORY = 60.0
-# A send's last poll is due 48 hours after it was made; an hour more covers a late one.
+# A send's last poll is due 48 hours after it went out; an hour more covers a late one.
 KEEP = MAX_DELAY + 3600.0
+
+
+def quiet_time_before(now: float) -> float:
+    """When the demo's after-hours campaign was made: half an hour (or a minute) ago if that
+    was in the quiet period ``now`` is in, so that it is held still; else the latest 21:30
+    Europe/Paris (always quiet hours, released at an opening since)."""
+    for age in (1800.0, 60.0):
+        if release(now - age) == release(now) > now:
+            return now - age
+    local = dt.datetime.fromtimestamp(now, PARIS)
+    evening = local.replace(hour=21, minute=30, second=0, microsecond=0)
+    if evening.timestamp() > now:
+        evening = dt.datetime.combine(local.date() - dt.timedelta(days=1), evening.time(), PARIS)
+    return evening.timestamp()
 
 
 def split(recipients: int) -> list[int]:
@@ -75,23 +102,26 @@ class DemoCampaign:
         self._origin = world.clock()
         self._campaigns_made = 0
         self._stream_made = 0
-        # The sends this object may forget, oldest first; the built-in ones are kept for good,
-        # because deploy/docker/config.yaml names them.
-        self._forgettable: deque[SimulatedSend] = deque()
+        # The sends this object may forget, as a heap by when they go out (a held send outlives
+        # later ones); the built-in ones are kept for good: deploy/docker/config.yaml names them.
+        self._forgettable: list[tuple[float, int, str]] = []
+        self._made = itertools.count()
 
     def start(self) -> list[SimulatedSend]:
-        """The built-in campaigns and the stream's last ``STREAM_HISTORY`` seconds, dated in
-        the past relative to the world's clock; IDs in the order the sends were made."""
+        """The built-in campaigns, the after-hours and the deferred campaign, and the stream's
+        last ``STREAM_HISTORY`` seconds, dated in the past relative to the world's clock; IDs
+        in that order (1000 to 1005 the built-in campaigns' first sends)."""
         now = self._world.clock()
         first = [
-            self._world.send(split(recipients)[0], sent_at=now - age, campaign=campaign)
+            self._send(split(recipients)[0], now - age, campaign)
             for age, recipients, campaign in _BUILT_IN
         ]
         more = [
-            self._world.send(part, sent_at=now - age, campaign=campaign)
+            self._send(part, now - age, campaign)
             for age, recipients, campaign in _BUILT_IN
             for part in split(recipients)[1:]
         ]
+        shown = self._sending_rules(now)
         history = []
         if self._stream_interval is not None:
             slots = max(1, math.floor(STREAM_HISTORY / self._stream_interval))
@@ -99,15 +129,16 @@ class DemoCampaign:
                 self._transactional(self._origin - k * self._stream_interval)
                 for k in range(slots - 1, -1, -1)
             ]
-        self._forgettable.extend(sorted(more + history, key=lambda s: s.sent_at))
-        return first + more + history
+        self._keep_until_done(more + shown + history)
+        return first + more + shown + history
 
     def due(self) -> list[SimulatedSend]:
         """The sends scheduled since the last call, each dated at its own slot, in time order
         (a campaign's before a stream send dated the same).
 
-        Sends this object made more than ``KEEP`` ago are forgotten by the world, so a long
-        demo holds two days of sends rather than every send since it started.
+        Sends this object made that went out more than ``KEEP`` ago are forgotten by the world,
+        so a long demo holds two days of sends (and the weekend's held ones) rather than every
+        send since it started.
         """
         now = self._world.clock()
         sends: list[SimulatedSend] = []
@@ -126,18 +157,39 @@ class DemoCampaign:
             else:
                 sends.append(self._transactional(stream_at))
                 self._stream_made += 1
-        self._forgettable.extend(sends)
+        self._keep_until_done(sends)
         self._forget(now - KEEP)
         return sends
+
+    def _sending_rules(self, now: float) -> list[SimulatedSend]:
+        """The after-hours campaign, and the deferred one, made now."""
+        recipients, campaign = AFTER_HOURS
+        after_hours = self._send(recipients, quiet_time_before(now), campaign)
+        recipients, campaign = DEFERRED
+        scheduled_at = math.ceil((now + DEFER_BY) / SCHEDULE_STEP) * SCHEDULE_STEP
+        deferred = self._world.send(
+            recipients, sent_at=now, campaign=campaign, commercial=True, scheduled_at=scheduled_at
+        )
+        return [after_hours, deferred]
+
+    def _send(self, recipients: int, at: float, campaign: str) -> SimulatedSend:
+        """A send of the demo's campaign ``campaign``: commercial unless it is transactional."""
+        commercial = campaign not in TRANSACTIONAL
+        return self._world.send(recipients, sent_at=at, campaign=campaign, commercial=commercial)
 
     def _campaign(self, at: float) -> list[SimulatedSend]:
         recipients = self._rng.randint(*_CAMPAIGN_RECIPIENTS)
         campaign = self._rng.choice(_CAMPAIGNS)
-        return [self._world.send(part, sent_at=at, campaign=campaign) for part in split(recipients)]
+        return [self._send(part, at, campaign) for part in split(recipients)]
 
     def _transactional(self, at: float) -> SimulatedSend:
-        return self._world.send(1, sent_at=at, campaign=self._stream_rng.choice(TRANSACTIONAL))
+        return self._send(1, at, self._stream_rng.choice(TRANSACTIONAL))
+
+    def _keep_until_done(self, sends: list[SimulatedSend]) -> None:
+        for sent in sends:
+            heapq.heappush(self._forgettable, (sent.goes_out, next(self._made), sent.message_id))
 
     def _forget(self, before: float) -> None:
-        while self._forgettable and self._forgettable[0].sent_at < before:
-            self._world.forget(self._forgettable.popleft().message_id)
+        """Forget the sends that went out before ``before``."""
+        while self._forgettable and self._forgettable[0][0] < before:
+            self._world.forget(heapq.heappop(self._forgettable)[2])

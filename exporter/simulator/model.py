@@ -1,30 +1,38 @@
 """The simulated Mail Partner account: sends and how their recipient reports evolve.  An SMS
 Partner account is a World too, read in that API's words by ``sms.py``.
 
-Every recipient's fate (arrival delay, outcome, unsubscribe flag, token) is drawn once per
-message from ``random.Random(f"{seed}:{message_id}")``, so the same seed always replays the
-same world; what a poll sees at a given time is a cheap pass over those precomputed arrays.
+Every recipient's fate is drawn once per message (``fates.py``), so the same seed always
+replays the same world; what a poll sees at a given time is a cheap pass over those arrays.
+
+A send goes out when it is made, unless Mail Partner's sending rules say later: a deferred send
+(``scheduled_at``) at its scheduled time, and a commercial one made in quiet hours at the next
+opening of the sending calendar (``exporter.calendar``), the two combined for a commercial
+deferred send.  Until then every recipient reads ``Waiting``, dated when the send was made;
+from then on the recipients progress as those of a send made at that moment would, with their
+arrival delays counted from it.  A deferred send can be cancelled up to ``CANCEL_NOTICE``
+seconds before it goes out, and is then unknown, as if never made.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import random
 import threading
 import time
-from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+from exporter import calendar
+from exporter.simulator.fates import MAX_DELAY, OUTCOMES, Fates, draw_fates
+
 Clock = Callable[[], float]
 
 WAITING = "Waiting"
-# Indexes into this tuple are what a recipient's outcome byte stores.  The rare tail exists so
-# that consumers meet both statuses they map (Bounced, ko) and one nobody maps (Deferred).
-OUTCOMES = ("Delivered", "Not delivered", "Bounced", "ko", "Deferred")
-MAX_DELAY = 48 * 3600.0
+# scheduledDeliveryDate takes an hour and a minute in 5-minute steps.
+SCHEDULE_STEP = 300
+# How long before it goes out a deferred send can still be cancelled.
+CANCEL_NOTICE = 300.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,33 @@ class SimulatedSend:
     recipients: int
     cost_per_recipient: float
     campaign: str
+    # Held through quiet hours by the sending calendar: a commercial send on an account whose
+    # restriction is in force (never a transactional one, nor any send of a lifted account).
+    commercial: bool = False
+    # scheduledDeliveryDate: nothing goes out before; None for a send that goes out at once.
+    scheduled_at: float | None = None
+
+    @property
+    def goes_out(self) -> float:
+        """When the first recipient can be delivered; reports arrive from here on."""
+        start = self.sent_at if self.scheduled_at is None else self.scheduled_at
+        return calendar.release(start) if self.commercial else start
+
+
+class CannotCancel(Exception):
+    """message-cancel refuses this send; each subclass is one reason (and one API code)."""
+
+
+class AlreadyCancelled(CannotCancel):
+    pass
+
+
+class TooLateToCancel(CannotCancel):
+    """The deferred send goes out within ``CANCEL_NOTICE`` seconds."""
+
+
+class NotCancellable(CannotCancel):
+    """The send was not deferred, or has gone out already."""
 
 
 @dataclass(frozen=True)
@@ -54,63 +89,31 @@ class Truth:
     last_date: int | None
 
 
-@dataclass(frozen=True)
-class _Fates:
-    """Per-recipient draws of one message, as compact arrays (a 1M-recipient send is ~10 MB)."""
-
-    delays: array[float]
-    outcomes: bytes
-    stop_mail: bytes
-    tokens: bytes  # 8 random bytes per recipient, hex-encoded on demand
-
-
-def _draw_delay(rng: random.Random) -> float:
-    band = rng.random()
-    if band < 0.80:
-        delay = rng.expovariate(1 / 5.0)
-    elif band < 0.95:
-        delay = rng.expovariate(1 / 600.0)
-    else:
-        delay = math.exp(rng.uniform(math.log(3600.0), math.log(MAX_DELAY)))
-    return min(delay, MAX_DELAY)
-
-
-def _draw_outcome(rng: random.Random) -> int:
-    roll = rng.random()
-    if roll < 0.93:
-        return 0
-    if roll < 0.99:
-        return 1
-    return rng.randrange(2, len(OUTCOMES))
-
-
-def _draw_fates(seed: int, message_id: str, recipients: int) -> _Fates:
-    # Draws run in recipient order, so recipient i's fate does not depend on the send's size.
-    rng = random.Random(f"{seed}:{message_id}")  # noqa: S311 - replayable, not secret
-    token_rng = random.Random(f"{seed}:{message_id}:tokens")  # noqa: S311 - same reason
-    delays = array("d", bytes(8 * recipients))
-    outcomes = bytearray(recipients)
-    stop_mail = bytearray(recipients)
-    for i in range(recipients):
-        delays[i] = _draw_delay(rng)
-        outcomes[i] = _draw_outcome(rng)
-        stop_mail[i] = rng.random() < 0.015
-    return _Fates(delays, bytes(outcomes), bytes(stop_mail), token_rng.randbytes(8 * recipients))
-
-
 class World:
-    """All sends of the simulated account; thread-safe."""
+    """All sends of the simulated account; thread-safe.
+
+    ``holds_commercial`` False is an account whose restriction is lifted: its commercial sends
+    go out at once, as transactional ones do.
+    """
 
     def __init__(
-        self, seed: int = 1, clock: Clock = time.time, *, cost_per_recipient: float = 0.0105
+        self,
+        seed: int = 1,
+        clock: Clock = time.time,
+        *,
+        cost_per_recipient: float = 0.0105,
+        holds_commercial: bool = True,
     ) -> None:
         self.seed = seed
         self.clock = clock
         # What a send costs per recipient unless it says otherwise: this account's price.
         self.cost_per_recipient = cost_per_recipient
+        self.holds_commercial = holds_commercial
         self._lock = threading.Lock()
         self._sends: dict[str, SimulatedSend] = {}
-        self._fates: dict[str, _Fates] = {}
+        self._fates: dict[str, Fates] = {}
+        # Cancelled sends, which keep their IDs: message-cancel tells them from unknown ones.
+        self._cancelled: dict[str, SimulatedSend] = {}
         self._next_id = itertools.count(1000)
 
     def send(
@@ -121,19 +124,53 @@ class World:
         message_id: str | None = None,
         campaign: str = "demo",
         cost_per_recipient: float | None = None,
+        commercial: bool = False,
+        scheduled_at: float | None = None,
     ) -> SimulatedSend:
+        """A send made at ``sent_at`` (now by default): transactional unless ``commercial``
+        (then held through quiet hours), deferred to ``scheduled_at`` if given (a multiple of
+        ``SCHEDULE_STEP`` seconds, not before ``sent_at``)."""
         if recipients < 0:
             raise ValueError(f"recipients must be >= 0, got {recipients}")
         when = self.clock() if sent_at is None else sent_at
+        if scheduled_at is not None:
+            _check_schedule(scheduled_at, when)
         if cost_per_recipient is None:
             cost_per_recipient = self.cost_per_recipient
         with self._lock:
             if message_id is None:
-                message_id = next(i for i in map(str, self._next_id) if i not in self._sends)
-            elif message_id in self._sends:
+                message_id = next(i for i in map(str, self._next_id) if not self._taken(i))
+            elif self._taken(message_id):
                 raise ValueError(f"message {message_id!r} already exists")
-            sent = SimulatedSend(message_id, when, recipients, cost_per_recipient, campaign)
+            sent = SimulatedSend(
+                message_id,
+                when,
+                recipients,
+                cost_per_recipient,
+                campaign,
+                commercial=commercial and self.holds_commercial,
+                scheduled_at=scheduled_at,
+            )
             self._sends[message_id] = sent
+        return sent
+
+    def cancel(self, message_id: str, at: float | None = None) -> SimulatedSend:
+        """Cancel a deferred send, as ``GET /v1/message-cancel`` does: from then on it is
+        unknown. KeyError for an unknown message; a ``CannotCancel`` subclass for a send
+        that cannot be cancelled (any more)."""
+        now = self.clock() if at is None else at
+        with self._lock:
+            if message_id in self._cancelled:
+                raise AlreadyCancelled(message_id)
+            sent = self._sends[message_id]
+            goes_out = sent.goes_out
+            if sent.scheduled_at is None or now >= goes_out:
+                raise NotCancellable(message_id)
+            if now > goes_out - CANCEL_NOTICE:
+                raise TooLateToCancel(message_id)
+            del self._sends[message_id]
+            self._fates.pop(message_id, None)
+            self._cancelled[message_id] = sent
         return sent
 
     def get(self, message_id: str) -> SimulatedSend | None:
@@ -147,8 +184,10 @@ class World:
     def reports(self, message_id: str, at: float | None = None) -> Iterator[RecipientReport]:
         """The reports a bulk-status poll at ``at`` returns; KeyError for an unknown message."""
         sent, fates = self._lookup(message_id)
-        elapsed = (self.clock() if at is None else at) - sent.sent_at
-        sent_date = int(sent.sent_at)
+        now = self.clock() if at is None else at
+        goes_out = sent.goes_out
+        elapsed = now - goes_out
+        waiting_date = _waiting_date(sent, goes_out, now)
         cost = sent.cost_per_recipient
         tokens = fates.tokens
         for i, (delay, outcome, stop_mail) in enumerate(
@@ -161,7 +200,7 @@ class World:
                 OUTCOMES[outcome] if arrived else WAITING,
                 cost,
                 stop_mail == 1,
-                int(sent.sent_at + delay) if arrived else sent_date,
+                int(goes_out + delay) if arrived else waiting_date,
             )
 
     def waiting(self, at: float | None = None) -> int:
@@ -169,9 +208,12 @@ class World:
         now = self.clock() if at is None else at
         total = 0
         for sent in self.sends():
-            elapsed = now - sent.sent_at
+            elapsed = now - sent.goes_out
             if elapsed >= MAX_DELAY:
                 continue  # every report is in; no need to draw (or keep) its fates
+            if elapsed < 0:
+                total += sent.recipients  # not gone out yet: no need to draw either
+                continue
             _, fates = self._lookup(sent.message_id)
             total += sum(1 for delay in fates.delays if delay > elapsed)
         return total
@@ -179,13 +221,16 @@ class World:
     def truth(self, message_id: str, at: float | None = None) -> Truth:
         """What a correct consumer must compute from ``reports(message_id, at)``."""
         sent, fates = self._lookup(message_id)
-        elapsed = (self.clock() if at is None else at) - sent.sent_at
+        now = self.clock() if at is None else at
+        goes_out = sent.goes_out
+        elapsed = now - goes_out
+        waiting_date = _waiting_date(sent, goes_out, now)
         statuses: Counter[str] = Counter()
         last_date: int | None = None
         for delay, outcome in zip(fates.delays, fates.outcomes, strict=True):
             arrived = delay <= elapsed
             statuses[OUTCOMES[outcome] if arrived else WAITING] += 1
-            date = int(sent.sent_at + delay) if arrived else int(sent.sent_at)
+            date = int(goes_out + delay) if arrived else waiting_date
             last_date = date if last_date is None else max(last_date, date)
         return Truth(
             statuses=dict(statuses),
@@ -196,8 +241,8 @@ class World:
         )
 
     def arrivals(self, message_id: str) -> list[tuple[float, str]]:
-        """Each recipient's report as (seconds after sending, final status), soonest first:
-        the arrival model, for benchmarks that replay it without HTTP."""
+        """Each recipient's report as (seconds after the send goes out, final status),
+        soonest first: the arrival model, for benchmarks that replay it without HTTP."""
         _, fates = self._lookup(message_id)
         return sorted(
             (delay, OUTCOMES[outcome])
@@ -217,12 +262,33 @@ class World:
         with self._lock:
             self._sends.pop(message_id, None)
             self._fates.pop(message_id, None)
+            self._cancelled.pop(message_id, None)
 
-    def _lookup(self, message_id: str) -> tuple[SimulatedSend, _Fates]:
+    def _taken(self, message_id: str) -> bool:
+        return message_id in self._sends or message_id in self._cancelled
+
+    def _lookup(self, message_id: str) -> tuple[SimulatedSend, Fates]:
         with self._lock:
             sent = self._sends[message_id]
             fates = self._fates.get(message_id)
             if fates is None:
-                fates = _draw_fates(self.seed, message_id, sent.recipients)
+                fates = draw_fates(self.seed, message_id, sent.recipients)
                 self._fates[message_id] = fates
         return sent, fates
+
+
+def _check_schedule(scheduled_at: float, sent_at: float) -> None:
+    if not math.isfinite(scheduled_at) or scheduled_at % SCHEDULE_STEP:
+        raise ValueError(
+            f"scheduled_at must fall on a {SCHEDULE_STEP // 60}-minute step"
+            f" (a multiple of {SCHEDULE_STEP} s), got {scheduled_at}"
+        )
+    if scheduled_at < sent_at:
+        raise ValueError(f"scheduled_at {scheduled_at} is before the send, at {sent_at}")
+
+
+def _waiting_date(sent: SimulatedSend, goes_out: float, now: float) -> int:
+    """A ``Waiting`` report's date: when the send was made, then when it went out (as for a
+    send made then), so that no report is dated in the future nor before the send goes out
+    once it has."""
+    return int(goes_out) if now >= goes_out else int(sent.sent_at)

@@ -2,9 +2,9 @@
 knobs and test controls.
 
 Mail Partner answers under ``/v1`` (``url``) and SMS Partner under ``/smspartner/v1``
-(``sms_url``).  Each flavour has its own world of sends (``world``, ``sms_world``), API key,
-fault knobs (``faults``, ``sms_faults``), per-IP sliding-window rate limit and stats
-(``stats()``, ``sms_stats()``).
+(``sms_url``), each ``bulk-status``, ``me`` and ``message-cancel``.  Each flavour has its own
+world of sends (``world``, ``sms_world``), API key, fault knobs (``faults``, ``sms_faults``),
+per-IP sliding-window rate limit and stats (``stats()``, ``sms_stats()``).
 
 An API request goes through, in order: ``latency`` sleep, forced ``http_status`` (an
 HTML page, as a proxy in front of the API would send), the per-IP rate limit, forced
@@ -15,7 +15,8 @@ body came out.  ``/sim/*`` control requests skip all of that and are not counted
   ``"api": "mail"`` or ``"api": "sms"``; it answers that flavour's knobs (Mail Partner's when
   no ``api`` is given).
 - ``POST /sim/send`` creates a send from ``{"recipients": N, "campaign"?, "sent_at"?,
-  "messageId"?}`` and answers ``{"messageId": ...}``; with ``"api": "sms"`` an SMS Partner one.
+  "messageId"?, "commercial"?, "scheduled_at"?}`` and answers ``{"messageId": ...}``; with
+  ``"api": "sms"`` an SMS Partner one.
 - ``GET /sim/stats`` answers Mail Partner's stats, ``GET /sim/stats?api=sms`` SMS Partner's.
 """
 
@@ -46,8 +47,10 @@ SMS_PREFIX = "/smspartner"
 _ROUTES = {
     "/v1/bulk-status": (MAIL, "bulk-status"),
     "/v1/me": (MAIL, "me"),
+    "/v1/message-cancel": (MAIL, "message-cancel"),
     f"{SMS_PREFIX}/v1/bulk-status": (SMS, "bulk-status"),
     f"{SMS_PREFIX}/v1/me": (SMS, "me"),
+    f"{SMS_PREFIX}/v1/message-cancel": (SMS, "message-cancel"),
 }
 
 
@@ -84,6 +87,8 @@ class _Flavour:
             return error_reply(faults.error_code, query)
         if endpoint == "me":
             return self.api.me(query, reject_key=faults.reject_key)
+        if endpoint == "message-cancel":
+            return self.api.message_cancel(query, reject_key=faults.reject_key)
         return self.api.bulk_status(query, reject_key=faults.reject_key)
 
 

@@ -38,13 +38,17 @@ def phone_number(index: int) -> str:
 
 
 def sms_world_beside(world: World) -> World:
-    """The SMS account next to the mail account ``world``: another seed, the same clock."""
+    """The SMS account next to the mail account ``world``: another seed, the same clock and
+    commercial restriction."""
 
     def clock() -> float:
         return world.clock()  # looked up each time: follows the mail world's clock if swapped
 
     return World(
-        seed=zlib.crc32(f"{world.seed}:sms".encode()), clock=clock, cost_per_recipient=SMS_PRICE
+        seed=zlib.crc32(f"{world.seed}:sms".encode()),
+        clock=clock,
+        cost_per_recipient=SMS_PRICE,
+        holds_commercial=world.holds_commercial,
     )
 
 
