@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import zlib
-from collections import deque
 from collections.abc import Iterable
 from types import MappingProxyType
 
@@ -29,9 +28,9 @@ class Demo:
         # Campaigns every three minutes and a one-recipient send every five seconds.
         self._campaign = DemoCampaign(self._world)
         self._started: list[MessageSpec] = []
-        # The later sends, oldest first, for as long as the simulator keeps them: a reload
-        # puts them in the new config, and the stream makes 17,000 a day.
-        self._new: deque[MessageSpec] = deque()
+        # The later sends, with when each goes out, for as long as the simulator keeps them
+        # (49 h from then): a reload puts them in the new config; the stream makes 17,000 a day.
+        self._new: list[tuple[float, MessageSpec]] = []
 
     def start(self) -> None:
         self._server.start()
@@ -51,7 +50,7 @@ class Demo:
             api=dataclasses.replace(
                 config.api, base_url=self._server.url, api_key=Secret(DEMO_KEY)
             ),
-            messages=(*config.messages, *self._started, *self._new),
+            messages=(*config.messages, *self._started, *(spec for _, spec in self._new)),
             sources=None if config.sources is None else tuple(map(self._sms, config.sources)),
         )
 
@@ -66,12 +65,11 @@ class Demo:
 
     def new_messages(self) -> list[MessageSpec]:
         """Sends the simulator made since the last call."""
-        new = [_spec(send) for send in self._campaign.due()]
-        self._new += new
+        new = [(send.goes_out, _spec(send)) for send in self._campaign.due()]
         horizon = self._world.clock() - KEEP
-        while self._new and (self._new[0].sent_at or 0.0) < horizon:
-            self._new.popleft()
-        return new
+        # Held and deferred sends go out out of order: filtered, not popped from the left.
+        self._new = [(out, spec) for out, spec in self._new if out >= horizon] + new
+        return [spec for _, spec in new]
 
     def stop(self) -> None:
         self._server.stop()
@@ -90,4 +88,12 @@ def _send_all(world: World, messages: Iterable[MessageSpec]) -> None:
 
 
 def _spec(send: SimulatedSend) -> MessageSpec:
-    return MessageSpec(send.message_id, MappingProxyType({"campaign": send.campaign}), send.sent_at)
+    """What the sending application would register: a commercial send is one the platform
+    holds out of hours; the others (the transactional stream) are marked so."""
+    return MessageSpec(
+        send.message_id,
+        MappingProxyType({"campaign": send.campaign}),
+        send.sent_at,
+        scheduled_at=send.scheduled_at,
+        transactional=not send.commercial,
+    )
