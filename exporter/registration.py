@@ -148,6 +148,8 @@ def _message(spec: MessageSpec) -> dict[str, Any]:
     message = {"id": spec.id, "labels": dict(spec.labels), "sent_at": spec.sent_at}
     if spec.scheduled_at is not None:
         message["scheduled_at"] = spec.scheduled_at
+    if spec.transactional:
+        message["transactional"] = True
     return message
 
 

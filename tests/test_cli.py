@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from exporter import calendar
 from exporter.cli import parse_args
 from exporter.simulator import Faults, SimulatorServer, World
 from tests.conftest import TEST_KEY, require_tool
@@ -174,6 +175,11 @@ def test_demo_serves_per_message_series_within_5_seconds(demo: str) -> None:
     assert "mailpartner_up 1.0" in text
     page = requests.get(demo, timeout=10).text
     assert all(f'data-message-id="{i}"' in page for i in ids)
+    # The deferred demo send waits for its time; out of working hours (Europe/Paris), the
+    # latest campaign waits for the next opening.
+    assert "<td>scheduled for <time" in page
+    if calendar.held(time.time()):
+        assert "<td>held until <time" in page
 
 
 @pytest.mark.e2e

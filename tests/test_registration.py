@@ -442,3 +442,25 @@ def test_a_deferred_send_is_registered_with_its_scheduled_time(
     assert [m.get("scheduled_at") for m in listed] == [later]
     tracked = app.book.get("8800")
     assert tracked is not None and tracked.next_poll == later  # nothing before it
+
+
+@pytest.mark.e2e
+def test_a_deferred_transactional_registration_survives_a_restart(
+    upstream: SimulatorServer, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, upstream.url, state={"path": str(tmp_path / "state.db")})
+    later = time.time() + 7200
+    body = {"id": "8801", "scheduled_at": later, "transactional": True}
+    first = start_exporter(tmp_path, "--config.file", str(path), "--web.enable-registration")
+    try:
+        answer = requests.post(f"{first.url}/api/v1/messages", json=body, timeout=5)
+        assert answer.status_code == 201
+    finally:
+        first.stop()
+    second = start_exporter(tmp_path, "--config.file", str(path))
+    try:
+        (listed,) = requests.get(f"{second.url}/api/v1/messages", timeout=5).json()["data"]
+        assert (listed["scheduled_at"], listed["transactional"]) == (later, True)
+        assert "scheduled for <time" in requests.get(second.url, timeout=5).text
+    finally:
+        second.stop()

@@ -79,6 +79,8 @@ def still_valid(registered: Iterable[MessageSpec], source: str) -> Iterator[Mess
             document["sent_at"] = spec.sent_at
         if spec.scheduled_at is not None:
             document["scheduled_at"] = spec.scheduled_at
+        if spec.transactional:
+            document["transactional"] = True
         try:
             parse_message(document, "state file registration")
         except ConfigErrors as e:
