@@ -107,6 +107,11 @@ CASES = {
         "message '300' is already listed at messages[0]",
     ),
     "missing_id": (e.MissingKeyError, "messages[0].id", "is required"),
+    "bad_transactional_labels": (
+        e.InvalidTypeError,
+        "polling.transactional_labels.campaign",
+        "must be a list of label values",
+    ),
     "sent_at_in_milliseconds": (
         e.InvalidValueError,
         "messages[0].sent_at",
