@@ -189,3 +189,29 @@ def test_held_and_deferred_messages_are_shown_as_such(friday: FakeClock) -> None
         for s in m.samples
     ]
     assert demand == [0]
+
+
+def test_a_deferred_send_cancelled_before_it_went_out_ends_quietly(
+    upstream: SimulatorServer, friday: FakeClock
+) -> None:
+    """Deferred to Monday 10:00, then cancelled: no poll before 10:00, then the API no longer
+    knows it, and it ends as not found 15 minutes later."""
+    out = MONDAY_8H + 2 * HOUR
+    send = upstream.world.send(100, sent_at=FRIDAY_21H, scheduled_at=out, commercial=True)
+    spec = MessageSpec(send.message_id, sent_at=FRIDAY_21H, scheduled_at=out)
+    book, poller = track(make_config(upstream.url, spec), friday)
+    run_until(poller, book, friday, FRIDAY_21H + DAY)
+    upstream.world.cancel(send.message_id)
+    run_until(poller, book, friday, out + HOUR)
+    assert [t - out for t in polls(upstream, send.message_id)] == [
+        0,
+        10,
+        30,
+        70,
+        150,
+        310,
+        630,
+        900,
+    ]
+    message = only(book)
+    assert (message.phase, message.not_found, message.unreported) == (Phase.FINAL, True, False)
