@@ -16,9 +16,14 @@ from typing import NamedTuple
 from exporter import calendar
 from exporter.aggregate import MessageAggregate
 from exporter.config.model import PollingConfig
-from exporter.domain import State
+from exporter.domain import MessageSpec, State
 from exporter.tracked import Phase, TrackedMessage
 
+# First retry of a failed poll; each further failure doubles it, up to the interval.
+RETRY_AFTER = 10.0
+# A message the API still does not know this long after it went out is not one of the
+# account's (a typo, another account's, junk registered by mistake, a cancelled send).
+NOT_FOUND_AFTER = 15 * 60.0
 # A held message is polled within this long after the opening (spread by the jitter, so that
 # a weekend's worth of held sends is not one burst at 08:00:00).
 RELEASE_SPREAD = 30.0
@@ -102,6 +107,45 @@ def _unreported(message: TrackedMessage, now: float, polling: PollingConfig, spr
         next_poll = min(opening + spread * RELEASE_SPREAD, give_up)
         return Plan(Phase.ACTIVE, next_poll, every, None, held_until=opening)
     return Plan(Phase.ACTIVE, min(now + every, give_up), every, None)
+
+
+class Retry(NamedTuple):
+    """What follows a failed poll."""
+
+    next_poll: float
+    interval: float
+    give_up: bool  # final with the values it has
+    not_found: bool  # final because the API never knew it
+
+
+def first_poll(spec: MessageSpec, now: float) -> float:
+    """Now, or when a deferred send goes out: nothing is polled before it."""
+    return now if spec.scheduled_at is None else max(now, spec.scheduled_at)
+
+
+def after_failure(
+    message: TrackedMessage, now: float, polling: PollingConfig, jitter: float, not_found: bool
+) -> Retry:
+    """Retry with exponential backoff and ``jitter``, from ``RETRY_AFTER`` up to the
+    schedule's interval for the message's age.
+
+    Past ``final_after`` (or past first sight, for a message first seen later) a failing
+    message is retried for ``settled_recheck``, then given up as final with the values it
+    has. One the API does not know (``not_found``) backs off further, without the interval's
+    cap, and is final as not found ``NOT_FOUND_AFTER`` after it went out: junk costs about
+    eight requests, not two days of them.
+    """
+    final_at = final_after(message, polling)
+    interval = retry_interval(message, now, polling)
+    backoff = RETRY_AFTER * 2 ** min(message.failures, 16)
+    retry = (backoff if not_found else min(interval, backoff)) * jitter
+    give_up = now >= max(final_at, message.first_seen) + polling.settled_recheck
+    if not_found:
+        final_at = min(final_at, message.start + NOT_FOUND_AFTER)
+        not_found = now >= final_at
+    give_up = give_up or not_found
+    next_poll = now + retry if now >= final_at else min(now + retry, final_at)
+    return Retry(next_poll, 0.0 if give_up else interval, give_up, not_found)
 
 
 def final_after(message: TrackedMessage, polling: PollingConfig) -> float:

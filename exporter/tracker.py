@@ -27,11 +27,6 @@ from exporter.tracked import Phase, TrackedMessage, with_series
 log = logging.getLogger(__name__)
 # How often, at most, final messages without series give up their values (a pass over all).
 COMPACT_EVERY = 60.0
-# First retry of a failed poll; each further failure doubles it, up to the interval.
-RETRY_AFTER = 10.0
-# A message the API still does not know this long after it was sent is not one of the
-# account's (a typo, another account's, junk registered by mistake): final, as not found.
-NOT_FOUND_AFTER = 15 * 60.0
 
 
 class _Gone(NamedTuple):
@@ -134,8 +129,8 @@ class MessageBook:
         if current is not None:
             if current.spec != spec:
                 changed = dataclasses.replace(current, spec=spec)
-                if spec.scheduled_at != current.spec.scheduled_at and _unpolled(changed):
-                    changed = dataclasses.replace(changed, next_poll=_first_poll(spec, now))
+                if spec.scheduled_at != current.spec.scheduled_at and changed.last_poll is None:
+                    changed = dataclasses.replace(changed, next_poll=schedule.first_poll(spec, now))
                 self._write(changed)
         elif (stored := self._stored.pop(spec.id, None)) is not None:
             # Known from before a restart: its values and phase come back; a final
@@ -144,7 +139,7 @@ class MessageBook:
                 TrackedMessage(
                     spec,
                     first_seen=stored.first_seen,
-                    next_poll=_first_poll(spec, now),
+                    next_poll=schedule.first_poll(spec, now),
                     interval=self._polling.schedule[0].every,
                     phase=Phase(stored.phase),
                     aggregate=stored.aggregate,
@@ -177,7 +172,7 @@ class MessageBook:
                 TrackedMessage(
                     spec,
                     first_seen=now,
-                    next_poll=_first_poll(spec, now),
+                    next_poll=schedule.first_poll(spec, now),
                     interval=self._polling.schedule[0].every,
                     aggregate=last,
                 )
@@ -274,48 +269,31 @@ class MessageBook:
     def record_failure(
         self, message_id: str, error: str, now: float, *, not_found: bool = False
     ) -> None:
-        """Keep the last good values; retry with exponential backoff and jitter, from
-        ``RETRY_AFTER`` up to the schedule's interval for the message's age.
-
-        Past ``final_after`` (or past first sight, for a message first seen later)
-        a failing message is retried for ``settled_recheck``, then given up as
-        final with the values it has. One the API does not know (``not_found``) backs
-        off further, and is final as not found ``NOT_FOUND_AFTER`` after it was sent:
-        junk costs about eight requests, not two days of them.
-        """
+        """Keep the last good values and retry (``schedule.after_failure``); ``not_found``:
+        the API answered that it does not know the message."""
         with self._lock:
             self.changes += 1
             current = self._messages.get(message_id)
             if current is None:
                 return
-            polling = self._polling
-            final_at = schedule.final_after(current, polling)
-            interval = schedule.retry_interval(current, now, polling)
-            failures = current.failures + 1
-            backoff = RETRY_AFTER * 2 ** min(failures - 1, 16)
-            retry = (backoff if not_found else min(interval, backoff)) * self._jitter()
-            give_up = now >= max(final_at, current.first_seen) + polling.settled_recheck
-            if not_found:
-                final_at = min(final_at, current.start + NOT_FOUND_AFTER)
-                not_found = now >= final_at
-                give_up = give_up or not_found
-                self.not_found += not_found
+            plan = schedule.after_failure(current, now, self._polling, self._jitter(), not_found)
+            self.not_found += plan.not_found
             self._write(
                 dataclasses.replace(
                     current,
                     last_error=error,
                     poll_ok=False,
                     in_flight=False,
-                    phase=Phase.FINAL if give_up else current.phase,
-                    final_at=now if give_up else None,
-                    next_poll=now + retry if now >= final_at else min(now + retry, final_at),
-                    interval=0.0 if give_up else interval,
-                    failures=failures,
+                    phase=Phase.FINAL if plan.give_up else current.phase,
+                    final_at=now if plan.give_up else None,
+                    next_poll=plan.next_poll,
+                    interval=plan.interval,
+                    failures=current.failures + 1,
                     held_until=None,
-                    not_found=not_found,
+                    not_found=plan.not_found,
                 )
             )
-        if not_found:
+        if plan.not_found:
             log.info("message not found: final", extra={"message_id": message_id})
 
     def expire(self, now: float) -> list[str]:
@@ -409,13 +387,3 @@ class MessageBook:
     def snapshot(self) -> tuple[tuple[TrackedMessage, ...], TotalsSnapshot]:
         with self._lock:
             return tuple(self._messages.values()), self._totals.snapshot()
-
-
-def _first_poll(spec: MessageSpec, now: float) -> float:
-    """Now, or when a deferred send goes out: nothing is polled before it."""
-    return now if spec.scheduled_at is None else max(now, spec.scheduled_at)
-
-
-def _unpolled(message: TrackedMessage) -> bool:
-    """Never polled yet: a new ``scheduled_at`` moves its first poll."""
-    return message.last_poll is None and not message.in_flight

@@ -16,10 +16,11 @@ from exporter.client import BULK_STATUS
 from exporter.config.model import Config, MetricsConfig
 from exporter.domain import MessageSpec, State, StatusMap
 from exporter.poller import Poller
+from exporter.schedule import RETRY_AFTER
 from exporter.simulator import SimulatorServer
 from exporter.stats import RequestStats
 from exporter.tracked import Phase, TrackedMessage
-from exporter.tracker import COMPACT_EVERY, RETRY_AFTER, MessageBook
+from exporter.tracker import COMPACT_EVERY, MessageBook
 from exporter.upstream import TokenBucket
 from tests.conftest import (
     FakeClock,
