@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from exporter import __version__, calendar
 from exporter.config.duration import format_duration
+from exporter.config.model import PollingConfig
 from exporter.domain import State
 from exporter.tracked import TrackedMessage, shown_phase, with_series
 from exporter.tracker import MessageBook
@@ -35,7 +36,7 @@ def render_landing(
     now = clock()
     # The messages that have series: a page of 100,000 rows would help nobody.
     shown = sorted(with_series(messages, book.metrics.per_message_limit), key=_newest_first)
-    rows = "\n".join(_row(m, now) for m in shown)
+    rows = "\n".join(_row(m, now, book.polling) for m in shown)
     withheld = len(messages) - len(shown)
     more = f" {withheld} more, without per-message series, are not listed." if withheld else ""
     path = html.escape(telemetry_path)
@@ -54,7 +55,7 @@ def render_landing(
 """
 
 
-def _row(message: TrackedMessage, now: float) -> str:
+def _row(message: TrackedMessage, now: float, polling: PollingConfig) -> str:
     aggregate = message.aggregate
     counts = {s: str(aggregate.states[s]) if aggregate else "&ndash;" for s in State}
     cost = _cost(aggregate.cost) if aggregate else "&ndash;"
@@ -62,7 +63,7 @@ def _row(message: TrackedMessage, now: float) -> str:
     cells = [
         f"<td>{html.escape(message.spec.id)}</td>",
         f"<td>{html.escape(labels)}</td>",
-        f"<td>{_phase(message, now)}</td>",
+        f"<td>{_phase(message, now, polling)}</td>",
         f"<td>{_bar(message)}</td>",
         *(f'<td class="n" data-state="{s}">{c}</td>' for s, c in counts.items()),
         f'<td class="n">{cost}</td>',
@@ -73,12 +74,16 @@ def _row(message: TrackedMessage, now: float) -> str:
     return f'<tr data-message-id="{html.escape(message.spec.id)}">{"".join(cells)}</tr>'
 
 
-def _phase(message: TrackedMessage, now: float) -> str:
+def _phase(message: TrackedMessage, now: float, polling: PollingConfig) -> str:
     """The phase, and what an operator needs beside it: when a deferred or held send goes
     out, or why a final one ended."""
     shown = shown_phase(message)
-    if shown == "scheduled" and message.spec.scheduled_at is not None:
-        return f"scheduled for {_local(message.spec.scheduled_at, now)}"
+    if shown == "scheduled" and (scheduled := message.spec.scheduled_at) is not None:
+        opening = calendar.release(scheduled)
+        if opening == scheduled or polling.transactional(message.spec):
+            return f"scheduled for {_local(scheduled, now)}"
+        # Deferred into quiet hours: the platform will hold it until the next opening.
+        return f"scheduled for {_local(scheduled, now)}, held until {_local(opening, now)}"
     if shown == "held" and message.held_until is not None:
         return f"held until {_local(message.held_until, now)}"
     if message.not_found:

@@ -84,6 +84,10 @@ class MessageBook:
     def metrics(self) -> MetricsConfig:
         return self._metrics
 
+    @property
+    def polling(self) -> PollingConfig:
+        return self._polling
+
     def sync(
         self, specs: Iterable[MessageSpec], now: float, preferred: frozenset[str] = frozenset()
     ) -> None:

@@ -215,3 +215,19 @@ def test_a_deferred_send_cancelled_before_it_went_out_ends_quietly(
     ]
     message = only(book)
     assert (message.phase, message.not_found, message.unreported) == (Phase.FINAL, True, False)
+
+
+def test_a_send_deferred_into_quiet_hours_shows_it_will_be_held(friday: FakeClock) -> None:
+    book = MessageBook(make_config("http://127.0.0.1:9/v1").polling)
+    tuesday_night = dt.datetime(2026, 12, 8, 21, 0, tzinfo=PARIS).timestamp()
+    book.sync([MessageSpec("night", scheduled_at=tuesday_night)], friday())
+    book.sync(
+        [
+            MessageSpec("night", scheduled_at=tuesday_night),
+            MessageSpec("receipt", scheduled_at=tuesday_night, transactional=True),
+        ],
+        friday(),
+    )
+    page = render_landing(book, "/metrics", friday)
+    assert ">Tue 21:00</time>, held until <time" in page and ">Wed 08:00</time>" in page
+    assert page.count("held until") == 1  # not the transactional one

@@ -855,7 +855,7 @@ def test_the_exporters_demo_hands_over_each_send_once(clock: FakeClock) -> None:
     try:
         config = demo.apply(Config(file="demo.yaml"))
         started = {spec.id for spec in config.messages}
-        assert len(started) == 6 + 4 + 2 + 12  # built-in, bigger campaigns' others, 2, stream
+        assert len(started) == 6 + 4 + 3 + 12  # built-in, bigger campaigns' others, 3, stream
         assert demo.new_messages() == []
         clock.advance(60)
         assert [spec.sent_at for spec in demo.new_messages()] == [T0 + 5 * k for k in range(1, 13)]
@@ -894,6 +894,12 @@ def test_the_demo_shows_a_send_made_after_hours_and_a_deferred_one(
     assert (deferred.sent_at, deferred.scheduled_at) == (T0, T0 + 900)
     assert deferred.commercial and deferred.goes_out == T0 + 900
     assert statuses(world, "1011", T0 + 899) == {"Waiting": 250}
+    # Deferred into the coming night, it will be held when it goes out: a held send to show
+    # whatever the hour the demo starts.
+    overnight = by_campaign["overnight-promo"]
+    assert overnight.message_id == "1012"
+    assert overnight.scheduled_at == paris(2026, 11, 26, 20, 30)
+    assert overnight.goes_out == paris(2026, 11, 27, 8, 0)
     # Campaigns are commercial, the transactional stream is not.
     assert all(s.commercial != (s.campaign in TRANSACTIONAL) for s in started)
 

@@ -40,9 +40,11 @@ _CAMPAIGNS = ("welcome", "newsletter", "promo", "reactivation")
 _CAMPAIGN_RECIPIENTS = (50, 2000)
 TRANSACTIONAL = ("password-reset", "invoice")
 # The sends start() makes after the built-in ones, with the next IDs: a campaign made in the
-# latest quiet period, and one deferred to the first 5-minute step this far after the start.
+# latest quiet period, one deferred to the first 5-minute step this far after the start, and
+# one deferred into the next quiet period (held when it goes out, whatever the hour now).
 AFTER_HOURS = (400, "after-hours-promo")
 DEFERRED = (250, "deferred-promo")
+OVERNIGHT = (300, "overnight-promo")
 DEFER_BY = 15 * 60.0
 # How far back start() reaches into the stream, so a fresh demo shows one at once. No
 # further: every send is polled once at startup (at 10 requests a second by default), and
@@ -64,6 +66,15 @@ def quiet_time_before(now: float) -> float:
     if evening.timestamp() > now:
         evening = dt.datetime.combine(local.date() - dt.timedelta(days=1), evening.time(), PARIS)
     return evening.timestamp()
+
+
+def quiet_time_after(when: float) -> float:
+    """The first 5-minute step from ``when`` on that falls in quiet hours: ``when`` itself if
+    it does, else 20:30 Europe/Paris that day (a working day's closing is 20:00)."""
+    if release(when) > when:
+        return when
+    local = dt.datetime.fromtimestamp(when, PARIS)
+    return local.replace(hour=20, minute=30, second=0, microsecond=0).timestamp()
 
 
 def split(recipients: int) -> list[int]:
@@ -162,7 +173,7 @@ class DemoCampaign:
         return sends
 
     def _sending_rules(self, now: float) -> list[SimulatedSend]:
-        """The after-hours campaign, and the deferred one, made now."""
+        """The after-hours campaign, and the two deferred ones, made now."""
         recipients, campaign = AFTER_HOURS
         after_hours = self._send(recipients, quiet_time_before(now), campaign)
         recipients, campaign = DEFERRED
@@ -170,7 +181,15 @@ class DemoCampaign:
         deferred = self._world.send(
             recipients, sent_at=now, campaign=campaign, commercial=True, scheduled_at=scheduled_at
         )
-        return [after_hours, deferred]
+        recipients, campaign = OVERNIGHT
+        overnight = self._world.send(
+            recipients,
+            sent_at=now,
+            campaign=campaign,
+            commercial=True,
+            scheduled_at=quiet_time_after(scheduled_at),
+        )
+        return [after_hours, deferred, overnight]
 
     def _send(self, recipients: int, at: float, campaign: str) -> SimulatedSend:
         """A send of the demo's campaign ``campaign``: commercial unless it is transactional."""
