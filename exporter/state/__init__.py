@@ -10,13 +10,14 @@ startup never fails on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from exporter.domain import MessageSpec
 from exporter.state.records import StoredMessage, StoredState, aggregate_row, message_row
@@ -35,6 +36,7 @@ from exporter.state.schema import (
 from exporter.totals import label_sets
 
 __all__ = ["MEMORY", "StateStore", "StateStoreError", "StoredMessage", "StoredState"]
+_INSERT_REGISTERED = "INSERT INTO registered VALUES (?, ?, ?, ?, ?, ?, ?)"
 _VOLATILE = "state is kept in memory only and will not survive a restart"
 
 
@@ -86,62 +88,56 @@ class StateStore:
         messages = [(source, *message_row(m)) for m in state.messages.values()]
         aggregates = [(source, *aggregate_row(labels, t)) for labels, t in label_sets(state.totals)]
         registered = [_registered_row(source, i, m) for i, m in enumerate(state.registered)]
-        with self._lock:
-            if not self._opened:
-                self._open()
-            if (conn := self._conn) is None:
+        totals = state.totals
+        sums = (source, state.saved_at, totals.overflow, json.dumps(totals.buckets))
+        with self._transaction() as conn:
+            if conn is None:
                 return
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.execute("DELETE FROM messages WHERE source = ?", (source,))
-                    conn.executemany(INSERT_MESSAGE, messages)
-                    conn.execute("DELETE FROM aggregates WHERE source = ?", (source,))
-                    conn.executemany(INSERT_AGGREGATE, aggregates)
-                    conn.execute("DELETE FROM registered WHERE source = ?", (source,))
-                    conn.executemany(
-                        "INSERT INTO registered VALUES (?, ?, ?, ?, ?, ?, ?)", registered
-                    )
-                    totals = state.totals
-                    sums = (source, state.saved_at, totals.overflow, json.dumps(totals.buckets))
-                    conn.execute("INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?)", sums)
-                    conn.execute("COMMIT")
-                finally:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-            except sqlite3.Error as e:
-                raise StateStoreError(f"cannot save state to {self.path}: {e}") from e
+            conn.execute("DELETE FROM messages WHERE source = ?", (source,))
+            conn.executemany(INSERT_MESSAGE, messages)
+            conn.execute("DELETE FROM aggregates WHERE source = ?", (source,))
+            conn.executemany(INSERT_AGGREGATE, aggregates)
+            conn.execute("DELETE FROM registered WHERE source = ?", (source,))
+            conn.executemany(_INSERT_REGISTERED, registered)
+            conn.execute("INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?)", sums)
 
     def save_registrations(self, changes: Mapping[str, MessageSpec | None]) -> None:
         """Write just these registrations (None: deleted), after the others in order: a
         registration is on disk at once without rewriting every message."""
         source = self.source
+        with self._transaction() as conn:
+            if conn is None:
+                return
+            conn.executemany(
+                "DELETE FROM registered WHERE source = ? AND id = ?",
+                [(source, message_id) for message_id in changes],
+            )
+            (start,) = conn.execute(
+                "SELECT COALESCE(MAX(position), -1) + 1 FROM registered WHERE source = ?",
+                (source,),
+            ).fetchone()
+            # A source never saved whole has no row yet: it would read back as empty.
+            conn.execute(
+                "INSERT OR IGNORE INTO sources VALUES (?, ?, 0, '[]')", (source, self._clock())
+            )
+            added = [spec for spec in changes.values() if spec is not None]
+            rows = [_registered_row(source, start + i, m) for i, m in enumerate(added)]
+            conn.executemany(_INSERT_REGISTERED, rows)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection | None]:
+        """One write transaction on the file (None where there is no usable file): committed
+        if the block ends, rolled back if it raises; a refusal is ``StateStoreError``."""
         with self._lock:
             if not self._opened:
                 self._open()
             if (conn := self._conn) is None:
+                yield None
                 return
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.executemany(
-                        "DELETE FROM registered WHERE source = ? AND id = ?",
-                        [(source, message_id) for message_id in changes],
-                    )
-                    (start,) = conn.execute(
-                        "SELECT COALESCE(MAX(position), -1) + 1 FROM registered WHERE source = ?",
-                        (source,),
-                    ).fetchone()
-                    # A source never saved whole has no row yet: it would read back as empty.
-                    conn.execute(
-                        "INSERT OR IGNORE INTO sources VALUES (?, ?, 0, '[]')",
-                        (source, self._clock()),
-                    )
-                    added = [spec for spec in changes.values() if spec is not None]
-                    conn.executemany(
-                        "INSERT INTO registered VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [_registered_row(source, start + i, m) for i, m in enumerate(added)],
-                    )
+                    yield conn
                     conn.execute("COMMIT")
                 finally:
                     if conn.in_transaction:
