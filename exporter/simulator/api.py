@@ -121,24 +121,18 @@ class PartnerApi(ABC):
         self._api_key = api_key.encode()
 
     def bulk_status(self, query: Query, *, reject_key: bool = False) -> Reply:
-        key_error = self._key_error(query, reject_key)
-        if key_error is not None:
-            return error_reply(key_error, query)
-        message_id = query.get("messageId", "")
-        if not message_id:
-            return error_reply(3, query)
+        message_id = self._message_id(query, reject_key)
+        if isinstance(message_id, Reply):
+            return message_id
         if self.world.get(message_id) is None:
             return error_reply(4, query)
         return _success(self.status_payload(message_id), query)
 
     def message_cancel(self, query: Query, *, reject_key: bool = False) -> Reply:
         """Cancel a deferred send, on the world's clock."""
-        key_error = self._key_error(query, reject_key)
-        if key_error is not None:
-            return error_reply(key_error, query)
-        message_id = query.get("messageId", "")
-        if not message_id:
-            return error_reply(3, query)
+        message_id = self._message_id(query, reject_key)
+        if isinstance(message_id, Reply):
+            return message_id
         try:
             self.world.cancel(message_id)
         except KeyError:
@@ -158,6 +152,13 @@ class PartnerApi(ABC):
             "credits": self.credits(Usage.of(self.world)),
         }
         return _success(payload, query)
+
+    def _message_id(self, query: Query, reject_key: bool) -> str | Reply:
+        """The request's ``messageId``, or the error a missing key or ID gets (1, 10, 3)."""
+        key_error = self._key_error(query, reject_key)
+        if key_error is not None:
+            return error_reply(key_error, query)
+        return query.get("messageId", "") or error_reply(3, query)
 
     @abstractmethod
     def status_payload(self, message_id: str) -> Payload:
