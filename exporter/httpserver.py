@@ -193,6 +193,12 @@ class ThreadingServer(ThreadingMixIn, WSGIServer):
         self._closing = threading.Event()
         super().__init__(address, _Handler)
 
+    def server_bind(self) -> None:
+        # "::" is every interface: IPv6 and, as Go's listeners do, IPv4 (mapped) too.
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
     def get_request(self) -> tuple[socket.socket, Any]:
         if not self.connections.make_room(_ROOM_WAIT):
             raise _Full("all connections busy")

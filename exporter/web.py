@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import functools
 import hashlib
 import logging
@@ -33,6 +34,8 @@ from exporter.webconfig import WebConfigWatcher
 from exporter.wsgi import StartResponse, WSGIApp, respond
 
 log = logging.getLogger(__name__)
+# What binding "::" fails with where the kernel has IPv6 off.
+_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
 _CHALLENGE = 'Basic realm="mailpartner-exporter"'
 # What the fast path writes: the text format 0.0.4 and OpenMetrics 1.0.0 (what a Prometheus asks
 # for); anything else prometheus_client negotiates (OpenMetrics 2.0) goes to its own writer.
@@ -210,25 +213,52 @@ def serve(
     and at most ``max_connections`` are served at once (see ``exporter.httpserver``).
     """
     host, port = parse_listen_address(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    limits = (idle_timeout, max_connections)
     server: ThreadingServer
+
+    def plain(address: tuple[str, int], family: socket.AddressFamily) -> ThreadingServer:
+        return ThreadingServer(address, family, idle_timeout, max_connections)
+
     if web_config_path is None:
-        server = ThreadingServer((host, port), family, *limits)
+        server = _bind(host, port, plain)
     else:
         watcher = WebConfigWatcher(web_config_path)
         app = _secured(app, watcher, BasicAuth())
         config = watcher.current()
         if config.tls is None:
-            server = ThreadingServer((host, port), family, *limits)
+            server = _bind(host, port, plain)
         else:
-            # The context is the web config's at each new connection: a reload applies at once.
-            server = TLSServer((host, port), family, *limits, lambda: watcher.current().ssl_context)
+            current = watcher.current
+
+            def tls(address: tuple[str, int], family: socket.AddressFamily) -> ThreadingServer:
+                # The web config's context at each new connection: a reload applies at once.
+                context = lambda: current().ssl_context  # noqa: E731 - a callable is asked for
+                return TLSServer(address, family, idle_timeout, max_connections, context)
+
+            server = _bind(host, port, tls)
         log.info("web config loaded", extra={"file": web_config_path, "tls": bool(config.tls)})
     server.set_app(app)
     # shutdown() waits for the loop to look: at most a tenth of a second on SIGTERM.
     threading.Thread(target=server.serve_forever, args=(0.1,), name="http", daemon=True).start()
     return server
+
+
+def _bind(
+    host: str,
+    port: int,
+    server: Callable[[tuple[str, int], socket.AddressFamily], ThreadingServer],
+) -> ThreadingServer:
+    """The server listening on ``host``; no host (``:10027``) is every interface, IPv6 and
+    IPv4 alike, or IPv4 alone where the machine has no IPv6."""
+    if host:
+        return server((host, port), socket.AF_INET6 if ":" in host else socket.AF_INET)
+    if socket.has_ipv6:
+        try:
+            return server(("::", port), socket.AF_INET6)
+        except OSError as e:
+            if e.errno not in _NO_IPV6:
+                raise
+            log.info("IPv6 is off: listening on IPv4 only", extra={"port": port})
+    return server(("", port), socket.AF_INET)
 
 
 def _secured(app: WSGIApp, watcher: WebConfigWatcher, auth: BasicAuth) -> WSGIApp:

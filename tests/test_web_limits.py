@@ -30,11 +30,14 @@ import pytest
 import requests
 import trustme
 import yaml
+from prometheus_client.registry import CollectorRegistry
 
 from exporter.app import Exporter, load_runnable
+from exporter.config.model import PollingConfig
 from exporter.connections import AcceptBackoff
 from exporter.httpserver import ThreadingServer
 from exporter.simulator import SimulatorServer, World
+from exporter.tracker import MessageBook
 from exporter.web import create_app, gzip_wanted, serve
 from exporter.wsgi import WSGIApp, respond
 from tests.conftest import TEST_KEY, FakeClock
@@ -413,3 +416,28 @@ def test_q_zero_gets_the_plain_exposition_on_either_path(accept: str) -> None:
     assert "Content-Encoding" not in headers and b"mailpartner_up" in body
     headers, packed = get_metrics(app, accept, "identity;q=0.5, gzip")
     assert headers["Content-Encoding"] == "gzip" and gzip.decompress(packed) == body
+
+
+def test_no_host_listens_on_ipv4_and_ipv6(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``:PORT`` serves both families, as Go exporters do; IPv4 alone where IPv6 is off."""
+    app = create_app(CollectorRegistry(), MessageBook(PollingConfig()))
+    server = serve(app, ":0")
+    try:
+        port = server.server_port
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.create_connection((host, port), timeout=5) as client:
+                assert client.family == family
+                client.sendall(b"GET /-/healthy HTTP/1.0\r\n\r\n")
+                assert client.recv(64).startswith(b"HTTP/1.0 200")
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setattr(socket, "has_ipv6", False)
+    server = serve(app, ":0")
+    try:
+        assert server.address_family == socket.AF_INET
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=5):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
