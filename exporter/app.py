@@ -302,8 +302,7 @@ class Exporter:
                 self.poller.wake()
         if not self.poller.drain(_DRAIN_TIMEOUT):
             log.info("cutting off the requests still in flight")
-        for upstream in {self.mailpartner, *(s.upstream for s in self.sources.values())}:
-            upstream.abort()  # probes' too; and nothing new starts
+        self.abort()
         if not self.poller.drain(_ABORT_TIMEOUT):
             log.warning("polls still in flight at shutdown were abandoned")
         self.save()
@@ -312,6 +311,11 @@ class Exporter:
         server.shutdown()
         server.server_close()
         return 0
+
+    def abort(self) -> None:
+        """Cut off every request in flight, probes' too, and start no new one (shutdown)."""
+        for upstream in {self.mailpartner, *(s.upstream for s in self.sources.values())}:
+            upstream.abort()
 
     def save(self) -> None:
         """Write each source's state if anything changed; a failure is logged, never raised."""

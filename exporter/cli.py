@@ -122,6 +122,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; Ctrl-C before the signal handlers are in place (loading, starting,
+    ``--once``) ends it with 130, as a shell expects, and no traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format, Redactor())
     shard_flags = ShardFlags(args.shard_count, args.shard_index)
@@ -175,7 +185,11 @@ def _run(config: Config, args: argparse.Namespace, demo: Demo | None, flags: Sha
             extra={"url": exporter.holder.config.api.base_url},
         )
     if args.once:
-        ok = exporter.poller.poll_all()
+        try:
+            ok = exporter.poller.poll_all()
+        except KeyboardInterrupt:
+            exporter.abort()  # requests in flight must not hold the exit
+            raise
         exporter.save()
         sys.stdout.write(generate_latest(exporter.registry).decode())
         return 0 if ok else 1
