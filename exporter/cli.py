@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from types import FrameType
@@ -15,12 +16,12 @@ from exporter.app import (
     Exporter,
     enabled_sources,
     load_runnable,
-    owned_messages,
     tracking_fields,
 )
 from exporter.config.errors import ConfigErrors
 from exporter.config.model import Config
 from exporter.demo import Demo
+from exporter.discovery import MessageFiles
 from exporter.logs import LEVELS, setup_logging
 from exporter.secret import Redactor
 from exporter.shard import AUTO, ShardFlags
@@ -151,7 +152,13 @@ def _main(argv: list[str] | None) -> int:
     for warning in config.warnings:
         log.warning(warning)
     if args.config_check:
-        print(_check_summary(config))
+        files = _message_files(config)
+        problems = files.snapshot().problems if files else ()
+        for path, problem in problems:
+            print(problem if problem.startswith(path) else f"{path}: {problem}", file=sys.stderr)
+        if problems:
+            return 1
+        print(_check_summary(config, files))
         return 0
 
     demo = Demo() if args.demo else None
@@ -196,11 +203,28 @@ def _run(config: Config, args: argparse.Namespace, demo: Demo | None, flags: Sha
     return _serve(exporter, args)
 
 
-def _check_summary(config: Config) -> str:
-    """``--config.check``'s line for a valid configuration."""
-    summary = f"{config.file}: OK, {len(config.messages)} messages"
+def _message_files(config: Config) -> MessageFiles | None:
+    """The config's ``message_files``, read once, as the exporter would read them."""
+    if not config.message_files:
+        return None
+    files = MessageFiles(config.message_files, os.path.dirname(os.path.abspath(config.file)))
+    files.refresh()
+    return files
+
+
+def _check_summary(config: Config, files: MessageFiles | None = None) -> str:
+    """``--config.check``'s line for a valid configuration: its messages and its files'."""
+    listed = files.messages if files else ()
+    # As the exporter merges them: an ID in the config and a file counts once.
+    specs = tuple({spec.id: spec for spec in (*listed, *config.messages)}.values())
+    summary = f"{config.file}: OK, {len(specs)} messages"
+    if files is not None:
+        summary += (
+            f" ({len(config.messages)} in the config, {len(listed)} in"
+            f" {files.snapshot().files} message files)"
+        )
     if config.shard.sharded:
-        owned = len(owned_messages(config))
+        owned = len(config.shard.select(specs))
         summary += f", {owned} in shard {config.shard_index} of 0..{config.shard_count - 1}"
     return summary + f", sources: {', '.join(s.name for s in enabled_sources(config))}"
 

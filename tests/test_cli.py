@@ -244,3 +244,25 @@ def test_version() -> None:
     assert result.returncode == 0 and re.fullmatch(
         r"mailpartner-exporter \d+\.\d+\.\d+\n", result.stdout
     )
+
+
+def test_config_check_counts_and_checks_the_message_files(tmp_path: Path) -> None:
+    (tmp_path / "messages.d").mkdir()
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f'api: {{api_key: {TEST_KEY}}}\nmessage_files: ["messages.d/*.yaml"]\n'
+        'messages: [{id: "1"}, {id: "2"}]\n'
+    )
+    (tmp_path / "messages.d" / "a.yaml").write_text('messages: [{id: "2"}, {id: "3"}, {id: "4"}]\n')
+    result = run("--config.check", "--config.file", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"{config}: OK, 4 messages (2 in the config, 3 in 1 message files), sources: bulk_status\n"
+    )
+    bad = tmp_path / "messages.d" / "b.yaml"
+    bad.write_text('messages: [{id: "7", labels: {bad-name: x}}]\n')
+    result = run("--config.check", "--config.file", str(config))
+    assert result.returncode == 1
+    assert (
+        f"{bad}: messages[0].labels.bad-name: is not a valid Prometheus label name" in result.stderr
+    )
