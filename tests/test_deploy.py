@@ -26,7 +26,9 @@ import yaml
 
 from exporter.cli import DEFAULT_LISTEN
 from exporter.cli import parse_args as exporter_args
-from exporter.config.loader import UPSTREAM_RATE_LIMIT
+from exporter.config.loader import UPSTREAM_RATE_LIMIT, load_config
+from exporter.config.model import PollingConfig
+from exporter.sources.registry import available
 from exporter.web import parse_listen_address
 from tests.conftest import require_tool
 
@@ -587,3 +589,17 @@ def test_systemd_unit_runs_reloads_and_keys_the_exporter() -> None:
     assert re.search(rf"api_key_file:\s*{re.escape(path)}\s*$", UNIT.read_text(), re.MULTILINE)
     # `systemctl enable` needs an [Install] section.
     assert unit("WantedBy") == "multi-user.target"
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "docker", "kubernetes"])
+def test_shipped_configs_keep_the_tuned_defaults_and_poll_the_account(
+    name: str, tmp_path: Path
+) -> None:
+    """No shipped config may drift from the tuned schedule, or leave the credits unwatched."""
+    config, _ = shipped_config(name, tmp_path)
+    loaded = load_config(config, available(), environ={"MAILPARTNER_API_KEY": "k"})
+    defaults = PollingConfig()
+    for setting in ("schedule", "settled_recheck", "final_after", "unreported_every"):
+        assert getattr(loaded.polling, setting) == getattr(defaults, setting), setting
+    assert loaded.sources is not None
+    assert {"bulk_status", "account"} <= {source.name for source in loaded.sources}
