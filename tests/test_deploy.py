@@ -564,7 +564,9 @@ def test_systemd_unit_verifies_and_is_sandboxed(tmp_path: Path) -> None:
     program.write_text("#!/bin/sh\n", encoding="utf-8")
     program.chmod(0o755)
     copy = tmp_path / UNIT.name
-    copy.write_text(UNIT.read_text().replace("/usr/local/bin/mailpartner-exporter", str(program)))
+    copy.write_text(
+        UNIT.read_text().replace("/opt/mailpartner-exporter/bin/mailpartner-exporter", str(program))
+    )
     result = run(analyze, "verify", copy)
     # Unknown keys and bad values are only warnings (exit 0): any line about the unit fails.
     assert result.returncode == 0, result.stderr
@@ -580,7 +582,7 @@ def test_systemd_unit_runs_reloads_and_keys_the_exporter() -> None:
     assert Path(program).name in SCRIPTS
     assert exporter_args(args).config_file == exporter_args(image_cmd()).config_file
     # tests/test_reload.py shows a running exporter reloading on SIGHUP.
-    assert unit("ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert unit("ExecReload") == "/bin/sh -c 'kill -HUP $MAINPID'"  # no procps needed
     assert unit("Restart") == "on-failure"
     # A relative state.path lands in the one folder DynamicUser may write to.
     assert unit("WorkingDirectory") == f"/var/lib/{unit('StateDirectory')}"
