@@ -28,6 +28,7 @@ from exporter.cli import DEFAULT_LISTEN
 from exporter.cli import parse_args as exporter_args
 from exporter.config.loader import UPSTREAM_RATE_LIMIT, load_config
 from exporter.config.model import PollingConfig
+from exporter.simulator import SimulatorServer, World
 from exporter.sources.registry import available
 from exporter.web import parse_listen_address
 from tests.conftest import require_tool
@@ -605,3 +606,15 @@ def test_shipped_configs_keep_the_tuned_defaults_and_poll_the_account(
         assert getattr(loaded.polling, setting) == getattr(defaults, setting), setting
     assert loaded.sources is not None
     assert {"bulk_status", "account"} <= {source.name for source in loaded.sources}
+
+
+def test_compose_healthchecks_run_and_have_no_space_in_an_argument(tmp_path: Path) -> None:
+    """podman's Docker API splits exec-form arguments on spaces: none may have one. The
+    simulator's check, run against a simulator serving its /sim/stats, exits 0."""
+    check = SERVICES["simulator"]["healthcheck"]["test"]
+    assert check[0] == "CMD" and all(" " not in arg for arg in check[1:])
+    with SimulatorServer(World(seed=1), api_key="k") as simulator:
+        port = urlsplit(simulator.url).port
+        program = [sys.executable, *check[2:]]
+        program[-1] = program[-1].replace("127.0.0.1:10028", f"127.0.0.1:{port}")
+        assert subprocess.run(program, check=False, timeout=10).returncode == 0
