@@ -618,3 +618,20 @@ def test_compose_healthchecks_run_and_have_no_space_in_an_argument(tmp_path: Pat
         program = [sys.executable, *check[2:]]
         program[-1] = program[-1].replace("127.0.0.1:10028", f"127.0.0.1:{port}")
         assert subprocess.run(program, check=False, timeout=10).returncode == 0
+
+
+def test_the_readme_overlay_names_the_image_and_labels_the_rules(tmp_path: Path) -> None:
+    """The README's overlay, built by kubectl against this base."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed (not a Debian package: the build is not run)")
+    readme = (REPO / "README.md").read_text()
+    (overlay,) = re.findall(r"```yaml\n# my-overlay/kustomization.yaml\n(.*?)```", readme, re.S)
+    (tmp_path / "my-overlay").mkdir()
+    (tmp_path / "deploy").symlink_to(REPO / "deploy")
+    (tmp_path / "my-overlay" / "kustomization.yaml").write_text(overlay)
+    result = run(KUBECTL, "kustomize", tmp_path / "my-overlay")
+    assert result.returncode == 0, result.stderr
+    objects = {d["kind"]: d for d in yaml.safe_load_all(result.stdout) if d}
+    image = container(objects["Deployment"])["image"]
+    assert image == "registry.example.com/mailpartner-exporter:0.1.0"
+    assert objects["PrometheusRule"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
