@@ -259,7 +259,11 @@ class Exporter:
         more = {
             "/probe": probe_app(self.bulk_sources),
             MESSAGES_PATH: messages_app(
-                self.bulk_sources, changed=self._registered, writable=registration
+                self.bulk_sources,
+                changed=self._registered,
+                writable=registration,
+                # The shard, and where the others are, as the config in force says.
+                shard=lambda: self.holder.config.shard,
             ),
         }
         if not lifecycle:

@@ -4,7 +4,9 @@
 "2026-11-26T10:00:00Z"}`` (``source`` picks another bulk-status source, such as
 ``smspartner_bulk_status``) answers 201 when the message is new or changed, 200 when it
 was registered as is, 400 with the problems (checked like the config's ``messages``).
-``DELETE /api/v1/messages/ID`` stops tracking it; ``GET /api/v1/messages`` lists them.
+``DELETE /api/v1/messages/ID`` stops tracking it; ``GET /api/v1/messages`` lists them (this
+shard's). When sharded, a ``POST`` or ``DELETE`` for a message of another shard goes on to it
+(``exporter.forward``), or is refused with 421, and nothing is registered here.
 Answers are JSON in the Prometheus API's style: ``{"status": "success", "data": …}`` or
 ``{"status": "error", "errorType": …, "error": …}``.
 """
@@ -19,13 +21,18 @@ from urllib.parse import parse_qs
 from exporter.config.errors import ConfigErrors
 from exporter.config.reader import parse_message
 from exporter.domain import MessageSpec
+from exporter.forward import Forwarder, Refused
+from exporter.shard import Shard
 from exporter.sources.bulk_status import BulkStatusSource, RegistrationsFull
-from exporter.wsgi import StartResponse, WSGIApp, respond_json
+from exporter.wsgi import StartResponse, WSGIApp, respond, respond_json
 
 PATH = "/api/v1/messages"
 MAX_BODY = 64 * 1024
 DEFAULT_SOURCE = "bulk_status"
 _WHERE = "request body"
+# The answer to a request for another shard's message (environ, start_response, ID, body);
+# None when it is this shard's.
+_Elsewhere = Callable[[dict[str, Any], StartResponse, str, bytes | None], list[bytes] | None]
 _DISABLED = (
     "registration is not enabled: start the exporter with --web.enable-registration"
     " to allow POST and DELETE"
@@ -37,10 +44,28 @@ def messages_app(
     changed: Callable[[], None] = lambda: None,
     *,
     writable: bool = True,
+    shard: Callable[[], Shard] = lambda: Shard.ALL,
+    forwarder: Forwarder | None = None,
 ) -> WSGIApp:
     """The WSGI app behind ``/api/v1/messages`` and ``/api/v1/messages/<id>``; ``changed``
     is called after each registration or removal (to save the state without delay).
-    Without ``writable`` (``--web.enable-registration``) only ``GET`` is served."""
+    Without ``writable`` (``--web.enable-registration``) only ``GET`` is served. ``shard`` is
+    this exporter's at each request (a reload may change it); ``forwarder`` sends a request
+    for another shard's message on to that shard."""
+    forward = forwarder or Forwarder()
+
+    def elsewhere(
+        environ: dict[str, Any], start_response: StartResponse, message_id: str, body: bytes | None
+    ) -> list[bytes] | None:
+        """The answer to a request for another shard's message; None if it is this one's."""
+        outcome = forward.route(shard(), message_id, environ, body)
+        if outcome is None:
+            return None
+        if isinstance(outcome, Refused):
+            return _error(start_response, outcome.status, outcome.kind, outcome.error)
+        return respond(
+            start_response, outcome.status, outcome.body, outcome.content_type, outcome.headers
+        )
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -52,8 +77,10 @@ def messages_app(
         if method in ("POST", "DELETE") and not writable:
             return _error(start_response, "404 Not Found", "not_found", _DISABLED)
         if method == "POST" and message_id is None:
-            return _post(environ, start_response, sources(), changed)
+            return _post(environ, start_response, sources(), changed, elsewhere)
         if method == "DELETE" and message_id:
+            if (answer := elsewhere(environ, start_response, message_id, None)) is not None:
+                return answer
             name = query.get("source", [DEFAULT_SOURCE])[0]
             return _delete(start_response, sources().get(name), name, message_id, changed)
         if method == "GET" and message_id is None:
@@ -80,26 +107,15 @@ def _post(
     start_response: StartResponse,
     sources: Mapping[str, BulkStatusSource],
     changed: Callable[[], None],
+    elsewhere: _Elsewhere,
 ) -> Iterable[bytes]:
     try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = -1
-    if not 0 < length <= MAX_BODY:
-        return _error(
-            start_response,
-            "413 Content Too Large" if length > MAX_BODY else "400 Bad Request",
-            "bad_data",
-            f"send one JSON object of at most {MAX_BODY} bytes, with Content-Length",
-        )
-    try:
-        document = json.loads(environ["wsgi.input"].read(length))
-    except (ValueError, RecursionError):
-        return _error(start_response, "400 Bad Request", "bad_data", "the body is not JSON")
-    try:
-        spec, extra = parse_message(document, _WHERE, frozenset({"source"}))
-    except ConfigErrors as e:
-        return _error(start_response, "400 Bad Request", "bad_data", str(e))
+        spec, extra, body = _read(environ)
+    except _BadRequest as e:
+        return _error(start_response, e.status, "bad_data", e.error)
+    # Checked here first: a bad one costs no hop, and the owner would say the same.
+    if (forwarded := elsewhere(environ, start_response, spec.id, body)) is not None:
+        return forwarded
     name = extra.get("source", DEFAULT_SOURCE)
     source = sources.get(name) if isinstance(name, str) else None
     if source is None:
@@ -118,6 +134,36 @@ def _post(
             f"not saved: {volatile}; this registration will not survive a restart"
         ]
     return respond_json(start_response, status, answer)
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: str, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def _read(environ: dict[str, Any]) -> tuple[MessageSpec, dict[str, Any], bytes]:
+    """The message a ``POST`` registers, its other keys (``source``) and the body as sent."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = -1
+    if not 0 < length <= MAX_BODY:
+        raise _BadRequest(
+            "413 Content Too Large" if length > MAX_BODY else "400 Bad Request",
+            f"send one JSON object of at most {MAX_BODY} bytes, with Content-Length",
+        )
+    body = environ["wsgi.input"].read(length)
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _BadRequest("400 Bad Request", "the body is not JSON") from None
+    try:
+        spec, extra = parse_message(document, _WHERE, frozenset({"source"}))
+    except ConfigErrors as e:
+        raise _BadRequest("400 Bad Request", str(e)) from None
+    return spec, extra, body
 
 
 def _delete(

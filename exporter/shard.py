@@ -2,7 +2,9 @@
 
 A message belongs to shard ``sha256(id)[:8] % count``: the same in every process, on every
 machine and in every Python version (unlike ``hash()``, which is salted per process), so
-replicas given the same list and count agree without talking to each other.
+replicas given the same list and count agree without talking to each other. Where the others
+serve (``shard.peer_url``, ``{index}`` replaced by a shard's number) is only for sending a
+registration on to the shard that owns its message (``exporter.forward``).
 
 Pure: no import from ``exporter.config``, whose loader uses the converters below.
 """
@@ -16,8 +18,12 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 AUTO = "auto"
+# What shard.peer_url's template has in place of a shard's number.
+INDEX = "{index}"
+PEER_URL_EXAMPLE = "http://mailpartner-exporter-{index}.mailpartner-exporter-shards:10027"
 HOSTNAME_ENV = "HOSTNAME"
 # A StatefulSet pod's name: <statefulset name>-<ordinal>.
 _ORDINAL = re.compile(r".*-(\d+)")
@@ -41,10 +47,15 @@ def shard_of(message_id: str, count: int) -> int:
 
 @dataclass(frozen=True)
 class Shard:
-    """Shard ``index`` of ``count``; ``Shard.ALL`` (count 1) owns every message."""
+    """Shard ``index`` of ``count``; ``Shard.ALL`` (count 1) owns every message.
+
+    ``peer_url`` is where every shard serves, ``{index}`` standing for its number (checked by
+    ``parse_peer_url``); None: a shard does not know the others.
+    """
 
     count: int = 1
     index: int = 0
+    peer_url: str | None = None
 
     ALL: ClassVar[Shard]
 
@@ -60,6 +71,14 @@ class Shard:
 
     def owns(self, message_id: str) -> bool:
         return self.count == 1 or shard_of(message_id, self.count) == self.index
+
+    def owner(self, message_id: str) -> int:
+        """The index of the shard that owns ``message_id``."""
+        return 0 if self.count == 1 else shard_of(message_id, self.count)
+
+    def peer(self, index: int) -> str | None:
+        """The base URL of shard ``index``, or None without ``peer_url``."""
+        return None if self.peer_url is None else peer_url_of(self.peer_url, index)
 
     def select(self, items: Iterable[_T]) -> tuple[_T, ...]:
         """The items (message specs) whose ``id`` this shard owns, in their order."""
@@ -124,6 +143,53 @@ def check_index(index: int, count: int, count_name: str = "the shard count") -> 
     """Raise ValueError unless ``index`` is below ``count`` (named ``count_name``)."""
     if index >= count:
         raise ValueError(f"is {index}, but must be less than {count_name} ({count})")
+
+
+def parse_peer_url(value: object, count: int) -> str:
+    """``shard.peer_url``: an http(s) URL template holding ``{index}``, a valid URL (host,
+    port, no credentials, query or fragment) for every shard ``0 .. count-1``."""
+    if not isinstance(value, str):
+        kind = "empty" if value is None else type(value).__name__
+        raise TypeError(f"must be a URL holding {INDEX}, not {kind}")
+    template = value.strip().rstrip("/")
+    if INDEX not in template:
+        raise ValueError(
+            f"must hold {INDEX}, which each shard's number replaces (e.g. {PEER_URL_EXAMPLE})"
+        )
+    # Before any URL is quoted in a problem: the authority is what precedes the first "/".
+    if "@" in template.partition("://")[2].partition("/")[0]:
+        raise ValueError(
+            "must not hold credentials: a forwarded request carries the client's"
+            " Authorization header"
+        )
+    for index in range(count):
+        url = peer_url_of(template, index)
+        if problem := _peer_url_problem(url):
+            raise ValueError(f"{problem}, for shard {index}: {url!r}")
+    return template
+
+
+def peer_url_of(template: str, index: int) -> str:
+    """``template`` with ``{index}`` replaced by ``index`` (nothing else is formatted)."""
+    return template.replace(INDEX, str(index))
+
+
+def _peer_url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "is not a valid URL"
+    try:
+        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+    except ValueError:
+        return "has no valid port (0 to 65535)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if "?" in url or "#" in url:
+        return "must not have a query or fragment"
+    if re.search(r"[\s{}]", url):
+        return f"must have no spaces, nor braces other than {INDEX}"
+    return None
 
 
 def _integer(value: object, what: str) -> int:

@@ -20,9 +20,9 @@ REPO = Path(__file__).parent.parent
 T = TypeVar("T")
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -52,8 +52,9 @@ class Service:
         log: Path,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
         self.log = log
         self._out = log.open("w")
         self.process = subprocess.Popen(
@@ -81,11 +82,18 @@ class Service:
 
 
 def start_exporter(
-    tmp: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
 ) -> Service:
-    port = free_port()
-    command = [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}", *args]
-    return Service(command, port, "/-/ready", tmp / f"exporter-{port}.log", env, cwd)
+    """The exporter on ``host:port`` (any loopback address; a free port unless given)."""
+    port = port or free_port(host)
+    command = [sys.executable, "-m", "exporter", "--web.listen-address", f"{host}:{port}", *args]
+    log = tmp / f"exporter-{host}-{port}.log"
+    return Service(command, port, "/-/ready", log, env, cwd, host)
 
 
 class Prometheus(Service):

@@ -7,17 +7,24 @@ shards' series add up to the unsharded exporter's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import json
 import math
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bcrypt
 import pytest
 import requests
 import yaml
@@ -31,11 +38,14 @@ from exporter.config.loader import load_config
 from exporter.config.model import Config
 from exporter.demo import Demo
 from exporter.domain import MessageSpec
+from exporter.forward import Forwarder
+from exporter.registration import messages_app
 from exporter.shard import Shard, ShardFlags, parse_count, parse_index, shard_of
 from exporter.simulator import SimulatorServer, World
 from exporter.sources.registry import available
+from tests import test_deploy as deploy
 from tests.conftest import TEST_KEY
-from tests.stack import Service, start_exporter, wait_until
+from tests.stack import Service, free_port, start_exporter, wait_until
 
 IDS = [str(7000 + i) for i in range(30)]
 POD = "mailpartner-exporter"
@@ -252,6 +262,60 @@ def test_config_index_auto(tmp_path: Path) -> None:
             "unknown key (did you mean index?)",
         ),
         ("shard: [3, 1]", {}, e.InvalidTypeError, "shard", "must be a mapping, not a list"),
+        (
+            "shard: {count: 3, peer_url: 'http://exporter-0:10027'}",
+            {},
+            e.InvalidValueError,
+            "shard.peer_url",
+            "must hold {index}, which each shard's number replaces"
+            " (e.g. http://mailpartner-exporter-{index}.mailpartner-exporter-shards:10027)",
+        ),
+        (
+            "shard: {count: 3, peer_url: 'ftp://exporter-{index}:10027'}",
+            {},
+            e.InvalidValueError,
+            "shard.peer_url",
+            "must be an http:// or https:// URL with a host, for shard 0: 'ftp://exporter-0:10027'",
+        ),
+        (
+            # Formatted for every shard: only the last one's port is out of range.
+            "shard: {count: 7, peer_url: 'http://127.0.0.1:6553{index}'}",
+            {},
+            e.InvalidValueError,
+            "shard.peer_url",
+            "has no valid port (0 to 65535), for shard 6: 'http://127.0.0.1:65536'",
+        ),
+        (
+            "shard: {count: 3, peer_url: 'http://e-{index}-{zone}:10027'}",
+            {},
+            e.InvalidValueError,
+            "shard.peer_url",
+            "must have no spaces, nor braces other than {index}, for shard 0:"
+            " 'http://e-0-{zone}:10027'",
+        ),
+        (
+            "shard: {count: 3, peer_url: 'http://e-{index}:10027/?shard=x'}",
+            {},
+            e.InvalidValueError,
+            "shard.peer_url",
+            "must not have a query or fragment, for shard 0: 'http://e-0:10027/?shard=x'",
+        ),
+        (
+            # Never echoed: the password stays out of the error.
+            "shard: {count: 3, peer_url: 'http://u:s3cret@e-{index}:10027'}",
+            {},
+            e.InvalidValueError,
+            "shard.peer_url",
+            "must not hold credentials: a forwarded request carries the client's"
+            " Authorization header",
+        ),
+        (
+            "shard: {count: 3, peer_url: 10027}",
+            {},
+            e.InvalidValueError,
+            "shard.peer_url",
+            "must be a URL holding {index}, not int",
+        ),
     ],
 )
 def test_config_shard_errors(
@@ -544,3 +608,345 @@ def test_three_shards_poll_each_message_once_and_add_up_to_one_exporter(
             assert sum(one(p, name, **by) for p in parts) == one(whole, name, **by)
         cost = sum(one(p, "mailpartner_cost_total", campaign=campaign) for p in parts)
         assert cost == pytest.approx(one(whole, "mailpartner_cost_total", campaign=campaign))
+
+
+# --- shard.peer_url: a registration for another shard goes on to it ----------------------------
+
+PEER_URL = "http://mailpartner-exporter-{index}.mailpartner-exporter-shards:10027"
+# Each shard on a loopback address of its own, the same port: 127.0.1.<index>.
+LOOPBACK = "127.0.1.{index}"
+
+
+def owned_by(index: int, count: int = 3, shape: str = "90{:02d}") -> list[str]:
+    """Message IDs of shard ``index`` of ``count``, in the order ``shape`` numbers them."""
+    return [i for i in map(shape.format, range(100)) if shard_of(i, count) == index]
+
+
+def shard_config(path: Path, shard: dict[str, object], **extra: object) -> Path:
+    document = {
+        "api": {"base_url": "http://127.0.0.1:9/v1", "api_key": TEST_KEY},
+        "state": {"path": ":memory:"},
+        "shard": shard,
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+def test_peer_url_in_the_config(tmp_path: Path) -> None:
+    shard = {"count": 3, "index": 1, "peer_url": f" {PEER_URL}/ "}
+    config = load_config(shard_config(tmp_path / "c.yaml", shard), available())
+    assert config.shard == Shard(3, 1, PEER_URL)
+    assert config.shard.peer(2) == (
+        "http://mailpartner-exporter-2.mailpartner-exporter-shards:10027"
+    )
+    assert load_config(shard_config(tmp_path / "d.yaml", {}), available()).shard.peer(0) is None
+
+
+def test_config_check_formats_the_peer_url_for_the_flags_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shard = {"count": 3, "peer_url": "http://127.0.0.1:6553{index}"}  # 65530 to 65532
+    path = shard_config(tmp_path / "c.yaml", shard)
+    assert main(["--config.check", "--config.file", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["--config.check", "--config.file", str(path), "--shard.count=7"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: shard.peer_url: has no valid port (0 to 65535), for shard 6:"
+        " 'http://127.0.0.1:65536'"
+    ]
+
+
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path,
+    index: int,
+    port: int,
+    shard: dict[str, object],
+    web_config: str | None = None,
+) -> Iterator[tuple[Exporter, str]]:
+    """An exporter in this process, shard ``index`` on 127.0.1.<index>:``port``."""
+    path = shard_config(tmp_path / f"shard-{index}.yaml", {"index": index, **shard})
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    host = LOOPBACK.format(index=index)
+    server = exporter.serve(f"{host}:{port}", "/metrics", web_config, registration=True)
+    try:
+        yield exporter, f"http://{host}:{port}/api/v1/messages"
+    finally:
+        server.shutdown()
+        server.server_close()
+        for source in exporter.sources.values():
+            source.close()
+
+
+def registered(exporter: Exporter) -> list[str]:
+    return [spec.id for spec in exporter.bulk_sources()["bulk_status"].registered()]
+
+
+@pytest.fixture
+def port() -> int:
+    """A port free on 127.0.1.0, and so (nearly always) on the other loopback addresses."""
+    return free_port(LOOPBACK.format(index=0))
+
+
+def test_a_registration_goes_on_to_the_shard_that_owns_it(tmp_path: Path, port: int) -> None:
+    sharded = {"count": 3, "peer_url": f"http://{LOOPBACK}:{port}"}
+    (mine, *_), (theirs, other, *_), (absent, *_) = (owned_by(i) for i in range(3))
+    # Shard 2 does not run: its address refuses connections.
+    with (
+        serving(tmp_path, 0, port, sharded) as (first, url),
+        serving(tmp_path, 1, port, sharded) as (owner, owner_url),
+    ):
+        answer = requests.post(url, json={"id": theirs, "labels": {"campaign": "c"}}, timeout=5)
+        assert answer.status_code == 201
+        assert answer.headers["Content-Type"] == "application/json"
+        assert answer.json()["data"] == {
+            "id": theirs,
+            "labels": {"campaign": "c"},
+            "sent_at": answer.json()["data"]["sent_at"],
+            "source": "bulk_status",
+        }
+        assert (registered(first), registered(owner)) == ([], [theirs])
+        assert tracked(owner) == {theirs} and tracked(first) == set()
+        # Again, as is: the owner's 200.
+        assert (
+            requests.post(url, json={"id": theirs, "labels": {"campaign": "c"}}).status_code == 200
+        )
+        # This shard's own stays here; the owner sends the first shard's on too.
+        assert requests.post(url, json={"id": mine}, timeout=5).status_code == 201
+        assert requests.post(owner_url, json={"id": other}, timeout=5).status_code == 201
+        assert (registered(first), registered(owner)) == ([mine], [theirs, other])
+        # GET lists this shard's only.
+        listed = requests.get(url, timeout=5).json()["data"]
+        assert [m["id"] for m in listed] == [mine]
+
+        gone = requests.delete(f"{url}/{theirs}", timeout=5)
+        assert (gone.status_code, gone.json()) == (
+            200,
+            {"status": "success", "data": {"id": theirs}},
+        )
+        assert registered(owner) == [other]
+        again = requests.delete(f"{url}/{theirs}", timeout=5)
+        assert (again.status_code, again.json()["error"]) == (404, "not registered")
+
+        # An ID that needs quoting reaches the owner as it was sent.
+        odd = next(i for i in owned_by(1, shape="pct%41/ü{}") if i)
+        assert requests.post(url, json={"id": odd}, timeout=5).status_code == 201
+        assert registered(owner) == [other, odd]
+        quoted = urllib.parse.quote(odd, safe="")
+        assert requests.delete(f"{url}/{quoted}", timeout=5).json()["data"] == {"id": odd}
+
+        # The owner is down: 502 at once, naming it; nothing registered anywhere.
+        started = time.monotonic()
+        down = requests.post(url, json={"id": absent}, timeout=5)
+        assert time.monotonic() - started < 2
+        assert down.status_code == 502
+        assert down.json()["errorType"] == "unavailable"
+        assert down.json()["error"].startswith(
+            f"message {absent} belongs to shard 2 of 3, which cannot be reached at"
+            f" http://127.0.1.2:{port}/api/v1/messages: ConnectionRefusedError"
+        )
+        assert (registered(first), registered(owner)) == ([mine], [other])
+
+
+def test_without_peer_url_a_misdirected_registration_is_refused_with_421(
+    tmp_path: Path, port: int
+) -> None:
+    theirs = owned_by(2)[0]
+    with serving(tmp_path, 0, port, {"count": 3}) as (exporter, url):
+        refused = {
+            "status": "error",
+            "errorType": "misdirected",
+            "error": f"message {theirs} belongs to shard 2 of 3, not to this one (0): send it"
+            " there, or set shard.peer_url to have the shards forward it",
+        }
+        posted = requests.post(url, json={"id": theirs}, timeout=5)
+        assert (posted.status_code, posted.json()) == (421, refused)
+        deleted = requests.delete(f"{url}/{theirs}", timeout=5)
+        assert (deleted.status_code, deleted.json()) == (421, refused)
+        assert registered(exporter) == [] and tracked(exporter) == set()
+
+        # A reload brings a peer_url: the next one is forwarded (to a shard that is down).
+        path = Path(exporter.holder.config.file)
+        sharded = {"index": 0, "count": 3, "peer_url": "http://127.0.1.{index}:{port}"}
+        shard_config(path, sharded)  # "{port}" is no URL: the old configuration stays
+        assert "shard.peer_url: has no valid port" in (exporter.reload() or "")
+        assert requests.post(url, json={"id": theirs}, timeout=5).status_code == 421
+        shard_config(path, {**sharded, "peer_url": f"http://{LOOPBACK}:{port}"})
+        assert exporter.reload() is None
+        assert requests.post(url, json={"id": theirs}, timeout=5).status_code == 502
+
+
+def test_a_forwarded_registration_is_never_forwarded_again(tmp_path: Path, port: int) -> None:
+    """Shards that disagree on the count would send a message back and forth for ever."""
+    # Shard 1 of 3 for the first exporter, shard 0 of 2 for the second, started with count 2.
+    message = next(i for i in owned_by(1) if shard_of(i, 2) == 0)
+    peers = {"peer_url": f"http://{LOOPBACK}:{port}"}
+    with (
+        serving(tmp_path, 0, port, {"count": 3, **peers}) as (first, url),
+        serving(tmp_path, 1, port, {"count": 2, **peers}) as (second, _),
+    ):
+        answer = requests.post(url, json={"id": message}, timeout=5)
+        assert answer.status_code == 421
+        assert answer.json()["error"] == (
+            f"message {message} belongs to shard 0 of 2, not to shard 1, to which shard 0"
+            " forwarded it: do the shards agree on their count and shard.peer_url?"
+        )
+        assert registered(first) == registered(second) == []
+
+
+def test_the_client_credentials_go_on_to_the_owner(tmp_path: Path, port: int) -> None:
+    web = tmp_path / "web.yml"
+    hashed = bcrypt.hashpw(b"s3cret-pass", bcrypt.gensalt(4)).decode()
+    web.write_text(f"basic_auth_users:\n  sender: {hashed}\n", encoding="utf-8")
+    sharded = {"count": 3, "peer_url": f"http://{LOOPBACK}:{port}"}
+    theirs = owned_by(1)[0]
+    # Only the owner asks for a password here: what it gets is the client's.
+    with (
+        serving(tmp_path, 0, port, sharded) as (_, url),
+        serving(tmp_path, 1, port, sharded, str(web)) as (owner, _),
+    ):
+        anonymous = requests.post(url, json={"id": theirs}, timeout=5)
+        assert anonymous.status_code == 401
+        assert anonymous.headers["WWW-Authenticate"].startswith("Basic")
+        wrong = requests.post(url, json={"id": theirs}, auth=("sender", "nope"), timeout=5)
+        assert wrong.status_code == 401
+        right = requests.post(url, json={"id": theirs}, auth=("sender", "s3cret-pass"), timeout=5)
+        assert right.status_code == 201
+        assert registered(owner) == [theirs]
+
+
+class SlowPeer:
+    """A loopback server that takes each request and answers nothing, or a byte at a time."""
+
+    def __init__(self, trickle: bool) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._trickle = trickle
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = self._listener.accept()
+            with connection:
+                for byte in b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}":
+                    if self._stop.wait(0.05):
+                        return
+                    if self._trickle:
+                        connection.sendall(bytes([byte]))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["silent", "trickling"])
+def test_a_slow_owner_is_given_up_on_at_the_timeout(trickle: bool) -> None:
+    peer = SlowPeer(trickle)
+    try:
+        template = f"http://127.0.0.1:{peer.port}/shard-{{index}}"
+        app = messages_app(
+            lambda: {},
+            shard=lambda: Shard(3, 0, template),
+            forwarder=Forwarder(timeout=0.5),
+        )
+        theirs = owned_by(2)[0]
+        body = json.dumps({"id": theirs}).encode()
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/api/v1/messages",
+            "CONTENT_LENGTH": str(len(body)),
+            "CONTENT_TYPE": "application/json",
+            "wsgi.input": io.BytesIO(body),
+        }
+        answers: list[str] = []
+        started = time.monotonic()
+        payload = json.loads(b"".join(app(environ, lambda status, headers: answers.append(status))))
+        # Each byte comes within the read timeout: only the deadline on the whole ends it.
+        assert time.monotonic() - started < 1.5
+        assert answers == ["504 Gateway Timeout"]
+        assert payload == {
+            "status": "error",
+            "errorType": "timeout",
+            "error": f"message {theirs} belongs to shard 2 of 3, which did not answer within"
+            f" 0.5s at http://127.0.0.1:{peer.port}/shard-2/api/v1/messages",
+        }
+    finally:
+        peer.close()
+
+
+@pytest.mark.e2e
+def test_shards_forward_registrations_and_the_owner_polls_them(
+    simulator: SimulatorServer, tmp_path: Path, port: int
+) -> None:
+    """Three shards on three loopback addresses, the third down; registrations go to the first."""
+    config = tmp_path / "config.yaml"
+    document = {
+        "api": {"base_url": simulator.url, "max_requests_per_minute": 1900},
+        "polling": {"schedule": [{"until": "1h", "every": "1s"}]},
+        "state": {"path": ":memory:"},
+        "shard": {"peer_url": f"http://{LOOPBACK}:{port}"},
+    }
+    config.write_text(yaml.safe_dump(document), encoding="utf-8")
+    env = {"MAILPARTNER_API_KEY": TEST_KEY}
+    args = (f"--config.file={config}", "--web.enable-registration", "--shard.count=3")
+    with ThreadPoolExecutor(2) as pool:
+        starting = [
+            pool.submit(
+                start_exporter,
+                tmp_path,
+                *args,
+                f"--shard.index={index}",
+                env=env,
+                host=LOOPBACK.format(index=index),
+                port=port,
+            )
+            for index in range(2)
+        ]
+    exporters = [f.result() for f in starting if f.exception() is None]
+    try:
+        assert len(exporters) == 2, [f.exception() for f in starting]
+        first, owner = exporters
+        endpoint = f"{first.url}/api/v1/messages"
+        # A message the simulator sent (three days ago: every report is in), owned by shard 1.
+        message = next(i for i in IDS if shard_of(i, 3) == 1)
+        body = {"id": message, "labels": {"campaign": "forwarded"}}
+        answer = requests.post(endpoint, json=body, timeout=5)
+        assert answer.status_code == 201, answer.text
+        assert answer.json()["data"]["id"] == message
+
+        series = (
+            f'mailpartner_message_poll_success{{campaign="forwarded",message_id="{message}"}} 1'
+        )
+        wait_until(
+            lambda: series in requests.get(f"{owner.url}/metrics", timeout=5).text, 10, "polled"
+        )
+        assert f'message_id="{message}"' not in requests.get(f"{first.url}/metrics", timeout=5).text
+        assert set(simulator.stats().polls) == {message}
+        lists = [
+            requests.get(f"{s.url}/api/v1/messages", timeout=5).json()["data"] for s in exporters
+        ]
+        assert [[m["id"] for m in listed] for listed in lists] == [[], [message]]
+
+        assert requests.delete(f"{endpoint}/{message}", timeout=5).status_code == 200
+        assert requests.get(f"{owner.url}/api/v1/messages", timeout=5).json()["data"] == []
+
+        down = requests.post(endpoint, json={"id": next(i for i in IDS if shard_of(i, 3) == 2)})
+        assert down.status_code == 502 and "shard 2 of 3" in down.json()["error"]
+    finally:
+        for service in exporters:
+            service.stop()
+
+
+@pytest.mark.e2e
+def test_the_statefulset_peer_url_names_each_pod_under_the_headless_service() -> None:
+    built = deploy.kustomize(deploy.STATEFULSET)
+    (statefulset,) = [d for d in built if d["kind"] == "StatefulSet"]
+    name, governing = statefulset["metadata"]["name"], statefulset["spec"]["serviceName"]
+    (service,) = [d for d in built if d["kind"] == "Service" and d["metadata"]["name"] == governing]
+    (http,) = [p for p in service["spec"]["ports"] if p["targetPort"] == "http"]
+    template = yaml.safe_load(deploy.configmap(deploy.STATEFULSET))["shard"]["peer_url"]
+    shard = Shard(statefulset["spec"]["replicas"], 0, template)
+    for ordinal in range(shard.count):
+        assert shard.peer(ordinal) == f"http://{name}-{ordinal}.{governing}:{http['port']}"

@@ -22,7 +22,15 @@ from exporter.config.model import (
 from exporter.config.options import Options
 from exporter.config.sections import SectionReader
 from exporter.secret import Redactor, Secret
-from exporter.shard import NO_SHARD_FLAGS, ShardFlags, check_index, parse_count, parse_index
+from exporter.shard import (
+    NO_SHARD_FLAGS,
+    Shard,
+    ShardFlags,
+    check_index,
+    parse_count,
+    parse_index,
+    parse_peer_url,
+)
 
 API_KEY_ENV = "MAILPARTNER_API_KEY"
 UPSTREAM_RATE_LIMIT = 2000
@@ -118,7 +126,7 @@ class ConfigReader(SectionReader):
         sources = self.sources(top.get("sources"), kinds)
         state = self.mapping(top.get("state"), "state", frozenset({"path"}))
         state_path = self.field(state, "path", "state", DEFAULT_STATE_PATH, convert.path)
-        shard_count, shard_index = self.shard(top.get("shard"), shard_flags)
+        shard = self.shard(top.get("shard"), shard_flags)
         metrics = self.metrics(top.get("metrics"))
         return Config(
             self.file,
@@ -128,11 +136,12 @@ class ConfigReader(SectionReader):
             messages,
             tuple(self.warnings),
             state_path,
-            shard_count,
-            shard_index,
+            shard.count,
+            shard.index,
             message_files,
             sources,
             metrics,
+            shard_peer_url=shard.peer_url,
         )
 
     def api(
@@ -227,28 +236,34 @@ class ConfigReader(SectionReader):
             return None
         return Secret(value.strip())
 
-    def shard(self, value: object, flags: ShardFlags) -> tuple[int, int]:
+    def shard(self, value: object, flags: ShardFlags) -> Shard:
         """``shard.count`` and ``shard.index`` (an integer, or ``auto``: the pod ordinal), each
-        taken from its flag when one was given; errors name the flag or the key it came from."""
+        taken from its flag when one was given; errors name the flag or the key it came from.
+        ``shard.peer_url`` is checked for every shard of the count (of one if that is bad)."""
         before = len(self.errors)
-        section = self.mapping(value, "shard", frozenset({"count", "index"}))
+        section = self.mapping(value, "shard", frozenset({"count", "index", "peer_url"}))
         origins = {
             name: ("--shard." + name, flag) if flag is not None else (f"shard.{name}", None)
             for name, flag in (("count", flags.count), ("index", flags.index))
         }
         count = self.shard_setting(section, origins["count"], 1, parse_count)
         index = self.shard_setting(section, origins["index"], 0, self.shard_index)
-        if len(self.errors) > before:
-            return 1, 0  # one problem is enough: the index is not compared with a bad count
-        try:
-            check_index(index, count, origins["count"][0])
-        except ValueError as e:
-            name, flag = origins["index"]
-            self.errors.append(
-                errors.InvalidValueError(COMMAND_LINE if flag else self.file, name, str(e))
-            )
-            return 1, 0
-        return count, index
+        valid = len(self.errors) == before
+        # One problem is enough: the index is not compared with a bad count.
+        if valid:
+            try:
+                check_index(index, count, origins["count"][0])
+            except ValueError as e:
+                name, flag = origins["index"]
+                self.errors.append(
+                    errors.InvalidValueError(COMMAND_LINE if flag else self.file, name, str(e))
+                )
+                valid = False
+        peers = count if valid else 1
+        peer_url = self.field(
+            section, "peer_url", "shard", None, lambda v: parse_peer_url(v, peers)
+        )
+        return Shard(count, index, peer_url) if valid else Shard.ALL
 
     def shard_setting(
         self,

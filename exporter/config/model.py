@@ -147,7 +147,10 @@ class Config:
     # default: bulk_status alone.
     sources: tuple[SourceConfig, ...] | None = None
     metrics: MetricsConfig = MetricsConfig()
+    # Where each shard serves, ``{index}`` for its number: a registration for a message of
+    # another shard is sent on there (exporter.forward); None answers 421 instead.
+    shard_peer_url: str | None = None
 
     @property
     def shard(self) -> Shard:
-        return Shard(self.shard_count, self.shard_index)
+        return Shard(self.shard_count, self.shard_index, self.shard_peer_url)
