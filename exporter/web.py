@@ -29,6 +29,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter.exposition import TextExposition
 from exporter.httpserver import ThreadingServer, TLSServer
 from exporter.landing import render_landing
+from exporter.summary import SummaryReader
 from exporter.tracker import MessageBook
 from exporter.webconfig import WebConfigWatcher
 from exporter.wsgi import StartResponse, WSGIApp, respond
@@ -58,15 +59,18 @@ def create_app(
 ) -> WSGIApp:
     """The exporter's routes: telemetry, landing page, health, readiness and reload.
 
-    ``book`` is the status page's messages (a callable: the one current at each request).
+    ``book`` is the status page's messages (a callable: the one current at each request); its
+    summary of the API, budget and credits comes from ``registry``.
     ``reload`` returns None on success or the errors that kept the old config. ``more``
     adds routes; one serves its path and everything under ``path/`` too. HEAD answers as GET
     does on every route, without the body.
     """
     metrics_app = _metrics_app(registry)
+    summary = SummaryReader(registry, clock)  # what /metrics says, read in process
 
     def landing(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        page = render_landing(book() if callable(book) else book, telemetry_path, clock)
+        messages = book() if callable(book) else book
+        page = render_landing(messages, telemetry_path, clock, summary())
         return respond(start_response, "200 OK", page, "text/html; charset=utf-8")
 
     def healthy(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:

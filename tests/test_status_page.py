@@ -5,38 +5,51 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import html
+import io
 import json
 import math
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
+from wsgiref.util import setup_testing_defaults
 
 import pytest
 import requests
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.aggregate import MessageAggregate
+from exporter.app import Exporter, load_runnable
 from exporter.calendar import PARIS
+from exporter.client import BULK_STATUS, ME
+from exporter.collector import MailPartnerCollector, ProcessCollector
+from exporter.config.holder import ConfigHolder
 from exporter.domain import MessageSpec, State
 from exporter.landing import render_landing
 from exporter.registration import PATH, messages_app
+from exporter.simulator import SimulatorServer
 from exporter.state import StoredMessage
+from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.web import create_app, serve
-from exporter.wsgi import respond_json
+from exporter.wsgi import StartResponse, WSGIApp, respond, respond_json
 from tests.conftest import (
     START,
+    TEST_KEY,
     FakeClock,
     bulk_status_poller,
     make_client,
     make_config,
     require_tool,
 )
+from tests.scenario import scenario
 from tests.stack import REPO
 
 # CI keeps what lands here; locally it is git-ignored.
@@ -121,7 +134,7 @@ def test_rendered_table_matches_the_metrics_and_is_screenshotted(
     shot = ARTIFACTS / "status-page.png"
     shot.unlink(missing_ok=True)
     taken = chromium(
-        tmp_path / "profile", "--window-size=1400,500", f"--screenshot={shot}", scenario_url
+        tmp_path / "profile", "--window-size=1400,900", f"--screenshot={shot}", scenario_url
     )
     assert taken.returncode == 0, taken.stderr.decode()[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -142,7 +155,7 @@ BAD_TIMES = {
 
 def rows(page: str) -> dict[str, str]:
     """Each message's table row, by its ID, in page order."""
-    return dict(re.findall(r'<tr data-message-id="([^"]*)">(.*)</tr>', page))
+    return dict(re.findall(r'<tr data-message-id="([^"]*)"[^>]*>(.*)</tr>', page))
 
 
 def book_with(field: str, value: float) -> MessageBook:
@@ -171,7 +184,7 @@ def book_with(field: str, value: float) -> MessageBook:
 def test_status_page_renders_whatever_a_message_holds(field: str, value: float) -> None:
     shown = rows(render_landing(book_with(field, value), "/metrics", FakeClock(START + 30)))
     assert set(shown) == {"good", "bad"}
-    assert '<td class="n">0.0420</td>' in shown["good"]
+    assert '<td class="n">0.042</td>' in shown["good"]
     assert (
         '<time datetime="2026-11-26T09:59:00Z" title="2026-11-26T09:59:00Z">1m30s ago'
         in (shown["good"])
@@ -271,3 +284,329 @@ def test_a_deferred_send_shows_when_it_is_scheduled_for() -> None:
         '<td>scheduled for <time datetime="2026-12-01T07:00:00Z" title="2026-12-01T07:00:00Z">'
         "Tue 08:00</time></td>"
     ) in shown["later"]
+
+
+# What a person reading the page notices: how old things are, what a cost is, which rows are in
+# trouble, and a summary of the API, the budget and the credits above the table.
+
+FRIDAY_21H = dt.datetime(2026, 12, 4, 21, 0, tzinfo=PARIS).timestamp()  # quiet hours
+
+
+def texts(tag: str, markup: str) -> list[str]:
+    """Each ``tag`` element's text as a person reads it (tags dropped, entities decoded)."""
+    found = re.findall(rf"<{tag}\b[^>]*>(.*?)</{tag}>", markup)
+    return [html.unescape(re.sub(r"<[^>]*>", "", text)) for text in found]
+
+
+def cell_texts(row: str) -> list[str]:
+    return texts("td", row)
+
+
+AGES = {
+    "1d23h16s479ms": (86400 + 23 * 3600 + 16.479, "1d23h ago"),
+    "5m12s500ms": (312.5, "5m12s ago"),
+    "1h0m59s": (3659, "1h ago"),
+    "400ms": (0.4, "just now"),
+    "future": (-180.5, "in 3m"),
+}
+
+
+@pytest.mark.parametrize(("seconds", "said"), AGES.values(), ids=AGES.keys())
+def test_ages_read_in_two_units_at_most(seconds: float, said: str) -> None:
+    book = MessageBook(make_config("http://127.0.0.1:9/v1").polling)
+    book.sync([MessageSpec("m", sent_at=START - seconds)], START)
+    (row,) = rows(render_landing(book, "/metrics", FakeClock(START))).values()
+    assert cell_texts(row)[9] == said  # Sent
+
+
+def test_costs_are_rounded_and_trimmed() -> None:
+    book = MessageBook(make_config("http://127.0.0.1:9/v1").polling)
+    costs = {"noisy": 3.149999999999989, "small": 0.0105, "whole": 2.0, "tiny": 0.00004}
+    book.sync([MessageSpec(name, sent_at=START) for name in costs], START)
+    for name, cost in costs.items():
+        book.start_poll(name, START)
+        book.record_success(
+            name, MessageAggregate(dict.fromkeys(State, 1), {}, cost, 0, START), START
+        )
+    shown = rows(render_landing(book, "/metrics", FakeClock(START)))
+    assert {name: cell_texts(row)[8] for name, row in shown.items()} == {
+        "noisy": "3.15",
+        "small": "0.0105",
+        "whole": "2",
+        "tiny": "0",
+    }
+
+
+def marked_book(clock: FakeClock) -> MessageBook:
+    """On a Friday evening: a healthy message, one whose last poll failed, one held until
+    Monday, one final (not found) and one deferred to Tuesday."""
+    book = MessageBook(make_config("http://127.0.0.1:9/v1").polling)
+    now = clock()
+    tuesday = dt.datetime(2026, 12, 8, 8, 0, tzinfo=PARIS).timestamp()
+    book.sync(
+        [
+            MessageSpec("healthy", sent_at=now - 600, transactional=True),
+            MessageSpec("failing", sent_at=now - 500, transactional=True),
+            MessageSpec("held", sent_at=now - 400),
+            MessageSpec("gone", sent_at=now - 3600),
+            MessageSpec("deferred", scheduled_at=tuesday),
+        ],
+        now,
+    )
+    some = MessageAggregate(dict.fromkeys(State, 0) | {State.PENDING: 5}, {}, 0.05, 0, None)
+    for name in ("healthy", "failing", "held"):
+        book.start_poll(name, now)
+        book.record_success(name, some, now)
+    clock.advance(60)
+    book.start_poll("failing", clock())
+    book.record_failure("failing", "timeout: no answer within 5s", clock())
+    book.start_poll("gone", clock())
+    book.record_failure("gone", "API error code 4: Message introuvable", clock(), not_found=True)
+    clock.advance(60)
+    return book
+
+
+def row_classes(page: str) -> dict[str, set[str]]:
+    found = re.findall(r'<tr data-message-id="([^"]*)" class="([^"]*)">', page)
+    return {message_id: set(classes.split()) for message_id, classes in found}
+
+
+def test_a_failing_row_is_marked_in_words_and_colour() -> None:
+    clock = FakeClock(FRIDAY_21H)
+    page = render_landing(marked_book(clock), "/metrics", clock)
+    shown = rows(page)
+    assert row_classes(page) == {
+        "healthy": {"active"},
+        "failing": {"active", "failing"},
+        "held": {"held"},
+        "gone": {"final", "failing"},
+        "deferred": {"scheduled"},
+    }
+    # Not colour alone: the last poll says it failed, and the error is beside it.
+    assert cell_texts(shown["failing"])[10:] == [
+        "\u26a0 failed 1m ago",
+        "timeout: no answer within 5s",
+    ]
+    assert "failed" not in "".join(cell_texts(shown["healthy"]))
+    assert cell_texts(shown["held"])[2] == "held until Mon 08:00"
+    assert cell_texts(shown["gone"])[2] == "final (not found)"
+    assert cell_texts(shown["deferred"])[2] == "scheduled for Tue 08:00"
+    style = re.search(r"<style>(.*)</style>", page, re.S)
+    assert style is not None
+    for kind in ("failing", "held", "scheduled", "final"):  # each looks different too
+        assert re.search(rf"tr\.{kind} td\{{[^}}]*(color|background)", style.group(1)), kind
+
+
+def test_long_ids_labels_and_errors_are_cut_with_the_whole_in_a_title() -> None:
+    long_id, error = "id-" + "7" * 200, "connection: " + "x" * 1000
+    labels = {f"label_{n}": "v" * 60 for n in range(4)}
+    book = MessageBook(make_config("http://127.0.0.1:9/v1").polling)
+    book.sync([MessageSpec(long_id, MappingProxyType(labels), sent_at=START)], START)
+    book.start_poll(long_id, START)
+    book.record_failure(long_id, error, START)
+    (row,) = rows(render_landing(book, "/metrics", FakeClock(START))).values()
+    every = ", ".join(f"{k}={v}" for k, v in labels.items())
+    for whole in (long_id, every, error):
+        (cut,) = re.findall(rf'<span title="{re.escape(whole)}">([^<]*)&hellip;</span>', row)
+        assert whole.startswith(cut) and len(cut) < 200
+
+
+def view(app: WSGIApp) -> str:
+    """The page at ``/``, as a browser gets it."""
+    environ: dict[str, Any] = {"PATH_INFO": "/", "wsgi.input": io.BytesIO()}
+    setup_testing_defaults(environ)
+    return b"".join(app(environ, lambda status, headers, exc_info=None: None)).decode()
+
+
+def cards(page: str) -> dict[str, list[str]]:
+    """The summary's cards: each title, and its lines as read."""
+    found = re.findall(r'<div class="card[^"]*"><h3>([^<]*)</h3>(.*?)</div>', page)
+    return {title: texts("p", body) for title, body in found}
+
+
+def test_the_summary_says_how_the_api_is_and_why() -> None:
+    registry, book, clock = scenario()  # 301's last poll failed (HTTP 502), then a code 10
+    summary = cards(view(create_app(registry, book, clock=clock)))
+    scheduled = registry.get_sample_value("mailpartner_exporter_scheduled_requests_per_minute")
+    assert scheduled == pytest.approx(4.017, abs=1e-3)  # shown to a tenth
+    assert summary == {
+        "Mail Partner API": [
+            "\u2716 down (mailpartner_up)",
+            "Errors since start: code 10 1 · http_502 1",
+            "429 pauses since start: 0",
+            "Last failed poll: 301, just now: http_502: HTTP 502",
+        ],
+        "Request budget": [
+            "Sent: \u2013 (just started)",
+            "Scheduled: 4/min",
+            "Budget: 600/min (api.max_requests_per_minute)",
+        ],
+    }  # and no credits: the account source is off
+
+
+def test_the_summary_counts_the_requests_of_the_last_minute() -> None:
+    clock = FakeClock()
+    config = make_config("http://127.0.0.1:9/v1", max_requests_per_minute=120)
+    stats = RequestStats([BULK_STATUS, ME])
+    book = MessageBook(config.polling)
+    registry = CollectorRegistry()
+    registry.register(MailPartnerCollector(book, None, lambda: config.api, clock))
+    registry.register(ProcessCollector(stats, ConfigHolder(config, clock())))
+    app = create_app(registry, book, clock=clock)
+
+    def requests_sent(count: int, error: str | None = None) -> None:
+        for _ in range(count):
+            stats.request_started(BULK_STATUS)
+            stats.request_finished(BULK_STATUS, 0.1, error, up=error is None, api_error=True)
+
+    first = cards(view(app))
+    assert first["Mail Partner API"][0] == "\u2013 no request yet (mailpartner_up)"
+    assert first["Request budget"][0] == "Sent: \u2013 (just started)"
+    clock.advance(30)
+    requests_sent(30)
+    assert cards(view(app))["Request budget"] == [
+        "Sent: 30 in the last 30s (60/min)",
+        "Scheduled: 0/min",
+        "Budget: 120/min (api.max_requests_per_minute)",
+    ]
+    clock.advance(40)
+    requests_sent(9)
+    requests_sent(1, "429")
+    summary = cards(view(app))
+    assert summary["Request budget"][0] == "Sent: 40 in the last 1m10s (34.3/min)"
+    assert summary["Mail Partner API"][0::2] == [
+        "\u2716 down (mailpartner_up)",
+        "429 pauses since start: 1",
+    ]
+    clock.advance(30)
+    requests_sent(5)
+    summary = cards(view(app))
+    # From the view a minute or more before (at 30 s): the first 30 requests are out.
+    assert summary["Request budget"][0] == "Sent: 15 in the last 1m10s (12.9/min)"
+    assert summary["Mail Partner API"][0] == "\u2714 up (mailpartner_up)"
+
+
+def test_the_running_exporter_shows_its_credits_and_budget(
+    simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    send = simulator.world.send(40)
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "api": {"base_url": simulator.url, "api_key": TEST_KEY},
+                "messages": [{"id": send.message_id}],
+                "sources": {"account": {"every": "5m", "low_credits": {"creditMail": 200000}}},
+            }
+        )
+    )
+    exporter = Exporter(load_runnable(str(path), demo=False), str(path))
+    assert exporter.poller.poll_all()
+    server = exporter.serve("127.0.0.1:0", "/metrics")
+    try:
+        page = requests.get(f"http://127.0.0.1:{server.server_port}/", timeout=5).text
+    finally:
+        server.shutdown()
+        server.server_close()
+    summary = cards(page)
+    credits = {
+        s.labels["field"]: s.value
+        for m in exporter.registry.collect()
+        if m.name == "mailpartner_account_credits"
+        for s in m.samples
+    }
+    # The simulator's answer: 40 recipients sent, at 0.0105 each, still waiting.
+    assert credits == {"balance": 499.58, "creditMail": 99960, "solde": 499.58, "toSend": 40}
+    assert summary["Account credits"] == [
+        "balance: 499.58",
+        "\u26a0 creditMail: 99960, below 200000 (low_credits)",
+        "solde: 499.58",
+        "toSend: 40",
+    ]
+    assert summary["Mail Partner API"][0] == "\u2714 up (mailpartner_up)"
+    scheduled = exporter.registry.get_sample_value(
+        "mailpartner_exporter_scheduled_requests_per_minute"
+    )
+    assert scheduled is not None
+    assert summary["Request budget"][1:] == [
+        f"Scheduled: {round(scheduled, 1):g}/min",
+        "Budget: 600/min (api.max_requests_per_minute)",
+    ]
+    assert TEST_KEY not in page
+
+
+# A page that loads the status page in a 1400 x 900 frame, then writes what Chromium laid out
+# into its own DOM, for --dump-dom to print.
+MEASURE = """<!doctype html><html><head><script>
+function measure(frame) {
+  const page = frame.contentDocument;
+  const cells = [...page.querySelectorAll("th, td")];
+  document.getElementById("layout").textContent = JSON.stringify({
+    width: page.documentElement.clientWidth,
+    scrolled: page.documentElement.scrollWidth,
+    right: Math.max(...[...page.querySelectorAll("tr > :last-child")].map(
+      (cell) => cell.getBoundingClientRect().right)),
+    cut: cells.filter((cell) => cell.scrollWidth > cell.clientWidth + 1).map(
+      (cell) => cell.textContent.slice(0, 40)),
+  });
+}
+</script></head><body style="margin:0">
+<iframe src="/" onload="measure(this)" style="width:1400px;height:900px;border:0"></iframe>
+<pre id="layout"></pre></body></html>"""
+
+
+@pytest.fixture
+def crowded_url() -> Iterator[str]:
+    """The page at its most crowded: long IDs, labels and errors, big counts, every kind of
+    row, a failing API; plus ``/measure``."""
+    clock = FakeClock(FRIDAY_21H)
+    book = marked_book(clock)
+    labels = MappingProxyType({"campaign": "black-friday-" + "x" * 50, "team": "crm", "batch": "7"})
+    long_id = "campaign-2026-" + "0123456789" * 8
+    book.add(MessageSpec(long_id, labels, sent_at=clock() - 90000, transactional=True), clock())
+    book.start_poll(long_id, clock())
+    many = MessageAggregate(dict.fromkeys(State, 1234567), {}, 98765.4321, 0, clock())
+    book.record_success(long_id, many, clock())
+    book.start_poll(long_id, clock())
+    url = "https://api.mailpartner.fr/v1/bulk-status?apiKey=<redacted>&messageId=" + "9" * 300
+    book.record_failure(long_id, f"connection: cannot reach {url}", clock())
+    stats = RequestStats([BULK_STATUS, ME])
+    for error in (None, "timeout", "connection", "invalid_response", "429"):
+        stats.request_started(BULK_STATUS)
+        stats.request_finished(BULK_STATUS, 1.0, error, up=error is None, api_error=error == "429")
+    config = make_config("http://127.0.0.1:9/v1")
+    registry = CollectorRegistry()
+    registry.register(MailPartnerCollector(book, None, lambda: config.api, clock))
+    registry.register(ProcessCollector(stats, ConfigHolder(config, clock())))
+
+    def measure(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        return respond(start_response, "200 OK", MEASURE, "text/html; charset=utf-8")
+
+    server = serve(
+        create_app(registry, book, clock=clock, more={"/measure": measure}), "127.0.0.1:0"
+    )
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.e2e
+def test_the_crowded_page_fits_a_1400_px_window(crowded_url: str, tmp_path: Path) -> None:
+    rendered = chromium(tmp_path / "profile", "--dump-dom", f"{crowded_url}/measure")
+    assert rendered.returncode == 0, rendered.stderr.decode()[-2000:]
+    found = re.search(r'<pre id="layout">(.*?)</pre>', rendered.stdout.decode(), re.S)
+    assert found is not None and found.group(1), rendered.stdout.decode()[-2000:]
+    layout = json.loads(html.unescape(found.group(1)))
+    assert 1380 <= layout["width"] <= 1400  # the frame, less a scroll bar
+    assert layout["scrolled"] <= layout["width"]  # no sideways scrolling
+    assert layout["right"] <= layout["width"]  # "Last error" on screen
+    assert layout["cut"] == []  # and no heading or cell spills over its neighbour
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "status-page-crowded.png"
+    shot.unlink(missing_ok=True)
+    taken = chromium(
+        tmp_path / "profile", "--window-size=1400,900", f"--screenshot={shot}", crowded_url
+    )
+    assert taken.returncode == 0, taken.stderr.decode()[-2000:]
+    assert int.from_bytes(shot.read_bytes()[16:20], "big") == 1400  # PNG width

@@ -91,7 +91,7 @@ def test_landing_page_lists_messages_newest_first_with_counts_and_errors(app: An
     assert (
         '<td class="n" data-state="delivered">1</td><td class="n" data-state="failed">1</td>'
         '<td class="n" data-state="pending">1</td><td class="n" data-state="unknown">1</td>'
-        '<td class="n">0.0420</td>'
+        '<td class="n">0.042</td>'
     ) in rows[0]
     assert "http_502: HTTP 502" in rows[0]
     assert '<time datetime="2026-11-26T10:00:00Z" title="2026-11-26T10:00:00Z">30s ago' in rows[0]

@@ -15,6 +15,8 @@ _UNITS = {
     "s": 1.0,
     "ms": 0.001,
 }
+# What format_duration writes, largest first, in milliseconds.
+_SIZES = (("d", 86400000), ("h", 3600000), ("m", 60000), ("s", 1000), ("ms", 1))
 _PART = re.compile(r"(\d+)(ms|y|w|d|h|m|s)")
 
 
@@ -29,14 +31,22 @@ def parse_duration(text: str) -> float:
     return sum(int(n) * _UNITS[u] for n, u in parts)
 
 
-def format_duration(seconds: float) -> str:
-    """The shortest Prometheus duration for ``seconds`` (for logs and pages)."""
+def format_duration(seconds: float, *, units: int | None = None) -> str:
+    """The shortest Prometheus duration for ``seconds`` (for logs and pages).
+
+    With ``units``, an age read at a glance: at most that many units from the largest one,
+    the rest dropped, never milliseconds (``1d23h``, ``5m12s``, ``2h``); still a Prometheus
+    duration.
+    """
     millis = round(seconds * 1000)
     if millis <= 0:
         return "0s"
-    out = []
-    for unit, size in (("d", 86400000), ("h", 3600000), ("m", 60000), ("s", 1000), ("ms", 1)):
+    parts: list[tuple[int, str]] = []  # (place in _SIZES, text)
+    for place, (unit, size) in enumerate(_SIZES):
         count, millis = divmod(millis, size)
         if count:
-            out.append(f"{count}{unit}")
-    return "".join(out)
+            parts.append((place, f"{count}{unit}"))
+    if units is not None:
+        end = min(parts[0][0] + units, len(_SIZES) - 1)
+        parts = [(place, text) for place, text in parts if place < end]
+    return "".join(text for _, text in parts) or "0s"
