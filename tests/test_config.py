@@ -207,7 +207,8 @@ def test_config_check_passes_the_shipped_example(
     assert main(["--config.check", "--config.file", str(REPO / "config.yaml")]) == 0
     assert (
         capsys.readouterr().out
-        == f"{REPO / 'config.yaml'}: OK, 2 messages (2 in the config, 0 in 0 message files), sources: bulk_status, account\n"
+        == f"{REPO / 'config.yaml'}: OK, 2 messages (2 in the config, 0 in 0 message files),"
+        " sources: bulk_status, account\n"
     )
 
 
