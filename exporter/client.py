@@ -27,7 +27,7 @@ import urllib3.exceptions
 from exporter.aggregate import MessageAggregate, ReportAggregator
 from exporter.config.convert import describe
 from exporter.config.model import ApiConfig
-from exporter.deadline import ABORTED, WATCHDOG, Watch, WatchedAdapter, current_watch
+from exporter.deadline import ABORTED, Watch, WatchedAdapter, innermost, watching
 from exporter.parse import (
     MAIL,
     Body,
@@ -258,20 +258,17 @@ class MailPartnerClient:
 
     @contextlib.contextmanager
     def _watched(self, timeout: float) -> Iterator[Watch]:
-        """A deadline ``timeout`` from now for the request this thread makes in the block."""
-        with self._lock:
-            if self._aborted:
-                raise RequestAborted("refused: the client was aborted")
-            watch = WATCHDOG.watch(timeout)
-            self._in_flight.add(watch)
-        token = current_watch.set(watch)
-        try:
-            yield watch
-        finally:
-            current_watch.reset(token)
-            watch.finish()
-            with self._lock:
-                self._in_flight.discard(watch)
+        """``deadline.watching``, and the request in flight for ``abort`` to cut off."""
+        with watching(timeout) as watch:
+            with self._lock:  # one step with abort(): a request is refused or cut off
+                if self._aborted:
+                    raise RequestAborted("refused: the client was aborted")
+                self._in_flight.add(watch)
+            try:
+                yield watch
+            finally:
+                with self._lock:
+                    self._in_flight.discard(watch)
 
 
 def _check_status(status: int, body: Body) -> None:
@@ -307,10 +304,7 @@ def _seconds(retry_after: str | None) -> float | None:
 
 
 def _innermost(error: BaseException) -> str:
-    # urllib3 messages embed the request URL; keep only the innermost cause.
-    while error.__context__ is not None and error.__context__ is not error:
-        error = error.__context__
-    return describe(error)
+    return describe(innermost(error))
 
 
 class _BoundedReader:

@@ -15,6 +15,7 @@ import itertools
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import requests
@@ -118,6 +119,27 @@ class _Watchdog:
 
 
 WATCHDOG = _Watchdog()
+
+
+def innermost(error: BaseException) -> BaseException:
+    """The innermost cause of a failed request: urllib3's outer messages embed the URL (and
+    so the key), and repeat what the inner one says."""
+    while error.__context__ is not None and error.__context__ is not error:
+        error = error.__context__
+    return error
+
+
+@contextlib.contextmanager
+def watching(timeout: float) -> Iterator[Watch]:
+    """A deadline ``timeout`` from now for the request this thread makes in the block: past
+    it, the request's socket is shut and ``watch.cut`` says so."""
+    watch = WATCHDOG.watch(timeout)
+    token = current_watch.set(watch)
+    try:
+        yield watch
+    finally:
+        current_watch.reset(token)
+        watch.finish()
 
 
 class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):

@@ -13,10 +13,9 @@ within ``timeout`` (5 s): a shard that cannot be reached is a 502, one too slow 
 
 from __future__ import annotations
 
-import contextlib
 import http
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -26,7 +25,7 @@ import urllib3.exceptions
 
 from exporter import __version__
 from exporter.config.convert import describe
-from exporter.deadline import WATCHDOG, Watch, WatchedAdapter, current_watch
+from exporter.deadline import WatchedAdapter, innermost, watching
 from exporter.shard import Shard
 from exporter.wsgi import TEXT
 
@@ -111,7 +110,7 @@ class Forwarder:
         self, method: str, url: str, headers: dict[str, str], body: bytes | None, whose: str
     ) -> Relayed | Refused:
         data = b""
-        with self._watched() as watch:
+        with watching(self._timeout) as watch:
             try:
                 with self._session.request(
                     method,
@@ -135,10 +134,7 @@ class Forwarder:
             if watch.cut is not None or isinstance(error, timeouts):
                 problem = f"{whose}, which did not answer within {self._timeout:g}s at {url}"
                 return _failed("504 Gateway Timeout", "timeout", problem)
-            cause = error
-            while cause.__context__ is not None and cause.__context__ is not cause:
-                cause = cause.__context__  # urllib3's outer messages repeat the URL
-            problem = f"{whose}, which cannot be reached at {url}: {describe(cause)}"
+            problem = f"{whose}, which cannot be reached at {url}: {describe(innermost(error))}"
             return _failed("502 Bad Gateway", "unavailable", problem)
         if len(data) > MAX_ANSWER:
             problem = f"{whose}, whose answer from {url} is over {MAX_ANSWER} bytes"
@@ -150,16 +146,6 @@ class Forwarder:
             data,
             relayed,
         )
-
-    @contextlib.contextmanager
-    def _watched(self) -> Iterator[Watch]:
-        watch = WATCHDOG.watch(self._timeout)
-        token = current_watch.set(watch)
-        try:
-            yield watch
-        finally:
-            current_watch.reset(token)
-            watch.finish()
 
 
 def _failed(status: str, kind: str, problem: str) -> Refused:
