@@ -19,15 +19,8 @@ base=docker.io/library/python:3.11-slim   # the Dockerfile's PYTHON_IMAGE
 run=mpe-smoke-$$                          # names of this run's containers, volume and network
 work=$(mktemp -d)
 
-# What Debian 12's podman 4.3 needs in a container-in-a-VM: runc (crun's cgroup setup fails
-# here) and explicit ulimits (the defaults copy the host's, which may exceed the VM's).
-cat >"$work/containers.conf" <<'EOF'
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-[engine]
-runtime = "runc"
-EOF
-export CONTAINERS_CONF="$work/containers.conf"
+# What Debian 12's podman 4.3 needs on a VM (runc, explicit ulimits), unless set otherwise.
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/deploy/docker/containers.conf}
 
 step() { printf '%s smoke: %s\n' "$(date -u +%T)" "$*"; }
 fail() {
