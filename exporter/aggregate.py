@@ -13,6 +13,8 @@ from typing import TypeVar
 from exporter.domain import State, StatusMap
 
 MAX_STATUSES = 20
+# Report dates are whole seconds: one less than a second before the send is not skew.
+DATE_RESOLUTION = 1.0
 OTHER_STATUS = "other"
 # Distinct raw spellings remembered while parsing one response; past this a
 # hostile body with a million different statuses stops growing the dict.
@@ -140,14 +142,16 @@ class ReportAggregator:
 
     def add_delivered(self, dates: Mapping[float, int]) -> None:
         """Count delivered recipients by report date (``{date: recipients}``) into the delay
-        buckets; a date before the send counts in the lowest bucket, as ``skewed``."""
+        buckets; a date before the send counts in the lowest bucket, as ``skewed``, unless
+        within the send's own second (report dates are whole seconds, ``sent_at`` need not be)."""
         if not self._bounds or self._sent_at is None:
             return
         bounds, delays, sent_at = self._bounds, self._delays, self._sent_at
         for date, count in dates.items():
             delay = date - sent_at
             if delay < 0:
-                self._skewed += count
+                if delay <= -DATE_RESOLUTION:
+                    self._skewed += count
                 delay = 0.0
             delays[bisect.bisect_left(bounds, delay)] += count
             self._delay_sum += delay * count

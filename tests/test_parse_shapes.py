@@ -395,3 +395,15 @@ def test_delays_are_the_same_from_the_fast_path_the_walker_and_xml(shape: Report
     counted, _, skewed = fast
     delivered = sum(1 for r in reports if str(r["status"]).lower() == "delivered" and r["date"])
     assert sum(counted) == delivered and skewed > 0
+
+
+def test_a_report_dated_within_the_sends_own_second_is_not_skew() -> None:
+    """Report dates are whole seconds; a send at 12:00:00.7 delivered at once reads 12:00:00.
+    That is a delay of 0, not a clock skew worth a warning; a second earlier is skew."""
+    sent_at = 1795687200.7
+    aggregator = ReportAggregator(StatusMap.default(), sent_at=sent_at, delay_buckets=(1.0,))
+    aggregator.add_delivered({1795687200.0: 3})
+    assert aggregator.result().skewed == 0
+    assert aggregator.result().delays == (3, 0)
+    aggregator.add_delivered({1795687199.0: 2})
+    assert aggregator.result().skewed == 2
