@@ -1,5 +1,5 @@
-"""The status page: links, a summary of the API, the budget and the credits, and one row per
-tracked message."""
+"""The status page: links, a summary of the API, the budget, the credits and the messages by
+phase, then one row per tracked message, newest first."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import datetime as dt
 import html
 import math
 import operator
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import parse_qs
 
 from exporter import __version__, calendar
-from exporter.config.duration import format_duration
 from exporter.config.model import PollingConfig
 from exporter.domain import State
 from exporter.summary import StatusSummary
@@ -19,21 +20,23 @@ from exporter.tracked import TrackedMessage, shown_phase, with_series
 from exporter.tracker import MessageBook
 
 # A fixed table layout: columns share the window's width, long text wraps (an ID or an error
-# without spaces too), so the last column stays on screen at 1400 px.
-_STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;width:100%;table-layout:fixed;font-size:.9em}
-th,td{padding:.3em .4em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top;
+# without spaces too), so the last column stays on screen at 1280 px.
+_STYLE = """body{font-family:system-ui,sans-serif;margin:1em;color:#222}
+table{border-collapse:collapse;width:100%;table-layout:fixed;font-size:.85em}
+th,td{padding:.3em .35em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top;
 overflow-wrap:anywhere}th{font-size:.9em;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}td.n{overflow-wrap:normal}
-td.err{color:#b00}time{white-space:nowrap}svg{width:100%;height:12px;display:block;margin-top:.3em}
+td.err{color:#b00}time.at{white-space:nowrap}svg{width:100%;height:12px;display:block;margin-top:.3em}
 tr.final td{color:#666}tr.held td{background:#fff8e1}tr.scheduled td{background:#e8f1fb}
 tr.failing td{background:#fdecea}tr.failing td:first-child{box-shadow:inset 4px 0 #c62828}
-.flag{display:block;color:#b00;font-weight:600}
+tr.not-found td{background:#f3e5f5}tr.not-found td:first-child{box-shadow:inset 4px 0 #6a1b9a}
+.flag{display:block;color:#b00;font-weight:600}.flag.gone{color:#6a1b9a}
 .key span{display:inline-block;width:.8em;height:.8em;margin:0 .3em 0 1em;vertical-align:middle}
 .summary{display:flex;flex-wrap:wrap;gap:1em;margin-bottom:1em}
-.card{flex:1 1 18em;border:1px solid #ddd;border-left-width:4px;padding:.2em 1em}
-.card h3{margin:.4em 0}.card p{margin:.3em 0}.card.good{border-left-color:#2e7d32}
-.card.bad{border-left-color:#c62828}.good>.state{color:#2e7d32}.bad>.state,p.bad{color:#b00}"""
+.card{flex:1 1 16em;min-width:0;border:1px solid #ddd;border-left-width:4px;padding:.2em 1em;
+overflow-wrap:break-word}.card h3{margin:.4em 0}.card p{margin:.3em 0}
+.card.good{border-left-color:#2e7d32}.card.bad{border-left-color:#c62828}
+.src{font-size:.8em;color:#555}.good>.state{color:#2e7d32}.bad>.state,p.bad{color:#b00}"""
 # Bar colours per state, also used by the legend.
 _COLOURS = {
     State.DELIVERED: "#2e7d32",
@@ -48,18 +51,23 @@ _SVG = (
     'preserveAspectRatio="none" role="img"'
 )
 # Longer than this, a cell shows the start and the whole in its title (a tooltip).
-_ID_CHARS, _LABEL_CHARS, _ERROR_CHARS = 40, 120, 160
+_ID_CHARS, _LABEL_CHARS, _ERROR_CHARS, _SUMMARY_ERROR_CHARS = 40, 120, 100, 80
 _COLUMNS = (  # (heading, width): fixed ones in em, the rest share what is left
-    ("Message", "7%"),
-    ("Labels", "14%"),
-    ("Phase", "10%"),
-    ("Recipients", "7.5em"),
-    *((state.capitalize(), "6em") for state in State),
-    ("Cost", "6.5em"),
-    ("Sent", "6.5em"),
-    ("Last poll", "7em"),
+    ("Message", "7.5%"),
+    ("Labels", "13%"),
+    ("Phase", "10.5%"),
+    ("Recipients", "6.2em"),
+    *((state.capitalize(), "5.6em") for state in State),
+    ("Cost", "6.6em"),
+    ("Sent", "7.2em"),
+    ("Last poll", "7.2em"),
     ("Last error", ""),
 )
+_NUMERIC = {*(state.capitalize() for state in State), "Cost"}
+# ``/?refresh=N``: the page reloads itself every N seconds, N held within these bounds.
+_REFRESH_OFFERED, _REFRESH_MIN, _REFRESH_MAX = 30, 5, 3600
+# Ages in words: the two largest units, truncated (seconds at most: never milliseconds).
+_UNITS = ((86400, "day", "days"), (3600, "h", "h"), (60, "min", "min"), (1, "s", "s"))
 
 
 def render_landing(
@@ -67,8 +75,11 @@ def render_landing(
     telemetry_path: str,
     clock: Callable[[], float] = time.time,
     summary: StatusSummary | None = None,
+    *,
+    query: str = "",
 ) -> str:
-    """The page; with ``summary``, the API, budget and credits above the messages."""
+    """The page; with ``summary``, the API, budget, credits and phases above the messages.
+    ``query`` is the request's query string: ``refresh=30`` reloads the page every 30 s."""
     messages, _ = book.snapshot()
     now = clock()
     # The messages that have series: a page of 100,000 rows would help nobody.
@@ -82,62 +93,152 @@ def render_landing(
     headings = "".join(
         f'<th class="n">{h}</th>' if h in _NUMERIC else f"<th>{h}</th>" for h, _ in _COLUMNS
     )
+    reload, switch = _auto_refresh(refresh_seconds(query))
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Mail Partner exporter</title><style>{_STYLE}</style></head>
+<html><head><meta charset="utf-8">{reload}<title>Mail Partner exporter</title>
+<style>{_STYLE}</style></head>
 <body><h1>Mail Partner exporter</h1>
 <p>Version {__version__} · <a href="{path}">Metrics</a> · <a href="/-/healthy">Health</a> ·
-<a href="/-/ready">Readiness</a></p>
+<a href="/-/ready">Readiness</a> · <span class="refresh">{switch}</span></p>
 {top}<h2>Tracked messages ({len(messages)})</h2>
-<p class="key">Newest send first.{more}{_legend()}</p>
+<p class="key">Newest first by <b>Sent</b>: when a message went out, or is due to (a deferred
+send); for one that came without a send time, when this exporter first saw it.{more}</p>
+<p class="key"><b>&#x26A0; failed</b>: its last poll failed · <b>&#x2716; not found</b>: the API
+does not know its ID · recipients:{_legend()}</p>
 <table><colgroup>{columns}</colgroup><thead><tr>{headings}</tr></thead><tbody>
 {rows}
 </tbody></table></body></html>
 """
 
 
-_NUMERIC = {*(state.capitalize() for state in State), "Cost"}
+def refresh_seconds(query: str) -> int | None:
+    """The seconds between reloads a query string asks for (``refresh=30``), held within
+    5..3600; None (no reloading) without one, or for anything but a whole number."""
+    values = parse_qs(query).get("refresh")
+    if not values or not re.fullmatch(r"[0-9]+", values[-1]):
+        return None
+    digits = values[-1].lstrip("0") or "0"
+    if len(digits) > len(str(_REFRESH_MAX)):  # no need to read a thousand digits
+        return _REFRESH_MAX
+    return min(max(int(digits), _REFRESH_MIN), _REFRESH_MAX)
+
+
+def _auto_refresh(seconds: int | None) -> tuple[str, str]:
+    """The ``<meta>`` that reloads the page every ``seconds``, and the link that turns it off;
+    without ``seconds``, no ``<meta>`` and a link that turns it on."""
+    if seconds is None:
+        offered = f"/?refresh={_REFRESH_OFFERED}"
+        return "", f'Auto-refresh off (<a href="{offered}">turn on: every {_REFRESH_OFFERED} s</a>)'
+    every = _unbroken(_in_words(seconds))
+    meta = f'<meta http-equiv="refresh" content="{seconds}">'
+    return meta, f'Auto-refresh every {every} (<a href="/">turn off</a>)'
+
+
+def age_in_words(seconds: float) -> str:
+    """How long ago (``seconds`` > 0) or how soon (< 0), as a person says it: ``3 min ago``,
+    ``2 h 5 min ago``, ``4 days ago``, ``in 12 min``; ``just now`` within a second."""
+    if abs(seconds) < 1:
+        return "just now"
+    if seconds < 0:
+        return f"in {_in_words(-seconds)}"
+    return f"{_in_words(seconds)} ago"
+
+
+def _in_words(seconds: float) -> str:
+    """A duration in its two largest units, truncated to whole seconds, a zero second unit
+    left out: ``2 h 5 min``, ``1 day 23 h``, ``4 days``, ``40 s``; ``0 s`` below a second."""
+    left = int(seconds)
+    counts = []
+    for size, one, many in _UNITS:
+        count, left = divmod(left, size)
+        counts.append(f"{count} {one if count == 1 else many}" if count else "")
+    first = next((i for i, text in enumerate(counts) if text), None)
+    if first is None:
+        return "0 s"
+    return " ".join(text for text in counts[first : first + 2] if text)
 
 
 def _summary(summary: StatusSummary, messages: Sequence[TrackedMessage], now: float) -> str:
-    """Three cards: is the API answering, is the budget enough, how many credits are left."""
+    """Cards: is the API answering, is the budget enough, how many credits are left, how many
+    messages are in each phase."""
+    cards = [_api(summary, messages, now), _budget(summary)]
+    if summary.credits is not None:
+        cards.append(_credits(summary.credits, summary.low_credits))
+    if summary.phases is not None:
+        cards.append(_phases(summary.phases, messages))
+    return f'<section class="summary">{"".join(cards)}</section>\n'
+
+
+def _api(summary: StatusSummary, messages: Sequence[TrackedMessage], now: float) -> str:
     if summary.up is None:
         health, state = "idle", "&ndash; no request yet"
     else:
         health, state = ("good", "&#x2714; up") if summary.up else ("bad", "&#x2716; down")
     errors = " · ".join(f"{html.escape(k)} {n}" for k, n in sorted(summary.errors.items()))
-    api = [
-        f'<p class="state"><b>{state}</b> (mailpartner_up)</p>',
+    lines = [
+        f'<p class="state"><b>{state}</b> {_named("mailpartner_up")}</p>',
         f"<p>Errors since start: {errors or 'none'}</p>",
         f"<p>429 pauses since start: {summary.rate_limited}</p>",
     ]
     if (failed := _newest_failure(messages)) is not None:
-        api.append(
+        error = _clipped(failed.last_error, _SUMMARY_ERROR_CHARS)
+        lines.append(
             f"<p>Last failed poll: {_clipped(failed.spec.id, _ID_CHARS)}, "
-            f"{_when(failed.last_poll, now)}: {_clipped(failed.last_error, _ERROR_CHARS)}</p>"
+            f"{_when(failed.last_poll, now)}: {error}</p>"
         )
-    recent = summary.recent
-    sent = (
-        "&ndash; (just started)"
-        if recent is None
-        else f"<b>{_number(recent.count, 0)}</b> in the last"
-        f" {format_duration(recent.seconds, units=2)} ({_number(recent.per_minute, 1)}/min)"
-    )
-    budget = [
+    return _card("Mail Partner API", health, lines)
+
+
+def _budget(summary: StatusSummary) -> str:
+    """Requests sent and scheduled, against the budget: how much of it they use."""
+    recent, scheduled, allowed = summary.recent, summary.scheduled, summary.budget
+    if recent is None:
+        sent = "&ndash; (just started)"
+    else:
+        rate = ", ".join(
+            filter(None, [_rate(recent.per_minute), _share(recent.per_minute, allowed)])
+        )
+        window = _unbroken(_in_words(recent.seconds))
+        sent = f"<b>{_number(recent.count, 0)}</b> in the last {window} ({rate})"
+    share = _share(scheduled, allowed)
+    lines = [
         f"<p>Sent: {sent}</p>",
-        f"<p>Scheduled: <b>{_rate(summary.scheduled)}</b></p>",
-        f"<p>Budget: <b>{_rate(summary.budget)}</b> (api.max_requests_per_minute)</p>",
+        f"<p>Scheduled: <b>{_rate(scheduled)}</b>{f' ({share})' if share else ''}</p>",
+        f"<p>Budget: <b>{_rate(allowed)}</b> {_named('api.max_requests_per_minute')}</p>",
     ]
-    scheduled, allowed = summary.scheduled, summary.budget
     over = scheduled is not None and allowed is not None and scheduled > allowed
     if over:
-        budget.append('<p class="bad">&#x26A0; the schedule asks for more: polls fall behind</p>')
-    cards = [
-        _card("Mail Partner API", health, api),
-        _card("Request budget", "bad" if over else "good", budget),
+        lines.append('<p class="bad">&#x26A0; the schedule asks for more: polls fall behind</p>')
+    return _card("Request budget", "bad" if over else "good", lines)
+
+
+def _share(per_minute: float | None, budget: float | None) -> str:
+    """``7% of the budget``; nothing without both."""
+    if per_minute is None or not budget:
+        return ""
+    percent = 100 * per_minute / budget
+    return f"{'under 1' if 0 < percent < 1 else _number(percent, 0)}% of the budget"
+
+
+def _phases(phases: Mapping[str, int], messages: Sequence[TrackedMessage]) -> str:
+    """The tracked messages by phase (as ``/metrics`` counts them), and those in trouble."""
+    counts = " · ".join(f"{html.escape(phase)} <b>{n}</b>" for phase, n in phases.items())
+    lines = [
+        f"<p><b>{sum(phases.values())}</b> tracked {_named('mailpartner_exporter_messages')}</p>",
+        f"<p>{counts}</p>",
     ]
-    if summary.credits is not None:
-        cards.append(_credits(summary.credits, summary.low_credits))
-    return f'<section class="summary">{"".join(cards)}</section>\n'
+    failing = sum(map(_failing, messages))
+    missing = sum(m.not_found for m in messages)
+    if failing:
+        lines.append(f'<p class="bad">&#x26A0; last poll failed: <b>{failing}</b></p>')
+    if missing:
+        lines.append(f'<p class="bad">&#x2716; not found: <b>{missing}</b> (check the ID)</p>')
+    return _card("Messages", "bad" if failing or missing else "good", lines)
+
+
+def _named(name: str) -> str:
+    """The series or setting a figure comes from, smaller than the figure."""
+    return f'<small class="src">({name})</small>'
 
 
 def _card(title: str, health: str, lines: list[str]) -> str:
@@ -154,7 +255,7 @@ def _credits(credits: Mapping[str, float], low: Mapping[str, float]) -> str:
             short = True
             lines.append(
                 f'<p class="bad">&#x26A0; {name}: <b>{_number(value)}</b>, below'
-                f" {_number(threshold)} (low_credits)</p>"
+                f" {_number(threshold)} {_named('low_credits')}</p>"
             )
         else:
             lines.append(
@@ -174,7 +275,8 @@ def _newest_failure(messages: Sequence[TrackedMessage]) -> TrackedMessage | None
 
 
 def _failing(message: TrackedMessage) -> bool:
-    return not message.poll_ok and bool(message.last_error)
+    """Its last poll failed; one the API does not know is marked as not found instead."""
+    return not message.poll_ok and bool(message.last_error) and not message.not_found
 
 
 def _row(message: TrackedMessage, now: float, polling: PollingConfig) -> str:
@@ -184,7 +286,9 @@ def _row(message: TrackedMessage, now: float, polling: PollingConfig) -> str:
     labels = ", ".join(f"{k}={v}" for k, v in message.spec.labels.items())
     last_poll = _when(message.last_poll, now)
     kind = shown_phase(message)
-    if _failing(message):
+    if message.not_found:
+        kind += " not-found"
+    elif _failing(message):
         kind += " failing"
         last_poll = f'<span class="flag">&#x26A0; failed</span> {last_poll}'
     cells = [
@@ -194,7 +298,7 @@ def _row(message: TrackedMessage, now: float, polling: PollingConfig) -> str:
         f"<td>{_bar(message)}</td>",
         *(f'<td class="n" data-state="{s}">{c}</td>' for s, c in counts.items()),
         f'<td class="n">{cost}</td>',
-        f"<td>{_when(message.sent_at, now)}</td>",
+        f"<td>{_when(message.start, now)}</td>",
         f"<td>{last_poll}</td>",
         f'<td class="err">{_clipped(message.last_error, _ERROR_CHARS)}</td>',
     ]
@@ -211,30 +315,36 @@ def _clipped(text: str, limit: int) -> str:
 
 def _phase(message: TrackedMessage, now: float, polling: PollingConfig) -> str:
     """The phase, and what an operator needs beside it: when a deferred or held send goes
-    out, or why a final one ended."""
+    out (how soon, for a hold: the Sent column says it for a deferred one), or why a final one
+    ended."""
     shown = shown_phase(message)
     if shown == "scheduled" and (scheduled := message.spec.scheduled_at) is not None:
         opening = calendar.release(scheduled)
         if opening == scheduled or polling.transactional(message.spec):
             return f"scheduled for {_local(scheduled, now)}"
         # Deferred into quiet hours: the platform will hold it until the next opening.
-        return f"scheduled for {_local(scheduled, now)}, held until {_local(opening, now)}"
+        return f"scheduled for {_local(scheduled, now)}, {_held_until(opening, now)}"
     if shown == "held" and message.held_until is not None:
-        return f"held until {_local(message.held_until, now)}"
+        return _held_until(message.held_until, now)
     if message.not_found:
-        return f"{shown} (not found)"
+        return f'{shown} <span class="flag gone">&#x2716; not found</span>'
     return f"{shown} (nothing reported)" if message.unreported else shown
+
+
+def _held_until(opening: float, now: float) -> str:
+    return f"held until {_local(opening, now)} ({_unbroken(age_in_words(now - opening))})"
 
 
 def _local(when: float, now: float) -> str:
     """A time to come as Mail Partner's calendar reads it (Europe/Paris), UTC in its title."""
     iso = dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return f'<time datetime="{iso}" title="{iso}">{calendar.describe_release(when, now)}</time>'
+    said = calendar.describe_release(when, now)  # kept on one line: ``Tue 08:00``
+    return f'<time class="at" datetime="{iso}" title="{iso}">{said}</time>'
 
 
 def _newest_first(message: TrackedMessage) -> tuple[bool, float]:
     # NaN is neither before nor after anything, and would leave the other rows unsorted too.
-    return math.isnan(message.sent_at), -message.sent_at
+    return math.isnan(message.start), -message.start
 
 
 def _number(value: float, places: int = 4) -> str:
@@ -288,13 +398,9 @@ def _when(timestamp: float | None, now: float) -> str:
         # NaN, infinite, or outside the years 1-9999 (a registration or a state file from
         # before times were checked): said as it is, so one bad message cannot take the page.
         return f'<span title="not a valid time">invalid ({html.escape(str(timestamp))})</span>'
-    return f'<time datetime="{iso}" title="{iso}">{_age(now - timestamp)}</time>'
+    return f'<time datetime="{iso}" title="{iso}">{_unbroken(age_in_words(now - timestamp))}</time>'
 
 
-def _age(seconds: float) -> str:
-    """``5m12s ago``, ``1d23h ago``: two units at most; ``in 3m`` for a time to come."""
-    if abs(seconds) < 1:
-        return "just now"
-    if seconds < 0:
-        return f"in {format_duration(-seconds, units=2)}"
-    return f"{format_duration(seconds, units=2)} ago"
+def _unbroken(words: str) -> str:
+    """A number and its unit kept on one line: ``3 days`` never ends a line after ``3``."""
+    return re.sub(r"([0-9]) ", r"\1&nbsp;", words)

@@ -1,4 +1,5 @@
-"""The status page's summary: the API's health, the request budget and the account's credits.
+"""The status page's summary: the API's health, the request budget, the account's credits and
+the tracked messages by phase.
 
 Read from the series ``/metrics`` serves, through the same collectors in process, so the page
 and a scrape never disagree::
@@ -7,6 +8,7 @@ and a scrape never disagree::
     mailpartner_exporter_scheduled_requests_per_minute 27.5
     mailpartner_exporter_request_budget_per_minute 600.0
     mailpartner_account_credits{field="creditMail"} 95106.0
+    mailpartner_exporter_messages{phase="active"} 12.0
 """
 
 from __future__ import annotations
@@ -27,7 +29,18 @@ _BUDGET = "mailpartner_exporter_request_budget_per_minute"
 _SCHEDULED = "mailpartner_exporter_scheduled_requests_per_minute"
 _CREDITS = "mailpartner_account_credits"
 _LOW_CREDITS = "mailpartner_account_credits_low_threshold"
-_READ = {_UP, _REQUESTS, _ERRORS, _FAILURES, _BUDGET, _SCHEDULED, _CREDITS, _LOW_CREDITS}
+_PHASES = "mailpartner_exporter_messages"
+_READ = {
+    _UP,
+    _REQUESTS,
+    _ERRORS,
+    _FAILURES,
+    _BUDGET,
+    _SCHEDULED,
+    _CREDITS,
+    _LOW_CREDITS,
+    _PHASES,
+}
 # The request rate is measured over the minute before the page is viewed, from the request
 # count seen at earlier views (and at start). Enough of them for a page reloaded every 60 ms.
 _WINDOW = 60.0
@@ -61,6 +74,7 @@ class StatusSummary:
     scheduled: float | None
     credits: Mapping[str, float] | None  # None: the account source is off
     low_credits: Mapping[str, float]
+    phases: Mapping[str, int] | None  # in the collector's order; None: no bulk_status source
 
 
 class SummaryReader:
@@ -97,6 +111,7 @@ class SummaryReader:
             scheduled=_one(series, _SCHEDULED),
             credits=_by_field(series, _CREDITS) if _CREDITS in series else None,
             low_credits=_by_field(series, _LOW_CREDITS),
+            phases=_by_phase(series) if _PHASES in series else None,
         )
 
     def _read(self) -> Series:
@@ -133,3 +148,7 @@ def _one(series: Series, name: str) -> float | None:
 
 def _by_field(series: Series, name: str) -> dict[str, float]:
     return {labels["field"]: value for labels, value in series.get(name, ())}
+
+
+def _by_phase(series: Series) -> dict[str, int]:
+    return {labels["phase"]: int(value) for labels, value in series.get(_PHASES, ())}

@@ -70,7 +70,8 @@ def create_app(
 
     def landing(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         messages = book() if callable(book) else book
-        page = render_landing(messages, telemetry_path, clock, summary())
+        query = environ.get("QUERY_STRING", "")  # ?refresh=N: the page reloads itself
+        page = render_landing(messages, telemetry_path, clock, summary(), query=query)
         return respond(start_response, "200 OK", page, "text/html; charset=utf-8")
 
     def healthy(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:

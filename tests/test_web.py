@@ -28,7 +28,8 @@ from tests.scenario import scenario
 def call(
     app: Any, path: str, headers: dict[str, str] | None = None
 ) -> tuple[str, dict[str, str], bytes]:
-    environ: dict[str, Any] = {"PATH_INFO": path, "wsgi.input": BytesIO()}
+    path, _, query = path.partition("?")
+    environ: dict[str, Any] = {"PATH_INFO": path, "QUERY_STRING": query, "wsgi.input": BytesIO()}
     setup_testing_defaults(environ)
     environ.update({f"HTTP_{k.upper().replace('-', '_')}": v for k, v in (headers or {}).items()})
     answer: dict[str, Any] = {}
@@ -94,8 +95,17 @@ def test_landing_page_lists_messages_newest_first_with_counts_and_errors(app: An
         '<td class="n">0.042</td>'
     ) in rows[0]
     assert "http_502: HTTP 502" in rows[0]
-    assert '<time datetime="2026-11-26T10:00:00Z" title="2026-11-26T10:00:00Z">30s ago' in rows[0]
+    assert (
+        '<time datetime="2026-11-26T10:00:00Z" title="2026-11-26T10:00:00Z">30&nbsp;s ago'
+    ) in rows[0]
     assert '<td class="n" data-state="pending">&ndash;</td>' in rows[1] and "never" in rows[1]
+
+
+def test_landing_page_refreshes_itself_only_when_asked(app: Any) -> None:
+    refresh = '<meta http-equiv="refresh" content="30">'
+    assert refresh not in call(app, "/")[2].decode()
+    assert refresh in call(app, "/?refresh=30")[2].decode()
+    assert call(app, "/?refresh=abc")[0] == "200 OK"
 
 
 def test_landing_page_bars_are_stacked_in_proportion(app: Any) -> None:
