@@ -31,22 +31,12 @@ def parse_duration(text: str) -> float:
     return sum(int(n) * _UNITS[u] for n, u in parts)
 
 
-def format_duration(seconds: float, *, units: int | None = None) -> str:
-    """The shortest Prometheus duration for ``seconds`` (for logs and pages).
-
-    With ``units``, an age read at a glance: at most that many units from the largest one,
-    the rest dropped, never milliseconds (``1d23h``, ``5m12s``, ``2h``); still a Prometheus
-    duration.
-    """
-    millis = round(seconds * 1000)
-    if millis <= 0:
-        return "0s"
-    parts: list[tuple[int, str]] = []  # (place in _SIZES, text)
-    for place, (unit, size) in enumerate(_SIZES):
+def format_duration(seconds: float) -> str:
+    """The shortest Prometheus duration for ``seconds`` (for logs and messages)."""
+    millis = max(0, round(seconds * 1000))
+    parts: list[str] = []
+    for unit, size in _SIZES:
         count, millis = divmod(millis, size)
         if count:
-            parts.append((place, f"{count}{unit}"))
-    if units is not None:
-        end = min(parts[0][0] + units, len(_SIZES) - 1)
-        parts = [(place, text) for place, text in parts if place < end]
-    return "".join(text for _, text in parts) or "0s"
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
