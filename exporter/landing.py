@@ -6,18 +6,19 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
-import operator
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from exporter import __version__, calendar
+from exporter.cards import failing, summary_cards
 from exporter.config.model import PollingConfig
 from exporter.domain import State
 from exporter.summary import StatusSummary
 from exporter.tracked import TrackedMessage, shown_phase, with_series
 from exporter.tracker import MessageBook
+from exporter.wording import ID_CHARS, age_in_words, clipped, in_words, number, unbroken, when
 
 # A fixed table layout: columns share the window's width, long text wraps (an ID or an error
 # without spaces too), so the last column stays on screen at 1280 px.
@@ -51,7 +52,7 @@ _SVG = (
     'preserveAspectRatio="none" role="img"'
 )
 # Longer than this, a cell shows the start and the whole in its title (a tooltip).
-_ID_CHARS, _LABEL_CHARS, _ERROR_CHARS, _SUMMARY_ERROR_CHARS = 40, 120, 100, 80
+_LABEL_CHARS, _ERROR_CHARS = 120, 100
 _COLUMNS = (  # (heading, width): fixed ones in em, the rest share what is left
     ("Message", "7.5%"),
     ("Labels", "13%"),
@@ -66,8 +67,6 @@ _COLUMNS = (  # (heading, width): fixed ones in em, the rest share what is left
 _NUMERIC = {*(state.capitalize() for state in State), "Cost"}
 # ``/?refresh=N``: the page reloads itself every N seconds, N held within these bounds.
 _REFRESH_OFFERED, _REFRESH_MIN, _REFRESH_MAX = 30, 5, 3600
-# Ages in words: the two largest units, truncated (seconds at most: never milliseconds).
-_UNITS = ((86400, "day", "days"), (3600, "h", "h"), (60, "min", "min"), (1, "s", "s"))
 
 
 def render_landing(
@@ -88,7 +87,7 @@ def render_landing(
     withheld = len(messages) - len(shown)
     more = f" {withheld} more, without per-message series, are not listed." if withheld else ""
     path = html.escape(telemetry_path)
-    top = "" if summary is None else _summary(summary, messages, now)
+    top = "" if summary is None else summary_cards(summary, messages, now)
     columns = "".join(f'<col style="width:{w}">' if w else "<col>" for _, w in _COLUMNS)
     headings = "".join(
         f'<th class="n">{h}</th>' if h in _NUMERIC else f"<th>{h}</th>" for h, _ in _COLUMNS
@@ -129,188 +128,36 @@ def _auto_refresh(seconds: int | None) -> tuple[str, str]:
     if seconds is None:
         offered = f"/?refresh={_REFRESH_OFFERED}"
         return "", f'Auto-refresh off (<a href="{offered}">turn on: every {_REFRESH_OFFERED} s</a>)'
-    every = _unbroken(_in_words(seconds))
+    every = unbroken(in_words(seconds))
     meta = f'<meta http-equiv="refresh" content="{seconds}">'
     return meta, f'Auto-refresh every {every} (<a href="/">turn off</a>)'
-
-
-def age_in_words(seconds: float) -> str:
-    """How long ago (``seconds`` > 0) or how soon (< 0), as a person says it: ``3 min ago``,
-    ``2 h 5 min ago``, ``4 days ago``, ``in 12 min``; ``just now`` within a second."""
-    if abs(seconds) < 1:
-        return "just now"
-    if seconds < 0:
-        return f"in {_in_words(-seconds)}"
-    return f"{_in_words(seconds)} ago"
-
-
-def _in_words(seconds: float) -> str:
-    """A duration in its two largest units, truncated to whole seconds, a zero second unit
-    left out: ``2 h 5 min``, ``1 day 23 h``, ``4 days``, ``40 s``; ``0 s`` below a second."""
-    left = int(seconds)
-    counts = []
-    for size, one, many in _UNITS:
-        count, left = divmod(left, size)
-        counts.append(f"{count} {one if count == 1 else many}" if count else "")
-    first = next((i for i, text in enumerate(counts) if text), None)
-    if first is None:
-        return "0 s"
-    return " ".join(text for text in counts[first : first + 2] if text)
-
-
-def _summary(summary: StatusSummary, messages: Sequence[TrackedMessage], now: float) -> str:
-    """Cards: is the API answering, is the budget enough, how many credits are left, how many
-    messages are in each phase."""
-    cards = [_api(summary, messages, now), _budget(summary)]
-    if summary.credits is not None:
-        cards.append(_credits(summary.credits, summary.low_credits))
-    if summary.phases is not None:
-        cards.append(_phases(summary.phases, messages))
-    return f'<section class="summary">{"".join(cards)}</section>\n'
-
-
-def _api(summary: StatusSummary, messages: Sequence[TrackedMessage], now: float) -> str:
-    if summary.up is None:
-        health, state = "idle", "&ndash; no request yet"
-    else:
-        health, state = ("good", "&#x2714; up") if summary.up else ("bad", "&#x2716; down")
-    errors = " · ".join(f"{html.escape(k)} {n}" for k, n in sorted(summary.errors.items()))
-    lines = [
-        f'<p class="state"><b>{state}</b> {_named("mailpartner_up")}</p>',
-        f"<p>Errors since start: {errors or 'none'}</p>",
-        f"<p>429 pauses since start: {summary.rate_limited}</p>",
-    ]
-    if (failed := _newest_failure(messages)) is not None:
-        error = _clipped(failed.last_error, _SUMMARY_ERROR_CHARS)
-        lines.append(
-            f"<p>Last failed poll: {_clipped(failed.spec.id, _ID_CHARS)}, "
-            f"{_when(failed.last_poll, now)}: {error}</p>"
-        )
-    return _card("Mail Partner API", health, lines)
-
-
-def _budget(summary: StatusSummary) -> str:
-    """Requests sent and scheduled, against the budget: how much of it they use."""
-    recent, scheduled, allowed = summary.recent, summary.scheduled, summary.budget
-    if recent is None:
-        sent = "&ndash; (just started)"
-    else:
-        rate = ", ".join(
-            filter(None, [_rate(recent.per_minute), _share(recent.per_minute, allowed)])
-        )
-        window = _unbroken(_in_words(recent.seconds))
-        sent = f"<b>{_number(recent.count, 0)}</b> in the last {window} ({rate})"
-    share = _share(scheduled, allowed)
-    lines = [
-        f"<p>Sent: {sent}</p>",
-        f"<p>Scheduled: <b>{_rate(scheduled)}</b>{f' ({share})' if share else ''}</p>",
-        f"<p>Budget: <b>{_rate(allowed)}</b> {_named('api.max_requests_per_minute')}</p>",
-    ]
-    over = scheduled is not None and allowed is not None and scheduled > allowed
-    if over:
-        lines.append('<p class="bad">&#x26A0; the schedule asks for more: polls fall behind</p>')
-    return _card("Request budget", "bad" if over else "good", lines)
-
-
-def _share(per_minute: float | None, budget: float | None) -> str:
-    """``7% of the budget``; nothing without both."""
-    if per_minute is None or not budget:
-        return ""
-    percent = 100 * per_minute / budget
-    return f"{'under 1' if 0 < percent < 1 else _number(percent, 0)}% of the budget"
-
-
-def _phases(phases: Mapping[str, int], messages: Sequence[TrackedMessage]) -> str:
-    """The tracked messages by phase (as ``/metrics`` counts them), and those in trouble."""
-    counts = " · ".join(f"{html.escape(phase)} <b>{n}</b>" for phase, n in phases.items())
-    lines = [
-        f"<p><b>{sum(phases.values())}</b> tracked {_named('mailpartner_exporter_messages')}</p>",
-        f"<p>{counts}</p>",
-    ]
-    failing = sum(map(_failing, messages))
-    missing = sum(m.not_found for m in messages)
-    if failing:
-        lines.append(f'<p class="bad">&#x26A0; last poll failed: <b>{failing}</b></p>')
-    if missing:
-        lines.append(f'<p class="bad">&#x2716; not found: <b>{missing}</b> (check the ID)</p>')
-    return _card("Messages", "bad" if failing or missing else "good", lines)
-
-
-def _named(name: str) -> str:
-    """The series or setting a figure comes from, smaller than the figure."""
-    return f'<small class="src">({name})</small>'
-
-
-def _card(title: str, health: str, lines: list[str]) -> str:
-    return f'<div class="card {health}"><h3>{title}</h3>{"".join(lines)}</div>'
-
-
-def _credits(credits: Mapping[str, float], low: Mapping[str, float]) -> str:
-    lines, short = [], False
-    for field, value in sorted(credits.items()):
-        name, threshold = html.escape(field), low.get(field)
-        if threshold is None:
-            lines.append(f"<p>{name}: <b>{_number(value)}</b></p>")
-        elif value < threshold:
-            short = True
-            lines.append(
-                f'<p class="bad">&#x26A0; {name}: <b>{_number(value)}</b>, below'
-                f" {_number(threshold)} {_named('low_credits')}</p>"
-            )
-        else:
-            lines.append(
-                f"<p>{name}: <b>{_number(value)}</b> (alert below {_number(threshold)})</p>"
-            )
-    return _card("Account credits", "bad" if short else "good", lines or ["<p>no answer yet</p>"])
-
-
-def _newest_failure(messages: Sequence[TrackedMessage]) -> TrackedMessage | None:
-    """The message whose poll failed last (a NaN time, from an old state file, is never last)."""
-    failed = [
-        m
-        for m in messages
-        if _failing(m) and m.last_poll is not None and not math.isnan(m.last_poll)
-    ]
-    return max(failed, key=operator.attrgetter("last_poll"), default=None)
-
-
-def _failing(message: TrackedMessage) -> bool:
-    """Its last poll failed; one the API does not know is marked as not found instead."""
-    return not message.poll_ok and bool(message.last_error) and not message.not_found
 
 
 def _row(message: TrackedMessage, now: float, polling: PollingConfig) -> str:
     aggregate = message.aggregate
     counts = {s: str(aggregate.states[s]) if aggregate else "&ndash;" for s in State}
-    cost = _number(aggregate.cost) if aggregate else "&ndash;"
+    cost = number(aggregate.cost) if aggregate else "&ndash;"
     labels = ", ".join(f"{k}={v}" for k, v in message.spec.labels.items())
-    last_poll = _when(message.last_poll, now)
+    last_poll = when(message.last_poll, now)
     kind = shown_phase(message)
     if message.not_found:
         kind += " not-found"
-    elif _failing(message):
+    elif failing(message):
         kind += " failing"
         last_poll = f'<span class="flag">&#x26A0; failed</span> {last_poll}'
     cells = [
-        f"<td>{_clipped(message.spec.id, _ID_CHARS)}</td>",
-        f"<td>{_clipped(labels, _LABEL_CHARS)}</td>",
+        f"<td>{clipped(message.spec.id, ID_CHARS)}</td>",
+        f"<td>{clipped(labels, _LABEL_CHARS)}</td>",
         f"<td>{_phase(message, now, polling)}</td>",
         f"<td>{_bar(message)}</td>",
         *(f'<td class="n" data-state="{s}">{c}</td>' for s, c in counts.items()),
         f'<td class="n">{cost}</td>',
-        f"<td>{_when(message.start, now)}</td>",
+        f"<td>{when(message.start, now)}</td>",
         f"<td>{last_poll}</td>",
-        f'<td class="err">{_clipped(message.last_error, _ERROR_CHARS)}</td>',
+        f'<td class="err">{clipped(message.last_error, _ERROR_CHARS)}</td>',
     ]
     message_id = html.escape(message.spec.id)
     return f'<tr data-message-id="{message_id}" class="{kind}">{"".join(cells)}</tr>'
-
-
-def _clipped(text: str, limit: int) -> str:
-    """``text`` escaped; past ``limit`` characters cut, whole in the title."""
-    if len(text) <= limit:
-        return html.escape(text)
-    return f'<span title="{html.escape(text)}">{html.escape(text[: limit - 1])}&hellip;</span>'
 
 
 def _phase(message: TrackedMessage, now: float, polling: PollingConfig) -> str:
@@ -332,7 +179,7 @@ def _phase(message: TrackedMessage, now: float, polling: PollingConfig) -> str:
 
 
 def _held_until(opening: float, now: float) -> str:
-    return f"held until {_local(opening, now)} ({_unbroken(age_in_words(now - opening))})"
+    return f"held until {_local(opening, now)} ({unbroken(age_in_words(now - opening))})"
 
 
 def _local(when: float, now: float) -> str:
@@ -345,21 +192,6 @@ def _local(when: float, now: float) -> str:
 def _newest_first(message: TrackedMessage) -> tuple[bool, float]:
     # NaN is neither before nor after anything, and would leave the other rows unsorted too.
     return math.isnan(message.start), -message.start
-
-
-def _number(value: float, places: int = 4) -> str:
-    """Rounded to ``places`` decimals, trailing zeros trimmed: ``3.15``, not
-    ``3.149999999999989``. NaN, inf or 1e300 (from an old state file) as Python writes them,
-    not 300 digits wide."""
-    if not (math.isfinite(value) and abs(value) < 1e12):
-        return html.escape(str(value))
-    text = f"{value:.{places}f}"
-    text = text.rstrip("0").rstrip(".") if "." in text else text
-    return "0" if text == "-0" else text
-
-
-def _rate(per_minute: float | None) -> str:
-    return "&ndash;" if per_minute is None else f"{_number(per_minute, 1)}/min"
 
 
 def _bar(message: TrackedMessage) -> str:
@@ -387,20 +219,3 @@ def _bar(message: TrackedMessage) -> str:
 
 def _legend() -> str:
     return "".join(f'<span style="background:{_COLOURS[s]}"></span>{s}' for s in State)
-
-
-def _when(timestamp: float | None, now: float) -> str:
-    if timestamp is None:
-        return "never"
-    try:
-        iso = dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (ValueError, OverflowError, OSError):
-        # NaN, infinite, or outside the years 1-9999 (a registration or a state file from
-        # before times were checked): said as it is, so one bad message cannot take the page.
-        return f'<span title="not a valid time">invalid ({html.escape(str(timestamp))})</span>'
-    return f'<time datetime="{iso}" title="{iso}">{_unbroken(age_in_words(now - timestamp))}</time>'
-
-
-def _unbroken(words: str) -> str:
-    """A number and its unit kept on one line: ``3 days`` never ends a line after ``3``."""
-    return re.sub(r"([0-9]) ", r"\1&nbsp;", words)

@@ -33,13 +33,14 @@ from exporter.client import BULK_STATUS, ME
 from exporter.collector import MailPartnerCollector, ProcessCollector
 from exporter.config.holder import ConfigHolder
 from exporter.domain import MessageSpec, State
-from exporter.landing import age_in_words, refresh_seconds, render_landing
+from exporter.landing import refresh_seconds, render_landing
 from exporter.registration import PATH, messages_app
 from exporter.simulator import SimulatorServer
 from exporter.state import StoredMessage
 from exporter.stats import RequestStats
 from exporter.tracker import MessageBook
 from exporter.web import create_app, serve
+from exporter.wording import age_in_words
 from exporter.wsgi import StartResponse, WSGIApp, respond, respond_json
 from tests.conftest import (
     START,
