@@ -74,7 +74,7 @@ else
     { tail -20 "$work/debootstrap.log" >&2; fail "debootstrap failed"; }
   # The host's extra CAs (a proxy's), so that pip inside the build reaches PyPI as the host does.
   cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/" 2>/dev/null || true
-  chroot "$root" update-ca-certificates >/dev/null
+  chroot "$root" update-ca-certificates >/dev/null 2>&1
   # The official image's pip installs system-wide; Debian's refuses without this marker gone.
   rm -f "$root"/usr/lib/python3*/EXTERNALLY-MANAGED
   rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
