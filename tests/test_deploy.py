@@ -9,15 +9,18 @@ and the compose file, only what a container would get wrong is checked (users, p
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tomllib
 from collections import Counter
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,12 +35,16 @@ from exporter.simulator import SimulatorServer, World
 from exporter.sources.registry import available
 from exporter.web import parse_listen_address
 from tests.conftest import require_tool
+from tests.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "deploy" / "docker"
 BASE, STATEFULSET = REPO / "deploy/kubernetes/base", REPO / "deploy/kubernetes/statefulset"
 PROMETHEUS = REPO / "deploy" / "prometheus"
 ALERTS, PROBE = PROMETHEUS / "alerts.yml", PROMETHEUS / "probe.yml"
+ALERTS_TEST = PROMETHEUS / "alerts_test.yml"
+GENERATE = REPO / "deploy/kubernetes/generate.py"
+RUNBOOK = REPO / "docs" / "runbook.md"
 UNIT = REPO / "deploy" / "systemd" / "mailpartner-exporter.service"
 EXPORTER_PORT = parse_listen_address(DEFAULT_LISTEN)[1]
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
@@ -288,15 +295,25 @@ def image_cmd() -> list[str]:
     return list(json.loads(cmd))  # the exec form: no shell in between
 
 
-def image_uid() -> int:
+def image_user() -> tuple[int, int]:
+    """The final stage's USER, uid and gid."""
     (user,) = final_stage("USER")
-    uid = user.split(":")[0]
+    uid, _, gid = user.partition(":")
     assert uid.isdigit(), f"USER {user} should be numeric: Kubernetes' runAsNonRoot checks it"
-    return int(uid)
+    assert gid.isdigit(), f"USER {user} should name its group: the pods' fsGroup is that group"
+    return int(uid), int(gid)
+
+
+def image_volumes() -> list[str]:
+    """The final stage's VOLUME paths, in either form."""
+    paths: list[str] = []
+    for volume in final_stage("VOLUME"):
+        paths += json.loads(volume) if volume.startswith("[") else volume.split()
+    return paths
 
 
 def test_dockerfile_runs_the_exporter_as_non_root_on_its_port_without_config_or_key() -> None:
-    assert image_uid() != 0
+    assert image_user()[0] != 0
     assert json.loads(final_stage("ENTRYPOINT")[0])[0] in SCRIPTS
     text = (DOCKER / "Dockerfile").read_text(encoding="utf-8")
     for copy in re.findall(r"^(?:COPY|ADD)\s+(.*)$", text, flags=re.MULTILINE):
@@ -321,22 +338,65 @@ def test_dockerfile_runs_the_exporter_as_non_root_on_its_port_without_config_or_
 KUBECTL = shutil.which("kubectl")
 
 
+def require_kubectl() -> str:
+    """kubectl, or a skip, in CI too: no registry CI reaches has a kubectl recent enough
+    (Debian's kubernetes-client 1.20 predates kustomize's ``labels:``), so where it is missing
+    the other tests render the kustomizations from the files (resource_files) instead."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed (no registry here has a recent one)")
+    return KUBECTL
+
+
 def ident(document: dict[str, Any]) -> tuple[str, str]:
     return document["kind"], document["metadata"]["name"]
 
 
+# What resource_files can render of a kustomization without kubectl.
+BY_HAND = {"apiVersion", "kind", "resources", "patches", "labels"}
+
+
+def labelled(document: dict[str, Any], selectors: bool) -> list[dict[str, str]]:
+    """The label maps kustomize's ``labels:`` writes to in ``document`` (with
+    ``includeSelectors``: the selectors, pod templates and claim templates too)."""
+    spec = document.get("spec", {})
+    maps = [document["metadata"].get("labels", {})]
+    if selectors and document["kind"] == "Service":
+        maps.append(spec.get("selector", {}))
+    if selectors and document["kind"] in {"Deployment", "StatefulSet"}:
+        maps += [spec["selector"]["matchLabels"], spec["template"]["metadata"]["labels"]]
+        maps += [
+            claim["metadata"].get("labels", {}) for claim in spec.get("volumeClaimTemplates", [])
+        ]
+    return maps
+
+
 def resource_files(directory: Path) -> list[dict[str, Any]]:
-    """What kustomize builds from ``directory``, by hand: these kustomizations only list
-    resources and delete one (the labels `labels:` adds are in the files already)."""
+    """What kustomize builds from ``directory``, by hand, where kubectl is missing.
+
+    It renders what these kustomizations do: list resources (bases included), delete objects
+    with ``$patch: delete`` patches, and add ``labels:`` that each file carries already. It
+    refuses anything else (images, namespaces, merge patches, a label missing from a file):
+    test_kubectl_kustomize_builds_the_same_objects shows, where kubectl runs, that what it
+    renders is what kubectl builds."""
     kustomization = load_yaml(directory / "kustomization.yaml")
+    assert kustomization.keys() <= BY_HAND, f"{directory}: needs kubectl to render"
     objects: list[dict[str, Any]] = []
     for resource in kustomization["resources"]:
         path = directory / resource
         objects += resource_files(path) if path.is_dir() else [load_yaml(path)]
     for patch in kustomization.get("patches", []):
         deleted = yaml.safe_load(patch["patch"])
-        assert deleted.pop("$patch") == "delete", "only deletions are applied by hand"
-        objects = [document for document in objects if ident(document) != ident(deleted)]
+        assert deleted.pop("$patch") == "delete", f"{directory}: only deletions render by hand"
+        kept = [document for document in objects if ident(document) != ident(deleted)]
+        assert len(kept) == len(objects) - 1, f"{directory}: {ident(deleted)} is not there"
+        objects = kept
+    for label in kustomization.get("labels", []):
+        selectors = label.get("includeSelectors", False)
+        for document in objects:
+            for labels in labelled(document, selectors):
+                assert subset(label["pairs"], labels), (
+                    f"{directory}: {ident(document)} lacks {label}"
+                )
     return objects
 
 
@@ -371,11 +431,14 @@ def configmap(directory: Path) -> str:
 
 @pytest.mark.e2e
 def test_kubectl_kustomize_builds_the_same_objects() -> None:
-    if KUBECTL is None:
-        pytest.skip("kubectl is not installed: the Kubernetes tests read the files instead")
+    """Where kubectl is missing the other tests read the files (resource_files): they see
+    what kubectl would build, PVC deletion and claim templates included."""
+    kubectl = require_kubectl()
     for directory in (BASE, STATEFULSET):
-        built, by_hand = kustomize(directory), resource_files(directory)
-        assert sorted(built, key=ident) == sorted(by_hand, key=ident), directory
+        result = run(kubectl, "kustomize", directory)
+        assert result.returncode == 0, result.stderr
+        built = [document for document in yaml.safe_load_all(result.stdout) if document]
+        assert sorted(built, key=ident) == sorted(resource_files(directory), key=ident), directory
 
 
 @pytest.mark.e2e
@@ -383,14 +446,15 @@ def test_kustomizations_build_the_stack_without_a_secret_or_namespace() -> None:
     """The Secret is the user's to create: an applied example would replace their key."""
     kinds = {d: Counter(kind for kind, _ in map(ident, kustomize(d))) for d in (BASE, STATEFULSET)}
     common = {"ConfigMap": 1, "Service": 1, "ServiceMonitor": 1, "PrometheusRule": 1}
-    assert kinds[BASE] == {**common, "Deployment": 1}
+    assert kinds[BASE] == {**common, "Deployment": 1, "PersistentVolumeClaim": 1}
+    # The StatefulSet's claims come from its volumeClaimTemplates, one per pod.
     assert kinds[STATEFULSET] == {**common, "Service": 2, "StatefulSet": 1}
     for document in kustomize(BASE) + kustomize(STATEFULSET):
         assert "namespace" not in document["metadata"], "an overlay sets it"
 
 
 @pytest.mark.e2e
-def test_service_servicemonitor_and_probes_reach_the_port_the_exporter_serves() -> None:
+def test_service_and_probes_reach_the_port_the_exporter_serves() -> None:
     deployment, service = one(BASE, "Deployment"), one(BASE, "Service")
     pods = deployment["spec"]["template"]["metadata"]["labels"]
     assert subset(deployment["spec"]["selector"]["matchLabels"], pods)
@@ -403,14 +467,6 @@ def test_service_servicemonitor_and_probes_reach_the_port_the_exporter_serves() 
     for probe, path in (("livenessProbe", "/-/healthy"), ("readinessProbe", "/-/ready")):
         get = exporter[probe]["httpGet"]
         assert (get["path"], ports.get(get["port"], get["port"])) == (path, ports["http"])
-    monitor = one(BASE, "ServiceMonitor")
-    assert subset(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
-    for endpoint in monitor["spec"]["endpoints"]:
-        assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
-        assert endpoint.get("path", "/metrics") == "/metrics"
-    # Without jobLabel the operator names the job after the Service: the alerts' job.
-    assert "jobLabel" not in monitor["spec"]
-    assert service["metadata"]["name"] == alert_job()
 
 
 @pytest.mark.e2e
@@ -420,7 +476,7 @@ def test_deployment_runs_one_locked_down_non_root_pod() -> None:
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
     pod = deployment["spec"]["template"]["spec"]["securityContext"]
-    assert (pod["runAsNonRoot"], pod["runAsUser"]) == (True, image_uid())
+    assert (pod["runAsNonRoot"], pod["runAsUser"]) == (True, image_user()[0])
     exporter = container(deployment)
     context = exporter["securityContext"]
     assert (context["runAsNonRoot"], context["readOnlyRootFilesystem"]) == (True, True)
@@ -450,8 +506,151 @@ def test_configmap_and_secret_are_mounted_where_the_exporter_reads_them() -> Non
     assert key_file == f"{mounts[name]}/{SECRET_NAME}"
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("directory", [BASE, STATEFULSET], ids=["deployment", "statefulset"])
+def test_state_file_is_on_a_writable_volume_that_no_two_pods_share(directory: Path) -> None:
+    built = kustomize(directory)
+    (workload,) = [d for d in built if d["kind"] in {"Deployment", "StatefulSet"}]
+    pod, exporter = workload["spec"]["template"]["spec"], container(workload)
+    state = Path(yaml.safe_load(configmap(directory))["state"]["path"])
+    # The image's volume, where its user may write; the root filesystem stays read-only.
+    assert str(state.parent) in image_volumes()
+    assert exporter["securityContext"]["readOnlyRootFilesystem"] is True
+    (mount,) = [m for m in exporter["volumeMounts"] if m["mountPath"] == str(state.parent)]
+    assert not mount.get("readOnly", False)
+    # A fresh volume's root belongs to root: fsGroup hands it to the image's group.
+    assert pod["securityContext"]["fsGroup"] == image_user()[1]
+    claims = [d for d in built if d["kind"] == "PersistentVolumeClaim"]
+    if workload["kind"] == "Deployment":
+        # One claim, for one pod at a time (one replica, Recreate: see the test above).
+        (claim,) = claims
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        claim_name = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+        assert claim_name == claim["metadata"]["name"]
+        access = claim["spec"]["accessModes"]
+    else:
+        # A claim per pod from the template (the pod template has no volume of that name,
+        # and the base's claim is gone), so no two shards share a state file.
+        assert claims == []
+        assert mount["name"] not in {volume["name"] for volume in pod["volumes"]}
+        templates = {c["metadata"]["name"]: c for c in workload["spec"]["volumeClaimTemplates"]}
+        access = templates[mount["name"]]["spec"]["accessModes"]
+    assert access == ["ReadWriteOnce"]
+
+
+# kubernetes-validate ships Kubernetes' API schemas (OpenAPI, per minor version) in its wheel.
+# Pinned: the Kubernetes version whose API the manifests must fit, that of the kubectl here.
+KUBERNETES_VERSION = "1.32"
+
+# Run in a child Python whose every use of the network raises: the schemas must come from the
+# package, as on a CI machine without network.
+VALIDATE_OFFLINE = """
+import json, sys
+import kubernetes_validate
+from kubernetes_validate.utils import SchemaNotFoundError
+
+def no_network(event, args):
+    if event.startswith("socket.") or event.startswith("urllib."):
+        raise RuntimeError(f"kubernetes-validate used the network: {event} {args}")
+
+sys.addaudithook(no_network)
+results = {}
+for key, document in json.load(sys.stdin).items():
+    try:
+        results[key] = kubernetes_validate.validate(document, sys.argv[1], strict=True)
+    except SchemaNotFoundError:
+        results[key] = "no schema"
+    except kubernetes_validate.ValidationError as e:
+        results[key] = f"invalid at {'.'.join(map(str, e.path))}: {e.message}"
+json.dump(results, sys.stdout)
+"""
+
+# Kubernetes' own kinds among the manifests, whose schemas kubernetes-validate has, and the
+# Prometheus Operator's.
+API_KINDS = {"Deployment", "StatefulSet", "PersistentVolumeClaim", "Service", "ConfigMap", "Secret"}
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def validate_offline(documents: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Each document's outcome: the version validated against, "no schema" or the error."""
+    result = subprocess.run(
+        [sys.executable, "-c", VALIDATE_OFFLINE, KUBERNETES_VERSION],
+        input=json.dumps(documents),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+@pytest.mark.e2e
+def test_every_kubernetes_object_validates_offline_against_the_pinned_api() -> None:
+    documents = {
+        f"{directory.name}: {kind}/{name}": document
+        for directory in (BASE, STATEFULSET)
+        for document in kustomize(directory)
+        for kind, name in [ident(document)]
+    }
+    documents["secret.example.yaml: Secret"] = SECRET_EXAMPLE
+    # Strict: an unknown field is an error, not silently dropped as the API server drops it.
+    typo = json.loads(json.dumps(one(BASE, "PersistentVolumeClaim")))
+    typo["spec"]["accesModes"] = typo["spec"].pop("accessModes")
+    results = validate_offline({**documents, "typo": typo})
+    assert re.fullmatch(r"invalid at spec: .*'accesModes' was unexpected.*", results.pop("typo"))
+    assert {document["kind"] for document in documents.values()} == API_KINDS | OPERATOR_KINDS
+    assert results == {
+        key: KUBERNETES_VERSION if document["kind"] in API_KINDS else "no schema"
+        for key, document in documents.items()
+    }
+
+
+# The Prometheus Operator's resources are CRDs: kubernetes-validate has Kubernetes' own API only
+# ("no schema" above), and the Operator's CRD schemas, in its release bundle, cannot be fetched
+# offline. So they are checked for what the Operator reads of them, field by field. Fields of
+# its monitoring.coreos.com/v1 API that these tests know: another name is a typo, which the
+# API server would prune without a word (a CRD's schema drops unknown fields).
+SERVICEMONITOR_FIELDS = {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels"}
+ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels"}
+GROUP_FIELDS = {"name", "interval", "rules"}
+RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("directory", [BASE, STATEFULSET], ids=["deployment", "statefulset"])
+def test_operator_resources_hold_what_the_prometheus_operator_reads(directory: Path) -> None:
+    monitor, rule = one(directory, "ServiceMonitor"), one(directory, "PrometheusRule")
+    for resource in (monitor, rule):
+        assert resource["apiVersion"] == "monitoring.coreos.com/v1"
+        assert resource["metadata"]["name"] and "namespace" not in resource["metadata"]
+    # The ServiceMonitor finds, in its own namespace, exactly one Service: the one named as the
+    # alerts' job (without jobLabel the Operator names the job after the Service). Matching
+    # the StatefulSet's headless Service too would scrape every shard twice, under another job.
+    spec = monitor["spec"]
+    assert spec.keys() <= SERVICEMONITOR_FIELDS and "jobLabel" not in spec
+    assert "namespaceSelector" not in spec
+    services = [d for d in kustomize(directory) if d["kind"] == "Service"]
+    selector = spec["selector"]["matchLabels"]
+    (service,) = [s for s in services if subset(selector, s["metadata"].get("labels", {}))]
+    assert service["metadata"]["name"] == alert_job()
+    for endpoint in spec["endpoints"]:
+        assert endpoint.keys() <= ENDPOINT_FIELDS
+        assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+        assert endpoint.get("path", "/metrics") == "/metrics"
+        assert re.fullmatch(r"\d+[smh]", endpoint.get("interval", "30s"))
+    # The PrometheusRule's groups are alerts.yml's, which promtool checks (see
+    # test_prometheusrule_is_up_to_date_with_the_alerts and test_prometheus_files_pass_promtool).
+    assert rule["spec"].keys() == {"groups"}
+    for group in rule["spec"]["groups"]:
+        assert group.keys() <= GROUP_FIELDS and group["name"] and group["rules"]
+        for alert in group["rules"]:
+            assert alert.keys() <= RULE_FIELDS and isinstance(alert["expr"], str), alert
+            assert all(isinstance(v, str) for v in alert.get("annotations", {}).values())
+
+
 def generate(*args: str) -> subprocess.CompletedProcess[str]:
-    return run(sys.executable, REPO / "deploy/kubernetes/generate.py", *args)
+    return run(sys.executable, GENERATE, *args)
 
 
 @pytest.mark.e2e
@@ -477,6 +676,125 @@ def test_generate_check_fails_on_a_stale_rule(tmp_path: Path) -> None:
     assert "out of date" in result.stderr
 
 
+# --- Runbook links: runbook_url on every alert ----------------------------------------------
+
+
+@functools.cache
+def generator() -> ModuleType:
+    """deploy/kubernetes/generate.py, a script of its own, loaded as a module."""
+    spec = importlib.util.spec_from_file_location("generate", GENERATE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def runbook_urls(document: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(alert, runbook_url) of each alert of a rule file, or expected alert of a test file."""
+    if "tests" in document:
+        return [
+            (check["alertname"], alert["exp_annotations"].get("runbook_url"))
+            for case in document["tests"]
+            for check in case["alert_rule_test"]
+            for alert in check.get("exp_alerts") or []
+        ]
+    rules = [rule for group in document["groups"] for rule in group["rules"]]
+    return [(rule["alert"], rule["annotations"].get("runbook_url")) for rule in rules]
+
+
+def test_runbook_anchors_are_the_ones_github_gives_its_headings() -> None:
+    markdown = (
+        "# Runbook: mailpartner-exporter alerts\n\n## MailPartnerExporterDown\ntext\n"
+        "## Held and deferred messages (no alert)\n```sh\n# a comment, no heading\n```\n"
+        "### `state.path` on a volume ###\n## Notes\n## Notes\n"
+    )
+    assert generator().github_anchors(markdown) == [
+        ("Runbook: mailpartner-exporter alerts", "runbook-mailpartner-exporter-alerts"),
+        ("MailPartnerExporterDown", "mailpartnerexporterdown"),
+        ("Held and deferred messages (no alert)", "held-and-deferred-messages-no-alert"),
+        ("`state.path` on a volume", "statepath-on-a-volume"),
+        ("Notes", "notes"),
+        ("Notes", "notes-1"),
+    ]
+
+
+def test_every_alert_links_to_its_runbook_section_under_one_base_url() -> None:
+    """In alerts.yml, the PrometheusRule and the expectations of alerts_test.yml alike."""
+    headings = generator().github_anchors(RUNBOOK.read_text(encoding="utf-8"))
+    anchors = dict(reversed(headings))  # of a repeated heading, the first: a link reaches it
+    links = runbook_urls(load_yaml(ALERTS))
+    (base,) = {str(url).partition("#")[0] for _, url in links}
+    assert urlsplit(base).scheme in {"http", "https"} and urlsplit(base).hostname, base
+    for alert, _ in links:
+        assert alert in anchors, f"docs/runbook.md has no section headed {alert}"
+    wanted = {alert: f"{base}#{anchors[alert]}" for alert, _ in links}
+    assert dict(links) == wanted
+    rule = load_yaml(BASE / "prometheusrule.yaml")
+    assert runbook_urls({"groups": rule["spec"]["groups"]}) == links
+    tested = runbook_urls(load_yaml(ALERTS_TEST))
+    assert tested and {alert for alert, _ in tested} == set(wanted)
+    assert [url for _, url in tested] == [wanted[alert] for alert, _ in tested]
+
+
+@pytest.mark.e2e
+def test_runbook_base_url_relinks_every_alert_and_promtool_tests_still_pass(
+    tmp_path: Path,
+) -> None:
+    promtool = require_tool("promtool")
+    alerts, alerts_test = tmp_path / ALERTS.name, tmp_path / ALERTS_TEST.name
+    shutil.copy(ALERTS, alerts)
+    shutil.copy(ALERTS_TEST, alerts_test)
+    output, base = tmp_path / "prometheusrule.yaml", "https://wiki.example.org/ops/runbook.html"
+    paths = [f"--alerts={alerts}", f"--alerts-test={alerts_test}", f"--output={output}"]
+    before = {
+        path: path.read_text(encoding="utf-8")
+        for path in (ALERTS, ALERTS_TEST, BASE / "prometheusrule.yaml")
+    }
+    result = generate(f"--runbook-base-url={base}", *paths)
+    assert result.returncode == 0, result.stderr
+    # Only the runbook_url lines changed, each now under the new base URL.
+    for source, copy in ((ALERTS, alerts), (ALERTS_TEST, alerts_test)):
+        old, new = before[source].splitlines(), copy.read_text(encoding="utf-8").splitlines()
+        changed = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
+        assert len(changed) == len([line for line in old if "runbook_url:" in line]) > 0
+        for a, b in changed:
+            assert b == a.replace(a.split("runbook_url: ")[1].partition("#")[0], base)
+    links = runbook_urls(load_yaml(alerts))
+    assert all(str(url).startswith(f"{base}#") for _, url in links)
+    assert load_yaml(output)["spec"]["groups"] == load_yaml(alerts)["groups"]
+    # promtool compares every annotation of an expected alert: the tests moved with the rules.
+    result = run(promtool, "test", "rules", alerts_test)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Now the copies' own base URL is the default, and the repository's files are untouched.
+    assert generate("--check", *paths).returncode == 0
+    assert {path: path.read_text(encoding="utf-8") for path in before} == before
+    result = generate("--check", "--runbook-base-url=https://elsewhere.example.org/r.md", *paths)
+    assert result.returncode == 1
+    assert f"{alerts}: runbook_url out of date" in result.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("--runbook-base-url=ftp://git.example.com/runbook.md", "expected http(s)://host/"),
+        ("--runbook-base-url=https://git.example.com/runbook.md#top", "without #"),
+        ("--runbook-base-url=docs/runbook.md", "expected http(s)://host/"),
+        ("--runbook={runbook}", "no section headed MailPartnerStateNotSaved"),
+    ],
+    ids=["not-http", "fragment", "relative", "no-section"],
+)
+def test_generate_refuses_a_link_that_cannot_work(
+    argument: str, message: str, tmp_path: Path
+) -> None:
+    runbook = tmp_path / "runbook.md"
+    text = RUNBOOK.read_text(encoding="utf-8")
+    runbook.write_text(text.replace("## MailPartnerStateNotSaved", "## State not saved"))
+    result = generate("--check", argument.format(runbook=runbook))
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+
+
 # --- Kubernetes: the sharded StatefulSet overlay ---------------------------------------------
 
 
@@ -489,11 +807,23 @@ def test_statefulset_replaces_the_deployment_with_its_pods_plus_shard_flags() ->
     assert args[: len(base_args)] == base_args
     extra = sorted(arg.split("=")[0] for arg in args[len(base_args) :])
     assert extra == ["--shard.count", "--shard.index"]
-    # Same probes, resources, security contexts, mounts and volumes as the base.
+    # Same probes, resources, security contexts and mounts as the base.
     assert {**container(statefulset), "args": base_args} == container(deployment)
-    templates = [w["spec"]["template"] for w in (statefulset, deployment)]
-    pods = [{**t, "spec": {**t["spec"], "containers": []}} for t in templates]
-    assert pods[0] == pods[1]
+    # The same pod but for the state volume: the base's pod mounts the base's one claim, each
+    # shard the claim its template makes, of the same size and access.
+    claim, (template,) = (
+        one(BASE, "PersistentVolumeClaim"),
+        statefulset["spec"]["volumeClaimTemplates"],
+    )
+    assert template["spec"] == claim["spec"]
+    base_pod, pod = (workload["spec"]["template"] for workload in (deployment, statefulset))
+    base_volumes = {volume["name"]: volume for volume in base_pod["spec"]["volumes"]}
+    state = base_volumes.pop(template["metadata"]["name"])
+    assert state["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
+    assert {**pod, "spec": {**pod["spec"], "containers": []}} == {
+        **base_pod,
+        "spec": {**base_pod["spec"], "containers": [], "volumes": list(base_volumes.values())},
+    }
     # Pods usually leave through one NAT address: their budgets must add up under the limit.
     per_shard = yaml.safe_load(configmap(STATEFULSET))["api"]["max_requests_per_minute"]
     assert statefulset["spec"]["replicas"] * per_shard <= UPSTREAM_RATE_LIMIT
@@ -608,28 +938,31 @@ def test_shipped_configs_keep_the_tuned_defaults_and_poll_the_account(
     assert {"bulk_status", "account"} <= {source.name for source in loaded.sources}
 
 
-def test_compose_healthchecks_run_and_have_no_space_in_an_argument(tmp_path: Path) -> None:
-    """podman's Docker API splits exec-form arguments on spaces: none may have one. The
-    simulator's check, run against a simulator serving its /sim/stats, exits 0."""
-    check = SERVICES["simulator"]["healthcheck"]["test"]
-    assert check[0] == "CMD" and all(" " not in arg for arg in check[1:])
+def test_compose_healthcheck_is_one_shell_string_that_passes_on_a_serving_simulator(
+    tmp_path: Path,
+) -> None:
+    """CMD-SHELL with one string: podman-compose mangles the quoting of a CMD list, podman's
+    Docker API splits its arguments on spaces. Run by sh against a simulator serving its
+    /sim/stats, it exits 0; against a closed port, not. (tests/test_compose.py runs the stack.)"""
+    kind, command = SERVICES["simulator"]["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
     with SimulatorServer(World(seed=1), api_key="k") as simulator:
         port = urlsplit(simulator.url).port
-        program = [sys.executable, *check[2:]]
-        program[-1] = program[-1].replace("127.0.0.1:10028", f"127.0.0.1:{port}")
-        assert subprocess.run(program, check=False, timeout=10).returncode == 0
+        shell = command.replace("python", shlex.quote(sys.executable), 1)
+        assert run("/bin/sh", "-c", shell.replace(":10028", f":{port}")).returncode == 0
+    closed = run("/bin/sh", "-c", shell.replace(":10028", f":{free_port()}"))
+    assert closed.returncode != 0
 
 
 def test_the_readme_overlay_names_the_image_and_labels_the_rules(tmp_path: Path) -> None:
     """The README's overlay, built by kubectl against this base."""
-    if KUBECTL is None:
-        pytest.skip("kubectl is not installed (not a Debian package: the build is not run)")
+    kubectl = require_kubectl()  # the README's overlay is more than resource_files reads
     readme = (REPO / "README.md").read_text()
     (overlay,) = re.findall(r"```yaml\n# my-overlay/kustomization.yaml\n(.*?)```", readme, re.S)
     (tmp_path / "my-overlay").mkdir()
     (tmp_path / "deploy").symlink_to(REPO / "deploy")
     (tmp_path / "my-overlay" / "kustomization.yaml").write_text(overlay)
-    result = run(KUBECTL, "kustomize", tmp_path / "my-overlay")
+    result = run(kubectl, "kustomize", tmp_path / "my-overlay")
     assert result.returncode == 0, result.stderr
     objects = {d["kind"]: d for d in yaml.safe_load_all(result.stdout) if d}
     image = container(objects["Deployment"])["image"]

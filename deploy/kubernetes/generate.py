@@ -1,23 +1,36 @@
 """Write base/prometheusrule.yaml from deploy/prometheus/alerts.yml, the one source of the alerts.
 
     python deploy/kubernetes/generate.py            # (re)write the PrometheusRule
-    python deploy/kubernetes/generate.py --check    # exit 1 if it is out of date
+    python deploy/kubernetes/generate.py --check    # exit 1 if anything is out of date
+    python deploy/kubernetes/generate.py --runbook-base-url URL   # link the alerts to URL
 
 The PrometheusRule's ``spec.groups`` is the ``groups`` list of alerts.yml, unchanged.
-Needs only the standard library and PyYAML.
+
+Each alert's ``runbook_url`` annotation is ``<base URL>#<anchor>``: the base URL is where
+docs/runbook.md is published, the anchor GitHub's for the runbook's heading named after the
+alert (a missing section is an error). The shipped base URL is a placeholder,
+https://git.example.com/mailpartner-exporter/blob/main/docs/runbook.md: --runbook-base-url
+rewrites every runbook_url in alerts.yml and in alerts_test.yml (whose expected annotations
+promtool compares), leaving every other byte of both as it was, and then the PrometheusRule.
+Without it, the base URL is the one alerts.yml has, and a runbook_url that is not
+``<base URL>#<anchor>`` is an error. Needs only the standard library and PyYAML.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 HERE = Path(__file__).resolve().parent
-ALERTS = HERE.parent / "prometheus" / "alerts.yml"
+PROMETHEUS = HERE.parent / "prometheus"
+ALERTS, ALERTS_TEST = PROMETHEUS / "alerts.yml", PROMETHEUS / "alerts_test.yml"
+RUNBOOK = HERE.parent.parent / "docs" / "runbook.md"
 OUTPUT = HERE / "base" / "prometheusrule.yaml"
 NAME = "mailpartner-exporter"
 
@@ -27,6 +40,11 @@ HEADER = """\
 #   python deploy/kubernetes/generate.py
 # (`python deploy/kubernetes/generate.py --check` fails while this file is out of date.)
 """
+
+# The line that names the alert a runbook_url line belongs to: `- alert: X` in a rule file,
+# `alertname: X` in a promtool test file.
+ALERT_LINE = re.compile(r"^\s*(?:-\s+)?alert(?:name)?:\s*(?P<name>\w+)\s*$")
+RUNBOOK_URL_LINE = re.compile(r"^(?P<indent>\s*)runbook_url:.*$")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -44,13 +62,102 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str)
 
 
-def load_groups(alerts: Path) -> list[Any]:
-    """The ``groups`` list of a Prometheus rule file."""
-    document = yaml.safe_load(alerts.read_text(encoding="utf-8"))
+def github_anchors(markdown: str) -> list[tuple[str, str]]:
+    """Each heading's text and the anchor GitHub gives it: lower case, punctuation dropped,
+    spaces made hyphens, ``-1``, ``-2``, ... after a repeated one. Fenced code is skipped."""
+    anchors: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    fenced = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"^ {0,3}#{1,6}\s+(.*?)(?:\s+#+)?\s*$", line)
+        if heading is None:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading[1].lower()).replace(" ", "-")
+        anchor, number = slug, 0
+        while anchor in seen:
+            number += 1
+            anchor = f"{slug}-{number}"
+        seen.add(anchor)
+        anchors.append((heading[1], anchor))
+    return anchors
+
+
+def check_base_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment:
+        raise ValueError(f"runbook base URL {url!r}: expected http(s)://host/... without #")
+    if re.search(r"[\s'\"#]", url):
+        raise ValueError(f"runbook base URL {url!r}: no spaces or quotes")
+    return url
+
+
+def alert_rules(document: Any, path: Path) -> list[dict[str, Any]]:
     if not isinstance(document, dict) or not isinstance(document.get("groups"), list):
-        raise ValueError(f"{alerts}: expected a mapping with a 'groups' list")
-    groups: list[Any] = document["groups"]
-    return groups
+        raise ValueError(f"{path}: expected a mapping with a 'groups' list")
+    return [rule for group in document["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def current_base_url(alerts: Path) -> str:
+    """The one base URL of the runbook_url annotations in ``alerts``."""
+    rules = alert_rules(yaml.safe_load(alerts.read_text(encoding="utf-8")), alerts)
+    urls = {rule.get("annotations", {}).get("runbook_url", "").partition("#")[0] for rule in rules}
+    if len(urls) != 1 or "" in urls:
+        raise ValueError(
+            f"{alerts}: expected one runbook_url base URL on every alert, found {sorted(urls)}; "
+            "set it with --runbook-base-url"
+        )
+    return check_base_url(urls.pop())
+
+
+def runbook_links(alerts: Path, runbook: Path, base_url: str) -> dict[str, str]:
+    """alert name -> ``base_url#anchor`` of its section in the runbook."""
+    rules = alert_rules(yaml.safe_load(alerts.read_text(encoding="utf-8")), alerts)
+    anchors: dict[str, str] = {}
+    for heading, anchor in github_anchors(runbook.read_text(encoding="utf-8")):
+        anchors.setdefault(heading, anchor)  # a link to a repeated heading reaches the first
+    missing = [rule["alert"] for rule in rules if rule["alert"] not in anchors]
+    if missing:
+        raise ValueError(f"{runbook}: no section headed {', '.join(missing)}")
+    return {rule["alert"]: f"{base_url}#{anchors[rule['alert']]}" for rule in rules}
+
+
+def with_runbook_urls(path: Path, links: dict[str, str]) -> str:
+    """The text of ``path`` with each runbook_url line pointing at its alert's section."""
+    lines, alert = path.read_text(encoding="utf-8").splitlines(keepends=True), None
+    for number, line in enumerate(lines):
+        if named := ALERT_LINE.match(line):
+            alert = named["name"]
+        elif url_line := RUNBOOK_URL_LINE.match(line):
+            if alert not in links:
+                raise ValueError(f"{path}:{number + 1}: runbook_url of an unknown alert {alert}")
+            lines[number] = f"{url_line['indent']}runbook_url: {links[alert]}\n"
+    return "".join(lines)
+
+
+def check_links(path: Path, text: str, links: dict[str, str]) -> None:
+    """Every alert of a rule file, every expected alert of a test file, has its link."""
+    document = yaml.safe_load(text)
+    if "tests" in document:
+        found = [
+            (check["alertname"], alert.get("exp_annotations", {}).get("runbook_url"))
+            for case in document["tests"]
+            for check in case.get("alert_rule_test", [])
+            for alert in check.get("exp_alerts") or []
+        ]
+    else:
+        found = [
+            (r["alert"], r.get("annotations", {}).get("runbook_url"))
+            for r in alert_rules(document, path)
+        ]
+    wrong = sorted({alert for alert, url in found if url != links.get(alert)})
+    if wrong:
+        raise ValueError(
+            f"{path}: no runbook_url, or not <base URL>#<its runbook section>, on "
+            f"{', '.join(wrong)} (each alert needs a runbook_url line; --runbook-base-url sets "
+            "them all)"
+        )
 
 
 def render(groups: list[Any]) -> str:
@@ -73,32 +180,61 @@ def render(groups: list[Any]) -> str:
     return HEADER + body
 
 
+def wanted_files(args: argparse.Namespace) -> dict[Path, str]:
+    """Each file this run writes, with the content it should have: the PrometheusRule, and
+    with --runbook-base-url the alerts and their tests. Without it, they must be right."""
+    base_url = check_base_url(args.runbook_base_url or current_base_url(args.alerts))
+    links = runbook_links(args.alerts, args.runbook, base_url)
+    sources = {path: path.read_text(encoding="utf-8") for path in (args.alerts, args.alerts_test)}
+    if args.runbook_base_url:
+        sources = {path: with_runbook_urls(path, links) for path in sources}
+    for path, text in sources.items():
+        check_links(path, text, links)
+    rule = {args.output: render(yaml.safe_load(sources[args.alerts])["groups"])}
+    return {**sources, **rule} if args.runbook_base_url else rule
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the output is stale")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is out of date")
+    parser.add_argument(
+        "--runbook-base-url",
+        metavar="URL",
+        help="where docs/runbook.md is published (default: the base URL alerts.yml has)",
+    )
     parser.add_argument("--alerts", type=Path, default=ALERTS, help="the Prometheus rule file")
+    parser.add_argument("--alerts-test", type=Path, default=ALERTS_TEST, help="its promtool tests")
+    parser.add_argument("--runbook", type=Path, default=RUNBOOK, help="the runbook (Markdown)")
     parser.add_argument("--output", type=Path, default=OUTPUT, help="the PrometheusRule to write")
     args = parser.parse_args(argv)
 
     try:
-        wanted = render(load_groups(args.alerts))
-    except (OSError, ValueError, yaml.YAMLError) as e:
+        wanted = wanted_files(args)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
         print(f"generate.py: {e}", file=sys.stderr)
         return 2
-    if args.check:
+    stale = []
+    for path, text in wanted.items():
         try:
-            current = args.output.read_text(encoding="utf-8")
+            current = path.read_text(encoding="utf-8")
         except OSError:
             current = None
-        if current != wanted:
-            print(
-                f"{args.output} is out of date with {args.alerts}; "
-                "run: python deploy/kubernetes/generate.py",
-                file=sys.stderr,
+        if current != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(text, encoding="utf-8")
+    if args.check and stale:
+        again = " --runbook-base-url " + args.runbook_base_url if args.runbook_base_url else ""
+        for path in stale:
+            what = (
+                f"out of date with {args.alerts}"
+                if path == args.output
+                else "runbook_url out of date"
             )
-            return 1
-        return 0
-    args.output.write_text(wanted, encoding="utf-8")
+            print(
+                f"{path}: {what}; run: python deploy/kubernetes/generate.py{again}", file=sys.stderr
+            )
+        return 1
     return 0
 
 
