@@ -125,7 +125,17 @@ DEBIAN_PACKAGES = {
     "prometheus-alertmanager": "prometheus-alertmanager",
     "chromium": "chromium",
     "systemd-analyze": "systemd",
+    "podman": "podman",
+    "podman-compose": "podman-compose",
 }
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip with ``reason`` where the condition fails; in CI, fail instead."""
+    if not condition:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def require_tool(name: str) -> str:

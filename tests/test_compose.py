@@ -24,7 +24,7 @@ from urllib.request import urlopen
 import pytest
 import yaml
 
-from tests.conftest import require_tool
+from tests.conftest import require, require_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -64,14 +64,6 @@ def compose(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
-
-
-def require(condition: bool, reason: str) -> None:
-    """Skip with ``reason`` where the condition fails; in CI, fail instead."""
-    if not condition:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 def published_ports() -> list[int]:
@@ -153,7 +145,7 @@ def value(expr: str) -> float | None:
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[None]:
     require_tool("podman")
-    require(shutil.which("podman-compose") is not None, "podman-compose is not installed")
+    require_tool("podman-compose")
     os.environ.setdefault("CONTAINERS_CONF", str(REPO / "deploy/docker/containers.conf"))
     image = SERVICES["exporter"]["image"]
     require(

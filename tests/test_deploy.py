@@ -111,11 +111,14 @@ def shipped_config(name: str, tmp_path: Path) -> tuple[Path, dict[str, str]]:
         return with_key_file(DOCKER_CONFIG, COMPOSE_KEY, tmp_path), {}
     if name == "kubernetes":  # the example Secret's
         return with_key_file(configmap(BASE), SECRET_KEY, tmp_path), {}
+    if name == "systemd":  # the credential systemd hands over
+        systemd = (REPO / "deploy/systemd/config.yaml").read_text(encoding="utf-8")
+        return with_key_file(systemd, "k", tmp_path), {}
     return REPO / "config.yaml", {"MAILPARTNER_API_KEY": "demo-key"}  # as its comment says
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", ["config.yaml", "docker", "kubernetes"])
+@pytest.mark.parametrize("name", ["config.yaml", "docker", "kubernetes", "systemd"])
 def test_shipped_exporter_config_passes_config_check(name: str, tmp_path: Path) -> None:
     config, env = shipped_config(name, tmp_path)
     result = run(sys.executable, "-m", "exporter", "--config.file", config, "--config.check", **env)
@@ -924,11 +927,13 @@ def test_systemd_unit_runs_reloads_and_keys_the_exporter() -> None:
     assert unit("WantedBy") == "multi-user.target"
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "docker", "kubernetes"])
+@pytest.mark.parametrize("name", ["config.yaml", "docker", "kubernetes", "systemd"])
 def test_shipped_configs_keep_the_tuned_defaults_and_poll_the_account(
     name: str, tmp_path: Path
 ) -> None:
-    """No shipped config may drift from the tuned schedule, or leave the credits unwatched."""
+    """No shipped config may drift from the tuned schedule, or leave the credits unwatched,
+    or keep its state anywhere but the state directory (the image's volume, the pod's claim,
+    the unit's StateDirectory=); the repository's own keeps it beside where it runs."""
     config, _ = shipped_config(name, tmp_path)
     loaded = load_config(config, available(), environ={"MAILPARTNER_API_KEY": "k"})
     defaults = PollingConfig()
@@ -936,6 +941,11 @@ def test_shipped_configs_keep_the_tuned_defaults_and_poll_the_account(
         assert getattr(loaded.polling, setting) == getattr(defaults, setting), setting
     assert loaded.sources is not None
     assert {"bulk_status", "account"} <= {source.name for source in loaded.sources}
+    state = Path(loaded.state_path)
+    if name == "config.yaml":
+        assert not state.is_absolute()
+    else:
+        assert state.parent == Path("/var/lib/mailpartner-exporter"), state
 
 
 def test_compose_healthcheck_is_one_shell_string_that_passes_on_a_serving_simulator(
