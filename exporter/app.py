@@ -240,9 +240,17 @@ class Exporter:
         self._wake.set()
 
     def request_stop(self) -> None:
+        """Ask ``run`` to shut down: polls in flight get a moment to finish (see ``run``)."""
         self._stop.set()
         self._wake.set()
         self.poller.wake()
+
+    def stop_now(self) -> None:
+        """Stop without waiting for anything: cut off the requests in flight and save the
+        state. For a signal that interrupts start-up, ``--once`` or a shutdown under way."""
+        self.request_stop()
+        self.abort()
+        self.save()
 
     def serve(
         self,
@@ -285,7 +293,9 @@ class Exporter:
 
     def run(self, server: WSGIServer) -> int:
         """Poll and serve until ``request_stop``; then let polls in flight finish, for a
-        moment: a trickling upstream must not hold the exit (the pool's threads are joined)."""
+        moment: a trickling upstream must not hold the exit (the pool's threads are joined).
+        The command line runs it in a thread of its own, and keeps the main thread for
+        signals (``exporter.cli.StopSignals``)."""
         poller = threading.Thread(
             target=self.poller.run, args=(self._stop,), name="poller", daemon=True
         )

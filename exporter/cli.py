@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from types import FrameType
+from collections.abc import Sequence
 
 from prometheus_client import generate_latest
 
@@ -25,6 +25,7 @@ from exporter.discovery import MessageFiles
 from exporter.logs import LEVELS, setup_logging
 from exporter.secret import Redactor
 from exporter.shard import AUTO, ShardFlags
+from exporter.signals import Background, Interrupted, StopSignals
 from exporter.web import parse_listen_address
 from exporter.webconfig import load_web_config
 
@@ -122,20 +123,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; Ctrl-C before the signal handlers are in place (loading, starting,
-    ``--once``) ends it with 130, as a shell expects, and no traceback."""
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        log.info("interrupted")
-        return 130
-
-
-def _main(argv: list[str] | None) -> int:
+def main(argv: list[str] | None = None, *, received: Sequence[int] = ()) -> int:
+    """The command line. SIGINT or SIGTERM at any moment ends it with 0 within seconds, no
+    traceback: serving, as a shutdown (a second signal cuts that short); before that, or
+    during ``--once``, at once, with one line saying what was interrupted. ``received``:
+    signals that came before ``main`` (see ``StopSignals``)."""
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format, Redactor())
+    with StopSignals(received) as signals:
+        try:
+            signals.arm()
+            return _main(args, signals)
+        except Interrupted as e:
+            exporter, what = signals.exporter, f"interrupted during {signals.phase}"
+            if exporter is not None:
+                exporter.stop_now()
+                what += "; state saved"
+            log.info(what, extra={"signal": e.signal})
+            return 0
+
+
+def _main(args: argparse.Namespace, signals: StopSignals) -> int:
     shard_flags = ShardFlags(args.shard_count, args.shard_index)
+    if args.config_check:
+        signals.phase = "--config.check"
     try:
         config = load_runnable(args.config_file, demo=args.demo, shard_flags=shard_flags)
     except ConfigErrors as e:
@@ -152,26 +163,24 @@ def _main(argv: list[str] | None) -> int:
     for warning in config.warnings:
         log.warning(warning)
     if args.config_check:
-        files = _message_files(config)
-        problems = files.snapshot().problems if files else ()
-        for path, problem in problems:
-            print(problem if problem.startswith(path) else f"{path}: {problem}", file=sys.stderr)
-        if problems:
-            return 1
-        print(_check_summary(config, files))
-        return 0
-
+        return _config_check(config)
     demo = Demo() if args.demo else None
-    if demo is not None:
-        demo.start()
     try:
-        return _run(config, args, demo, shard_flags)
+        if demo is not None:
+            demo.start()
+        return _run(config, args, demo, shard_flags, signals)
     finally:
         if demo is not None:
             demo.stop()
 
 
-def _run(config: Config, args: argparse.Namespace, demo: Demo | None, flags: ShardFlags) -> int:
+def _run(
+    config: Config,
+    args: argparse.Namespace,
+    demo: Demo | None,
+    flags: ShardFlags,
+    signals: StopSignals,
+) -> int:
     """Start the exporter, then poll once (``--once``) or serve until told to stop."""
     try:
         # From here on keys exist in memory: every log line is scrubbed of them.
@@ -186,21 +195,31 @@ def _run(config: Config, args: argparse.Namespace, demo: Demo | None, flags: Sha
         for error in e.errors:
             log.error("cannot start", extra={"err": str(error)})
         return 1
+    signals.exporter = exporter
     if demo is not None:
         log.info(
             "demo mode: polling the embedded simulator",
             extra={"url": exporter.holder.config.api.base_url},
         )
     if args.once:
-        try:
-            ok = exporter.poller.poll_all()
-        except KeyboardInterrupt:
-            exporter.abort()  # requests in flight must not hold the exit
-            raise
+        signals.phase = "--once"
+        ok = Background("once", exporter.poller.poll_all).result()
         exporter.save()
         sys.stdout.write(generate_latest(exporter.registry).decode())
         return 0 if ok else 1
-    return _serve(exporter, args)
+    return _serve(exporter, args, signals)
+
+
+def _config_check(config: Config) -> int:
+    """``--config.check`` past the file itself: the message files' problems, or a summary."""
+    files = _message_files(config)
+    problems = files.snapshot().problems if files else ()
+    for path, problem in problems:
+        print(problem if problem.startswith(path) else f"{path}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(_check_summary(config, files))
+    return 0
 
 
 def _message_files(config: Config) -> MessageFiles | None:
@@ -229,7 +248,7 @@ def _check_summary(config: Config, files: MessageFiles | None = None) -> str:
     return summary + f", sources: {', '.join(s.name for s in enabled_sources(config))}"
 
 
-def _serve(exporter: Exporter, args: argparse.Namespace) -> int:
+def _serve(exporter: Exporter, args: argparse.Namespace, signals: StopSignals) -> int:
     try:
         server = exporter.serve(
             args.listen_address,
@@ -254,12 +273,16 @@ def _serve(exporter: Exporter, args: argparse.Namespace) -> int:
             **tracking_fields(exporter.holder.config),
         },
     )
-
-    def on_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-        exporter.request_stop()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, lambda _signum, _frame: exporter.request_reload())
-    return exporter.run(server)
+    signals.disarm()  # a signal waits until the exporter runs, not raised while it starts
+    running = Background("exporter", lambda: exporter.run(server))
+    signals.phase = "serving"
+    try:
+        signals.arm()
+        return running.result()
+    except Interrupted as e:
+        log.info("shutting down", extra={"signal": e.signal})
+        exporter.request_stop()
+        signals.phase = "shutdown"
+        signals.arm()  # a second signal cuts the shutdown short
+        return running.result()

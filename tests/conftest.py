@@ -127,6 +127,8 @@ DEBIAN_PACKAGES = {
     "systemd-analyze": "systemd",
     "podman": "podman",
     "podman-compose": "podman-compose",
+    "php": "php-cli",
+    "htpasswd": "apache2-utils",
 }
 
 

@@ -134,3 +134,60 @@ class Alertmanager(Service):
             "/-/ready",
             tmp / "alertmanager.log",
         )
+
+
+class SecuredService(Service):
+    """A ``Service`` behind TLS and basic auth (``--web.config.file``): ready once
+    ``ready_path`` answers 200 over HTTPS, with ``auth``, its certificate checked against
+    ``ca_file``; ``url`` is its ``https://`` address."""
+
+    def __init__(
+        self,
+        command: list[str],
+        port: int,
+        ready_path: str,
+        log: Path,
+        ca_file: Path,
+        auth: tuple[str, str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.ca_file = ca_file
+        self.auth = auth
+        self._secured = f"https://{host}:{port}"
+        super().__init__(command, port, ready_path, log, env, cwd, host)
+        self.url = self._secured
+
+    def _ready(self, path: str) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"exited with {self.process.returncode}:\n{self.log.read_text()}")
+        answer = requests.get(
+            self._secured + path, verify=str(self.ca_file), auth=self.auth, timeout=1
+        )
+        return answer.status_code == 200
+
+
+def start_secured_exporter(
+    tmp: Path,
+    web_config: Path,
+    ca_file: Path,
+    auth: tuple[str, str],
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> SecuredService:
+    """The exporter on a free loopback port with ``--web.config.file web_config``."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "exporter",
+        "--web.listen-address",
+        f"127.0.0.1:{port}",
+        "--web.config.file",
+        str(web_config),
+        *args,
+    ]
+    log = tmp / f"exporter-secured-{port}.log"
+    return SecuredService(command, port, "/-/ready", log, ca_file, auth, env, cwd)

@@ -1,4 +1,5 @@
-"""The command line, run for real: --once against the simulator, --demo serving /metrics.
+"""The command line, run for real: --once against the simulator, --demo serving /metrics,
+SIGINT and SIGTERM at every stage.
 
 Every test that starts the exporter's process is marked ``e2e``: interpreter start-up alone
 costs a good part of a second. A served exporter is awaited on ``/-/ready`` before any time
@@ -7,9 +8,11 @@ is measured.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +30,11 @@ from tests.stack import REPO, free_port, start_exporter, wait_until
 
 # What --demo promises: per-message series this long after the exporter is ready.
 DEMO_SERIES_WITHIN = 5.0
+# What a SIGINT or SIGTERM promises: exit 0 within this long, whatever the exporter was doing.
+STOPS_WITHIN = 5.0
+# An upstream that holds every answer for longer than the tests run: its threads end with the
+# process, without writing to connections closed long since.
+HANGING = Faults(latency=3600.0)
 
 
 def run(
@@ -266,3 +274,185 @@ def test_config_check_counts_and_checks_the_message_files(tmp_path: Path) -> Non
     assert (
         f"{bad}: messages[0].labels.bad-name: is not a valid Prometheus label name" in result.stderr
     )
+
+
+# --- SIGINT and SIGTERM --------------------------------------------------------------------
+# Each test signals at a moment it has seen come (requests in flight upstream, a log line, the
+# process's own handler in place), and times the exit from the signal.
+
+
+@pytest.fixture
+def hanging_simulator(live_simulator: SimulatorServer) -> SimulatorServer:
+    """The simulator answering nothing: every poll stays in flight."""
+    live_simulator.faults = HANGING
+    return live_simulator
+
+
+def hanging_config(tmp_path: Path, simulator: SimulatorServer, count: int = 3) -> Path:
+    ids = [simulator.world.send(10).message_id for _ in range(count)]
+    return write_config(tmp_path / "c.yaml", simulator.url, *ids, timeout="2m")
+
+
+def polls_in_flight(simulator: SimulatorServer, count: int) -> None:
+    wait_until(lambda: sum(simulator.stats().polls.values()) >= count, 10, f"{count} polls")
+
+
+def exporter_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "exporter", *args]
+
+
+def exporter_env() -> dict[str, str]:
+    return {**os.environ, "MAILPARTNER_API_KEY": TEST_KEY}
+
+
+def stopped(
+    process: subprocess.Popen[str], *signals: signal.Signals
+) -> tuple[int, float, str, str | None]:
+    """Send ``signals`` one after the other; the exit status, the time from the first signal
+    to the exit, what the process wrote to standard error, and to its output if piped."""
+    signalled = time.monotonic()
+    for signum in signals:
+        process.send_signal(signum)
+    out, err = process.communicate(timeout=STOPS_WITHIN + 10)
+    return process.returncode, time.monotonic() - signalled, err, out
+
+
+def messages(log: str) -> list[str]:
+    """The ``msg`` of every logfmt line."""
+    return [m.strip('"') for m in re.findall(r' msg=("[^"]*"|\S+)', log)]
+
+
+def assert_quiet(code: int, took: float, log: str) -> None:
+    assert (code, took < STOPS_WITHIN) == (0, True), (code, took, log)
+    assert "Traceback" not in log and TEST_KEY not in log, log
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether the process has its own SIGTERM handler in place: from then on, a signal is
+    the program's to handle (before it, the interpreter is still starting)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)[1], 16)  # type: ignore[index]
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize("after", [0.0, 0.15, 0.3])
+def test_a_signal_during_start_up_exits_0_quietly(
+    hanging_simulator: SimulatorServer, tmp_path: Path, signum: signal.Signals, after: float
+) -> None:
+    """From the program's first line on: while it imports (a third of a second), loads its
+    configuration, builds the exporter, starts serving a hanging upstream. Which of these a
+    moment falls in depends on the machine; every one ends the same way."""
+    config = hanging_config(tmp_path, hanging_simulator)
+    listen = f"127.0.0.1:{free_port()}"
+    command = exporter_command("--config.file", str(config), "--web.listen-address", listen)
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=exporter_env()) as p:
+        wait_until(lambda: handles_sigterm(p.pid), 10, "the exporter's signal handlers")
+        time.sleep(after)  # a moment further into start-up, not a wait for something
+        code, took, log, _ = stopped(p, signum)
+    assert_quiet(code, took, log)
+    said = [m for m in messages(log) if m.startswith("interrupted") or m == "shutting down"]
+    assert said in (
+        ["interrupted during start-up"],  # before the exporter was built
+        ["interrupted during start-up; state saved"],  # before it served
+        ["shutting down"],  # once it served
+    ), log
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_while_start_up_waits_on_its_configuration_exits_0(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A start-up held up for good (its configuration on a hung network mount, here a pipe
+    nobody writes to) is interrupted, not waited for."""
+    config = tmp_path / "config.yaml"
+    os.mkfifo(config)
+    command = exporter_command("--config.file", str(config))
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=exporter_env()) as p:
+
+        def reading() -> int | None:  # the exporter has the pipe open: it waits in read()
+            try:
+                return os.open(config, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # no reader yet
+                    raise
+                return None
+
+        writer = wait_until(reading, 10, "the exporter reading its configuration")
+        try:
+            code, took, log, _ = stopped(p, signum)
+        finally:
+            os.close(writer)
+    assert_quiet(code, took, log)
+    assert messages(log) == ["interrupted during start-up"], log
+    assert f"signal={signum.name}" in log
+
+
+@pytest.mark.e2e
+def test_ctrl_c_during_once_exits_0_at_once_and_saves_the_state(
+    hanging_simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """Ctrl-C, then SIGTERM for good measure, with eight requests hanging: no exposition is
+    printed (it would be incomplete), the state file is written, the second signal changes
+    nothing."""
+    config = hanging_config(tmp_path, hanging_simulator, count=8)
+    command = exporter_command("--once", "--config.file", str(config))
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=exporter_env(),
+        cwd=tmp_path,
+    ) as process:
+        polls_in_flight(hanging_simulator, 8)
+        code, took, log, printed = stopped(process, signal.SIGINT, signal.SIGTERM)
+    assert_quiet(code, took, log)
+    assert printed == ""
+    assert messages(log)[-1:] == ["interrupted during --once; state saved"], log
+    assert "signal=SIGINT" in log and "poll failed" not in log
+    assert (tmp_path / "mailpartner-exporter.db").stat().st_size > 0
+
+
+@pytest.mark.e2e
+def test_ctrl_c_while_serving_shuts_down_within_5_s(
+    hanging_simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    config = hanging_config(tmp_path, hanging_simulator)
+    exporter = start_exporter(tmp_path, "--config.file", str(config), env=exporter_env())
+    try:
+        polls_in_flight(hanging_simulator, 3)
+        exporter.process.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        code = exporter.process.wait(STOPS_WITHIN + 10)
+        took = time.monotonic() - signalled
+    finally:
+        exporter.stop()
+    log = exporter.log.read_text()
+    assert_quiet(code, took, log)
+    assert messages(log)[-2:] == ["shutting down", "cutting off the requests still in flight"]
+
+
+@pytest.mark.e2e
+def test_a_second_ctrl_c_cuts_the_shutdown_short(
+    hanging_simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """The first Ctrl-C gives polls in flight 2 s to finish; the second ends that wait: the
+    state is saved and the process exits at once."""
+    config = hanging_config(tmp_path, hanging_simulator)
+    exporter = start_exporter(tmp_path, "--config.file", str(config), env=exporter_env())
+    try:
+        polls_in_flight(hanging_simulator, 3)
+        exporter.process.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        wait_until(lambda: "shutting down" in exporter.log.read_text(), 5, "shutting down")
+        exporter.process.send_signal(signal.SIGINT)
+        code = exporter.process.wait(STOPS_WITHIN + 10)
+        took = time.monotonic() - signalled
+    finally:
+        exporter.stop()
+    log = exporter.log.read_text()
+    assert_quiet(code, took, log)
+    assert messages(log)[-2:] == ["shutting down", "interrupted during shutdown; state saved"]
