@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -17,7 +18,7 @@ from exporter.client import BULK_STATUS, ME, MailPartnerClient
 from exporter.collector import ProcessCollector
 from exporter.config.errors import ConfigError, ConfigErrors, SecretError
 from exporter.config.holder import ConfigHolder
-from exporter.config.loader import API_KEY_ENV, api_keys, load_config
+from exporter.config.loader import API_KEY_ENV, api_keys, load_config, parse_config
 from exporter.config.model import ApiConfig, Config, SourceConfig
 from exporter.demo import Demo
 from exporter.domain import MessageSpec
@@ -36,6 +37,9 @@ from exporter.upstream import Upstream, open_client
 from exporter.web import create_app, serve
 from exporter.wsgi import StartResponse, respond
 
+# What --demo runs on without a config file: the demo's sends, polled, and the account.
+DEMO_DEFAULTS = "sources: {bulk_status: {}, account: {every: 5m}}\n"
+
 log = logging.getLogger("exporter")
 # How often the main loop saves state and looks for demo sends; signals wake it at once.
 _HOUSEKEEPING = 10.0
@@ -50,10 +54,16 @@ def load_runnable(
     demo: bool,
     shard_flags: ShardFlags = NO_SHARD_FLAGS,
     environ: Mapping[str, str] | None = None,
+    *,
+    optional: bool = False,
 ) -> Config:
     """Load ``path`` with the installed sources; beyond ``load_config``'s checks, a key is
     needed unless in demo mode. ``--shard.count`` / ``--shard.index``, when given, override
-    the file's ``shard`` section."""
+    the file's ``shard`` section. ``optional``: in demo mode, no file at ``path`` is no
+    error: the demo runs on the defaults (its own sends, the account's credits)."""
+    if demo and optional and not os.path.exists(path):
+        variables = os.environ if environ is None else environ
+        return parse_config(DEMO_DEFAULTS, path, available(), variables, shard_flags)
     config = load_config(path, available(), environ, shard_flags)
     if not demo:
         missing: list[ConfigError] = [_no_key(config.file)] if config.api.api_key is None else []

@@ -31,6 +31,7 @@ from exporter.webconfig import load_web_config
 
 log = logging.getLogger("exporter")
 DEFAULT_LISTEN = ":10027"
+DEFAULT_CONFIG = "config.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--config.file",
         dest="config_file",
-        default="config.yaml",
-        help="the YAML configuration (default: %(default)s)",
+        default=DEFAULT_CONFIG,
+        help="the YAML configuration (default: %(default)s; --demo runs without one)",
     )
     parser.add_argument(
         "--config.check",
@@ -148,7 +149,12 @@ def _main(args: argparse.Namespace, signals: StopSignals) -> int:
     if args.config_check:
         signals.phase = "--config.check"
     try:
-        config = load_runnable(args.config_file, demo=args.demo, shard_flags=shard_flags)
+        config = load_runnable(
+            args.config_file,
+            demo=args.demo,
+            shard_flags=shard_flags,
+            optional=args.config_file == DEFAULT_CONFIG,
+        )
     except ConfigErrors as e:
         for error in e.errors:
             print(error, file=sys.stderr)

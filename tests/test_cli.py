@@ -156,6 +156,31 @@ def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     assert "shutting down" in exporter.log.read_text()
 
 
+@pytest.mark.e2e
+def test_demo_runs_without_a_config_file_and_a_typo_is_still_an_error(tmp_path: Path) -> None:
+    """Where there is no config.yaml (a container, another folder), --demo runs on the
+    defaults: its own sends and the account. A --config.file named on purpose must exist."""
+    exporter = start_exporter(tmp_path, "--demo", cwd=tmp_path)
+    try:
+        text = scrape_until(exporter.url, re.compile(r"mailpartner_account_credits\{"), 10)
+        assert 'mailpartner_message_recipients{campaign="welcome",message_id="1000"' in text
+    finally:
+        exporter.stop()
+    assert exporter.process.returncode == 0, exporter.log.read_text()
+    typo = subprocess.run(
+        [sys.executable, "-m", "exporter", "--demo", "--config.file", "typo.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (typo.returncode, typo.stderr) == (
+        1,
+        "typo.yaml: cannot read: No such file or directory\n",
+    )
+
+
 def scrape_until(url: str, ready: re.Pattern[str], within: float) -> str:
     """The first exposition at ``url`` that matches ``ready``; fail after ``within`` seconds."""
 

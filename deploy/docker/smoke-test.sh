@@ -93,9 +93,7 @@ podman image inspect --format '{{.Config.Healthcheck.Test}}' "$image" | grep -q 
 
 # --- 3. the demo --------------------------------------------------------------------------
 step "--demo: ready, mailpartner_up 1, healthy, user 10027, SIGTERM exits 0"
-quiet podman run -d --name "$run-demo" -p 127.0.0.1::10027 \
-  -v "$PWD/config.yaml:/etc/mailpartner-exporter/config.yaml:ro" "$image" \
-  --config.file=/etc/mailpartner-exporter/config.yaml --demo >/dev/null
+quiet podman run -d --name "$run-demo" -p 127.0.0.1::10027 "$image" --demo >/dev/null
 url="http://127.0.0.1:$(host_port "$run-demo")"
 fetch "$url/-/ready" 60 "$run-demo" >/dev/null || fail "--demo: /-/ready did not answer 200 within 60 s"
 fetch "$url/metrics" | grep -cx 'mailpartner_up 1.0' >/dev/null || fail "--demo: no 'mailpartner_up 1.0' in /metrics"
