@@ -37,6 +37,7 @@ from exporter.upstream import Upstream, open_client
 from exporter.web import create_app, serve
 from exporter.wsgi import StartResponse, respond
 
+DEFAULT_CONFIG = "config.yaml"  # --config.file's default
 # What --demo runs on without a config file: the demo's sends, polled, and the account.
 DEMO_DEFAULTS = "sources: {bulk_status: {}, account: {every: 5m}}\n"
 
@@ -50,20 +51,21 @@ _ABORT_TIMEOUT = 1.0
 
 
 def load_runnable(
-    path: str,
+    path: str | None,
     demo: bool,
     shard_flags: ShardFlags = NO_SHARD_FLAGS,
     environ: Mapping[str, str] | None = None,
-    *,
-    optional: bool = False,
 ) -> Config:
     """Load ``path`` with the installed sources; beyond ``load_config``'s checks, a key is
     needed unless in demo mode. ``--shard.count`` / ``--shard.index``, when given, override
-    the file's ``shard`` section. ``optional``: in demo mode, no file at ``path`` is no
-    error: the demo runs on the defaults (its own sends, the account's credits)."""
-    if demo and optional and not os.path.exists(path):
-        variables = os.environ if environ is None else environ
-        return parse_config(DEMO_DEFAULTS, path, available(), variables, shard_flags)
+    the file's ``shard`` section. ``path`` None (no ``--config.file``): ``config.yaml``, or,
+    in demo mode where there is none, the defaults (the demo's sends, the account's credits).
+    """
+    if path is None:
+        path = DEFAULT_CONFIG
+        if demo and not os.path.exists(path):
+            variables = os.environ if environ is None else environ
+            return parse_config(DEMO_DEFAULTS, path, available(), variables, shard_flags)
     config = load_config(path, available(), environ, shard_flags)
     if not demo:
         missing: list[ConfigError] = [_no_key(config.file)] if config.api.api_key is None else []
@@ -115,14 +117,15 @@ class Exporter:
     def __init__(
         self,
         config: Config,
-        path: str,
+        path: str | None,
         demo: Demo | None = None,
         *,
         on_secrets: Callable[[Redactor], None] = lambda redactor: None,
         shard_flags: ShardFlags = NO_SHARD_FLAGS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``clock`` is the wall clock every schedule reads (tests hand in a settable one)."""
+        """``path``: the file reloads read, as ``load_runnable`` takes it. ``clock`` is the
+        wall clock every schedule reads (tests hand in a settable one)."""
         self._clock = clock
         now = clock()
         self._path = path

@@ -8,11 +8,13 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import generate_latest
 
 from exporter import __version__
 from exporter.app import (
+    DEFAULT_CONFIG,
     Exporter,
     enabled_sources,
     load_runnable,
@@ -31,7 +33,6 @@ from exporter.webconfig import load_web_config
 
 log = logging.getLogger("exporter")
 DEFAULT_LISTEN = ":10027"
-DEFAULT_CONFIG = "config.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config.file",
         dest="config_file",
         default=DEFAULT_CONFIG,
+        action=_Given,
         help="the YAML configuration (default: %(default)s; --demo runs without one)",
     )
     parser.add_argument(
@@ -124,6 +126,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class _Given(argparse.Action):
+    """Stores the value, and that it was given: a default ``config.yaml`` may be missing
+    under ``--demo``, a named one may not."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.config_given = True
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    """``--config.file`` as given, or None for its default (see ``load_runnable``)."""
+    return args.config_file if getattr(args, "config_given", False) else None
+
+
 def main(argv: list[str] | None = None, *, received: Sequence[int] = ()) -> int:
     """The command line. SIGINT or SIGTERM at any moment ends it with 0 within seconds, no
     traceback: serving, as a shutdown (a second signal cuts that short); before that, or
@@ -134,7 +156,9 @@ def main(argv: list[str] | None = None, *, received: Sequence[int] = ()) -> int:
     with StopSignals(received) as signals:
         try:
             signals.arm()
-            return _main(args, signals)
+            code = _main(args, signals)
+            signals.disarm()  # done: a signal now is held, not raised on the way out
+            return code
         except Interrupted as e:
             exporter, what = signals.exporter, f"interrupted during {signals.phase}"
             if exporter is not None:
@@ -149,12 +173,7 @@ def _main(args: argparse.Namespace, signals: StopSignals) -> int:
     if args.config_check:
         signals.phase = "--config.check"
     try:
-        config = load_runnable(
-            args.config_file,
-            demo=args.demo,
-            shard_flags=shard_flags,
-            optional=args.config_file == DEFAULT_CONFIG,
-        )
+        config = load_runnable(_config_path(args), demo=args.demo, shard_flags=shard_flags)
     except ConfigErrors as e:
         for error in e.errors:
             print(error, file=sys.stderr)
@@ -192,7 +211,7 @@ def _run(
         # From here on keys exist in memory: every log line is scrubbed of them.
         exporter = Exporter(
             config,
-            args.config_file,
+            _config_path(args),
             demo,
             on_secrets=lambda r: setup_logging(args.log_level, args.log_format, r),
             shard_flags=flags,

@@ -72,14 +72,16 @@ class StopSignals:
         self._armed = False
 
     def arm(self) -> None:
-        """Let a signal interrupt the main thread: one held or received already, at once."""
+        """Let a signal interrupt the main thread: one held or received already, at once.
+        Armed first, so that one coming meanwhile raises itself rather than wait held."""
+        self._armed = True
         held, self._held = self._held, None
         if held is None and self._received:  # noted before ``__enter__``, which ends that
             held = self._received[0]
         self._received = ()
         if held is not None:
+            self._armed = False
             raise Interrupted(held)
-        self._armed = True
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self._armed:

@@ -143,10 +143,11 @@ def value(expr: str) -> float | None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[None]:
+def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     require_tool("podman")
     require_tool("podman-compose")
-    os.environ.setdefault("CONTAINERS_CONF", str(REPO / "deploy/docker/containers.conf"))
+    if "CONTAINERS_CONF" not in os.environ:
+        monkeypatch.setenv("CONTAINERS_CONF", str(REPO / "deploy/docker/containers.conf"))
     image = SERVICES["exporter"]["image"]
     require(
         podman("image", "exists", image).returncode == 0,
@@ -161,7 +162,13 @@ def stack(tmp_path: Path) -> Iterator[None]:
         assert up.returncode == 0, up.stdout + up.stderr
         yield
     finally:
+        # The simulator's anonymous volume (the image's VOLUME) too: down -v leaves it.
+        mounts = podman(
+            "inspect", "--format", "{{range .Mounts}}{{.Name}} {{end}}", f"{PROJECT}_simulator_1"
+        ).stdout.split()
         compose("down", "-v")
+        if mounts:
+            podman("volume", "rm", "-f", *mounts)
 
 
 def test_compose_stack_runs_and_prometheus_scrapes_the_exporter(stack: None) -> None:

@@ -229,10 +229,11 @@ def test_readme_systemd_steps_install_a_service_that_reloads_stops_and_keeps_its
 ) -> None:
     machine.run("mkdir", "-p", CLONE)
     machine.run("tar", "-x", "-C", CLONE, stdin=clone_archive())
-    # As root would paste them in the clone, with the key in $KEY; -e: stop at the first failure.
+    # As root would paste them in the clone, with the key in $KEY; -e: stop at the first
+    # failure (no -x: it would echo the key).
     machine.run(
         "sh",
-        "-eux",
+        "-eu",
         "-c",
         steps,
         options=("--workdir", CLONE, "--env", f"KEY={KEY}"),
