@@ -20,13 +20,16 @@ def main() -> int:
 
     for signum in _STOP:
         signal.signal(signum, note)
+    # A reload asked for before the server runs (it installs its own handler) would kill the
+    # process: the config is being read then anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Imported after the handlers are in: a signal during these imports is noted.
     from exporter.cli import main as command_line  # noqa: PLC0415
 
     try:
         return command_line(received=received)
     finally:
-        for signum in _STOP:
+        for signum in (*_STOP, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
 
 

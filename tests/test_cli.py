@@ -403,16 +403,8 @@ def test_a_signal_while_start_up_waits_on_its_configuration_exits_0(
     os.mkfifo(config)
     command = exporter_command("--config.file", str(config))
     with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=exporter_env()) as p:
-
-        def reading() -> int | None:  # the exporter has the pipe open: it waits in read()
-            try:
-                return os.open(config, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # no reader yet
-                    raise
-                return None
-
-        writer = wait_until(reading, 10, "the exporter reading its configuration")
+        # Once the exporter has the pipe open, it waits in read().
+        writer = wait_until(lambda: _open_writer(config), 10, "the exporter reading its config")
         try:
             code, took, log, _ = stopped(p, signum)
         finally:
@@ -420,6 +412,43 @@ def test_a_signal_while_start_up_waits_on_its_configuration_exits_0(
     assert_quiet(code, took, log)
     assert messages(log) == ["interrupted during start-up"], log
     assert f"signal={signum.name}" in log
+
+
+@pytest.mark.e2e
+def test_a_reload_asked_for_during_start_up_does_not_kill_it(
+    tmp_path: Path, hanging_simulator: SimulatorServer
+) -> None:
+    """SIGHUP (a `systemctl reload` racing a start) while the configuration is still being
+    read: the exporter goes on starting with what it reads, and serves."""
+    text = hanging_config(tmp_path, hanging_simulator).read_text()
+    config = tmp_path / "config.yaml"
+    os.mkfifo(config)
+    port = free_port()
+    command = exporter_command(
+        "--config.file", str(config), "--web.listen-address", f"127.0.0.1:{port}"
+    )
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=exporter_env()) as p:
+        try:
+            writer = wait_until(lambda: _open_writer(config), 10, "the exporter reading it")
+            p.send_signal(signal.SIGHUP)  # left at its default, it would end the process now
+            with os.fdopen(writer, "w") as pipe:
+                pipe.write(text)
+            ready = f"http://127.0.0.1:{port}/-/ready"
+            wait_until(lambda: requests.get(ready, timeout=1).ok, 10, "the exporter ready")
+        finally:
+            p.send_signal(signal.SIGTERM)
+            _, err = p.communicate(timeout=10)
+    assert p.returncode == 0, err
+
+
+def _open_writer(fifo: Path) -> int | None:
+    """The write end of ``fifo`` once a reader has it open, else None."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno != errno.ENXIO:  # no reader yet
+            raise
+        return None
 
 
 @pytest.mark.e2e
