@@ -482,42 +482,32 @@ def test_ctrl_c_during_once_exits_0_at_once_and_saves_the_state(
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("presses", "last"),
+    [
+        (1, "cutting off the requests still in flight"),
+        (2, "interrupted during shutdown; state saved"),
+    ],
+    ids=["once", "twice"],
+)
 def test_ctrl_c_while_serving_shuts_down_within_5_s(
-    hanging_simulator: SimulatorServer, tmp_path: Path
+    hanging_simulator: SimulatorServer, tmp_path: Path, presses: int, last: str
 ) -> None:
+    """The first Ctrl-C gives polls in flight 2 s to finish, then cuts them off; a second
+    ends that wait at once, the state saved."""
     config = hanging_config(tmp_path, hanging_simulator)
     exporter = start_exporter(tmp_path, "--config.file", str(config), env=exporter_env())
     try:
         polls_in_flight(hanging_simulator, 3)
         exporter.process.send_signal(signal.SIGINT)
         signalled = time.monotonic()
+        if presses == 2:
+            wait_until(lambda: "shutting down" in exporter.log.read_text(), 5, "shutting down")
+            exporter.process.send_signal(signal.SIGINT)
         code = exporter.process.wait(STOPS_WITHIN + 10)
         took = time.monotonic() - signalled
     finally:
         exporter.stop()
     log = exporter.log.read_text()
     assert_quiet(code, took, log)
-    assert messages(log)[-2:] == ["shutting down", "cutting off the requests still in flight"]
-
-
-@pytest.mark.e2e
-def test_a_second_ctrl_c_cuts_the_shutdown_short(
-    hanging_simulator: SimulatorServer, tmp_path: Path
-) -> None:
-    """The first Ctrl-C gives polls in flight 2 s to finish; the second ends that wait: the
-    state is saved and the process exits at once."""
-    config = hanging_config(tmp_path, hanging_simulator)
-    exporter = start_exporter(tmp_path, "--config.file", str(config), env=exporter_env())
-    try:
-        polls_in_flight(hanging_simulator, 3)
-        exporter.process.send_signal(signal.SIGINT)
-        signalled = time.monotonic()
-        wait_until(lambda: "shutting down" in exporter.log.read_text(), 5, "shutting down")
-        exporter.process.send_signal(signal.SIGINT)
-        code = exporter.process.wait(STOPS_WITHIN + 10)
-        took = time.monotonic() - signalled
-    finally:
-        exporter.stop()
-    log = exporter.log.read_text()
-    assert_quiet(code, took, log)
-    assert messages(log)[-2:] == ["shutting down", "interrupted during shutdown; state saved"]
+    assert messages(log)[-2:] == ["shutting down", last]

@@ -31,7 +31,7 @@ import yaml
 
 from exporter.simulator import SimulatorServer, World
 from exporter.webconfig import load_web_config
-from tests.conftest import TEST_KEY, require_tool
+from tests.conftest import TEST_KEY, require, require_tool
 from tests.stack import (
     REPO,
     Prometheus,
@@ -221,11 +221,7 @@ def php_with_curl() -> str:
     """``php``, with its curl extension; skip where either is missing, fail under CI."""
     php = require_tool("php")
     loaded = subprocess.run([php, "-r", "exit(extension_loaded('curl') ? 0 : 1);"], check=False)
-    if loaded.returncode != 0:
-        missing = "PHP's curl extension is not installed (Debian package php-curl)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{missing}; .ci/run must install it")
-        pytest.skip(missing)
+    require(loaded.returncode == 0, "PHP's curl extension is not installed (Debian php-curl)")
     return php
 
 
